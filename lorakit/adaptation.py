@@ -1,0 +1,73 @@
+"""``adapt``: config → targets → (estimate →) inject → initialise, in place."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+from torch import nn
+
+from lorakit.config import AdapterConfig
+from lorakit.errors import LorakitError
+from lorakit.init import INITIALISERS
+from lorakit.inject import adapters_of, find_targets, inject
+from lorakit.linalg import layer_generator
+
+CONFIG_ATTR = "lorakit_config"
+
+
+def adapt(
+    model: nn.Module,
+    config: AdapterConfig | None = None,
+    data: Any = None,
+    stats: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Add adapters to ``model`` in place and initialise them; returns the model.
+
+    ``data`` (batches of the training data) feeds the data-driven methods (lora-ga,
+    lora-sb); alternatively pass ``stats`` from ``lorakit.estimate`` (e.g. loaded from a
+    cache). Everything but the adapters' trainable factors and ``modules_to_save`` is frozen.
+    """
+    config = config or AdapterConfig()
+    names = find_targets(model, config)
+    if config.needs_data and stats is None:
+        if data is None:
+            raise LorakitError(
+                f"method {config.method!r} initialises from gradients: pass data=<batches of training data> "
+                "(or stats=lorakit.estimate(...))"
+            )
+        from lorakit.estimate import estimate
+
+        stats = estimate(model, config, data, targets=names)
+    if config.needs_data:
+        missing = [n for n in names if n not in stats]
+        if missing:
+            raise LorakitError(f"the gradient statistics have no entry for layer {missing[0]!r}; re-run lorakit.estimate for these targets")
+    adapters = inject(model, config, names)
+    initialise = INITIALISERS[config.init_method]
+    for name, adapter in adapters.items():
+        initialise(adapter, config, layer_generator(config.seed, name), stats[name] if config.needs_data else None)
+        adapter.finish_init()
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def get_config(model: nn.Module) -> AdapterConfig:
+    """The AdapterConfig the model was adapted with."""
+    config = getattr(model, CONFIG_ATTR, None)
+    if config is None or not adapters_of(model):
+        raise LorakitError("this model has no lorakit adapters; call lorakit.adapt(model, config) first")
+    return config
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: ``with lorakit.adapters_disabled(model): base_logits = model(x)``."""
+    adapters = adapters_of(model).values()
+    for adapter in adapters:
+        adapter.set_enabled(False)
+    try:
+        yield model
+    finally:
+        for adapter in adapters:
+            adapter.set_enabled(True)
