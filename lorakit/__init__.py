@@ -1,11 +1,13 @@
 """lorakit: low-rank adapters done right."""
 
+__version__ = "0.1.0"
+
 from lorakit.adaptation import adapt, adapters_disabled, get_config
 from lorakit.config import METHODS, AdapterConfig
 from lorakit.errors import LorakitError
+from lorakit.export import export_peft, merge
 from lorakit.inject import adapters_of, parameter_report
-
-__version__ = "0.1.0"
+from lorakit.io import load_adapter, save_adapter
 
 __all__ = [
     "METHODS",
@@ -14,6 +16,10 @@ __all__ = [
     "adapt",
     "adapters_disabled",
     "adapters_of",
+    "export_peft",
+    "load_adapter",
+    "merge",
+    "save_adapter",
     "get_config",
     "parameter_report",
 ]

@@ -71,15 +71,13 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
                 f"'.*\\.(query|value)'); layer names end in: {', '.join(_leaf_names(list(modules))[:20])}"
             )
     else:
-        names = []
         for suffix in targets:
-            hits = [n for n in modules if _matches_suffix(n, suffix)]
-            if not hits:
+            if not any(_matches_suffix(n, suffix) for n in modules):
                 raise LorakitError(
                     f"target {suffix!r} matched no module{suggest(suffix, _leaf_names(list(modules)))}; "
                     f"layer names end in: {', '.join(_leaf_names(list(modules))[:20])}"
                 )
-            names += [h for h in hits if h not in names]
+        names = [n for n in modules if any(_matches_suffix(n, t) for t in targets)]
     for n in names:
         if not is_supported_layer(modules[n]):
             raise LorakitError(

@@ -1,0 +1,102 @@
+"""Leave lorakit: a merged plain model, or a PEFT LoRA adapter relative to the original base.
+
+PEFT export follows SPEC.md ("Export"): each adapter expresses its change to the ORIGINAL
+base weight as s·lora_B·lora_A (``LowRankAdapter.export_factors``): rank r for lora,
+lora-fa and the B·R·A structures (lora_A = R·A), rank 2r when an initialisation moved the
+base (pissa, svd-fa, lora-ga). PEFT's scaling is lora_alpha / r (or / √r under rsLoRA), so
+lora_alpha is chosen per exported rank to keep s: 2α at rank 2r, α·√2 under rsLoRA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+from lorakit.adaptation import CONFIG_ATTR, get_config
+from lorakit.adapters import DoRA
+from lorakit.inject import adapters_of, resolve_modules_to_save, unwrap
+from lorakit.io import atomic_directory, write_json
+
+PEFT_PREFIX = "base_model.model."
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and remove the adapters: a plain model again.
+
+    The result is the model's own class (e.g. a transformers model that ``save_pretrained``
+    writes and ``from_pretrained`` reloads).
+    """
+    get_config(model)
+    for adapter in adapters_of(model).values():
+        adapter.set_enabled(True)
+        adapter.merge()
+    unwrap(model)
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return None
+
+
+def peft_alpha(scale: float, rank: int, rslora: bool) -> float:
+    """The lora_alpha that gives PEFT's scaling the value ``scale`` at ``rank``."""
+    return scale * (math.sqrt(rank) if rslora else rank)
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write a PEFT LoRA adapter (merged or not, the factors are the same) (adapter_config.json + adapter_model.safetensors) that
+    ``peft.PeftModel.from_pretrained(<original base model>, directory)`` loads to the same function."""
+    config = get_config(model)
+    adapters = adapters_of(model)
+    tensors = {}
+    ranks = {}
+    for name, adapter in adapters.items():
+        lora_B, lora_A = adapter.export_factors()
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_A.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B.contiguous()
+        if isinstance(adapter, DoRA):
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = adapter.magnitude.detach().contiguous()
+        ranks[name] = lora_A.shape[0]
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    scale = next(iter(adapters.values())).scale
+    saved = resolve_modules_to_save(model, config)
+    for module_name in saved:
+        for key, value in model.get_submodule(module_name).state_dict().items():
+            tensors[f"{PEFT_PREFIX}{module_name}.{key}"] = value.detach().contiguous()
+    odd = {n: r for n, r in ranks.items() if r != rank}
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": rank,
+        "lora_alpha": peft_alpha(scale, rank, config.rslora),
+        "rank_pattern": {f"^{n}$": r for n, r in odd.items()},
+        "alpha_pattern": {f"^{n}$": peft_alpha(scale, r, config.rslora) for n, r in odd.items()},
+        "target_modules": sorted(adapters),
+        "use_rslora": config.rslora,
+        "use_dora": config.adapter_type == "dora",
+        "fan_in_fan_out": any(a.fan_in_fan_out for a in adapters.values()),
+        "lora_dropout": config.dropout,
+        "bias": "none",
+        "modules_to_save": saved or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "adapter_config.json", peft_config)
+    return Path(directory)
