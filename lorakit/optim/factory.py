@@ -1,0 +1,92 @@
+"""``make_optimizer``: one call from an adapted model to a standard torch optimizer."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.config import suggest
+from lorakit.errors import LorakitError
+from lorakit.optim.groups import param_groups, trainable_layout
+from lorakit.optim.riemannian import RiemannianAdamW, RiemannianSGD
+
+OPTIMIZERS = ("adamw", "sgd")
+PRECONDITIONERS = ("riemannian",)
+
+
+def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise LorakitError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def make_optimizer(
+    model: nn.Module,
+    name: str = "adamw",
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
+    momentum: float | None = None,
+    loraplus_ratio: float | bool | None = None,
+    preconditioner: str | None = None,
+    damping: float = 1e-6,
+    **optimizer_kwargs: Any,
+) -> torch.optim.Optimizer:
+    """A torch optimizer over the model's trainable tensors.
+
+    ``name``: "adamw" (``betas``, default (0.9, 0.999), and ``eps``, default 1e-8) or "sgd"
+    (``momentum``, default 0). ``weight_decay`` applies to matrices, not to biases, norms
+    or DoRA magnitudes (decoupled for AdamW). ``loraplus_ratio``: LoRA+ — B of every
+    trainable (A, B) pair at λ·lr; ``True`` means λ = 16. ``preconditioner="riemannian"``:
+    scaled GD / scaled AdamW with ``damping`` δ. It needs adapters whose A and B both train
+    (lora, gaussian, pissa, lora-ga, dora); on lora-fa, lora-xs and lora-sb it is an error,
+    not a silent no-op. LoRA-FA needs nothing special: its A is frozen, so only B is
+    optimised, with any choice above. Extra keyword arguments go to torch's optimizer
+    (e.g. ``fused=True``, ``nesterov=True``).
+
+    The result is a ``torch.optim.AdamW`` / ``SGD`` (a subclass of it when preconditioned):
+    its state_dict round-trips and it works with any LR scheduler and ``transformers.Trainer``.
+    """
+    if name not in OPTIMIZERS:
+        raise LorakitError(f"unknown optimizer {name!r}{suggest(str(name), OPTIMIZERS)}; choose one of {', '.join(OPTIMIZERS)}")
+    if preconditioner not in (None, *PRECONDITIONERS):
+        raise LorakitError(
+            f"unknown preconditioner {preconditioner!r}{suggest(str(preconditioner), PRECONDITIONERS)}; "
+            f"use None or one of {', '.join(PRECONDITIONERS)}"
+        )
+    lr = _positive("lr", lr)
+    weight_decay = _positive("weight_decay", weight_decay, allow_zero=True)
+    kwargs: dict[str, Any] = dict(optimizer_kwargs)
+    if name == "adamw":
+        if momentum is not None:
+            raise LorakitError("momentum applies to name='sgd'; AdamW's moments are set by betas")
+        betas = (0.9, 0.999) if betas is None else tuple(betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise LorakitError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        kwargs.update(betas=betas, eps=_positive("eps", 1e-8 if eps is None else eps))
+    else:
+        if betas is not None or eps is not None:
+            raise LorakitError("betas and eps apply to name='adamw'; for sgd set momentum")
+        kwargs["momentum"] = _positive("momentum", 0.0 if momentum is None else momentum, allow_zero=True)
+
+    layout = trainable_layout(model)
+    groups = param_groups(model, lr, weight_decay, loraplus_ratio, layout=layout)
+    base_kwargs = {"lr": lr, "weight_decay": weight_decay, **kwargs}
+    if preconditioner is None:
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.SGD
+        return cls(groups, **base_kwargs)
+    if not layout.has_adapters:
+        raise LorakitError("preconditioner='riemannian' acts on lorakit adapters, but the model has none; call lorakit.adapt(model, config) first")
+    if not layout.pairs:
+        raise LorakitError(
+            f"preconditioner='riemannian' needs adapters whose A and B both train, but this model's adapters "
+            f"({', '.join(layout.structures)}) train only B or R; drop the preconditioner or use lora, pissa, lora-ga or dora"
+        )
+    cls = RiemannianAdamW if name == "adamw" else RiemannianSGD
+    return cls(groups, pairs=layout.pairs, damping=damping, **base_kwargs)

@@ -1,0 +1,146 @@
+"""Riemannian preconditioning of LoRA factors: scaled GD and scaled AdamW.
+
+Zhang & Pilanci (2024), "Riemannian Preconditioned LoRA for Fine-Tuning Foundation Models",
+arXiv 2402.02347. For each trainable pair A (r × in), B (out × r):
+
+    P_A = (BᵀB + δI)⁻¹,   P_B = (AAᵀ + δI)⁻¹        (r × r, fp32+, from A and B before the step)
+    g̃_A = P_A ∇_A,        g̃_B = ∇_B P_B
+
+Scaled GD takes plain SGD steps on g̃; scaled AdamW feeds g̃ into Adam's moments and keeps
+AdamW's decoupled weight decay. Every other tensor takes the plain update. The optimizers
+below ARE torch's AdamW / SGD (same state, state_dict and param groups, so any LR scheduler
+and checkpoint code works); only the gradient they see for A and B is replaced, and restored
+after the step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.errors import LorakitError
+from lorakit.linalg import compute_dtype
+
+
+class PairPreconditioner:
+    """Computes g̃_A = (BᵀB + δI)⁻¹∇_A and g̃_B = ∇_B(AAᵀ + δI)⁻¹ for many (A, B) pairs.
+
+    Pairs of equal shapes, dtype and device are batched: one Cholesky factorisation of
+    all their r × r Gram matrices, two batched triangular solves. A Gram matrix whose
+    factorisation fails (or is not finite) falls back to the identity: plain gradient.
+    """
+
+    def __init__(self, pairs: Iterable[tuple[nn.Parameter, nn.Parameter]], damping: float = 1e-6) -> None:
+        if not (isinstance(damping, (int, float)) and damping >= 0):
+            raise LorakitError(f"damping must be a non-negative number (default 1e-6), got {damping!r}")
+        self.damping = float(damping)
+        self.pairs = list(pairs)
+        buckets: dict[tuple, list[tuple[nn.Parameter, nn.Parameter]]] = {}
+        for A, B in self.pairs:
+            if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+                raise LorakitError(f"a low-rank pair needs A (r × in) and B (out × r); got {tuple(A.shape)} and {tuple(B.shape)}")
+            key = (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device)
+            buckets.setdefault(key, []).append((A, B))
+        self._buckets = list(buckets.values())
+
+    @torch.no_grad()
+    def preconditioned_gradients(self) -> list[tuple[nn.Parameter, Tensor]]:
+        """(parameter, g̃) for every factor of every pair that has a gradient."""
+        out: list[tuple[nn.Parameter, Tensor]] = []
+        for bucket in self._buckets:
+            out += self._bucket_gradients(bucket)
+        return out
+
+    def _bucket_gradients(self, bucket: list[tuple[nn.Parameter, nn.Parameter]]) -> list[tuple[nn.Parameter, Tensor]]:
+        with_grad_A = [i for i, (A, _) in enumerate(bucket) if A.grad is not None]
+        with_grad_B = [i for i, (_, B) in enumerate(bucket) if B.grad is not None]
+        if not with_grad_A and not with_grad_B:
+            return []
+        cdtype = compute_dtype(bucket[0][0].dtype)
+        A = torch.stack([a for a, _ in bucket]).to(cdtype)  # (n, r, in)
+        B = torch.stack([b for _, b in bucket]).to(cdtype)  # (n, out, r)
+        n = len(bucket)
+        grams = torch.cat([B.mT @ B, A @ A.mT])  # (2n, r, r): BᵀB for P_A, then AAᵀ for P_B
+        grams.diagonal(dim1=-2, dim2=-1).add_(self.damping)
+        L, info = torch.linalg.cholesky_ex(grams)
+        failed = (info != 0) | ~torch.isfinite(L).flatten(1).all(dim=1)
+        if failed.any():  # identity fallback: this factor takes its plain gradient
+            eye = torch.eye(L.shape[-1], dtype=cdtype, device=L.device).expand_as(L)
+            L = torch.where(failed[:, None, None], eye, L)
+        result = []
+        if with_grad_A:
+            params = [bucket[i][0] for i in with_grad_A]
+            grads = torch.stack([p.grad for p in params]).to(cdtype)  # (m, r, in)
+            solved = torch.cholesky_solve(grads, L[:n][with_grad_A])  # P_A ∇_A
+            result += [(p, g.to(p.grad.dtype)) for p, g in zip(params, solved.unbind())]
+        if with_grad_B:
+            params = [bucket[i][1] for i in with_grad_B]
+            grads = torch.stack([p.grad for p in params]).to(cdtype)  # (m, out, r)
+            solved = torch.cholesky_solve(grads.mT, L[n:][with_grad_B]).mT  # ∇_B P_B = (P_B ∇_Bᵀ)ᵀ, P_B symmetric
+            result += [(p, g.to(p.grad.dtype)) for p, g in zip(params, solved.unbind())]
+        return result
+
+
+def _unhooked(step: Callable) -> Callable:
+    """torch wraps an optimizer class's ``step`` with its hook runner; call the inner one so hooks run once."""
+    return inspect.unwrap(step, stop=lambda f: not getattr(f, "hooked", False))
+
+
+class _PreconditionedStep:
+    """Mixin: swap in g̃ for the pairs' gradients, run the parent optimizer's step, restore ∇."""
+
+    preconditioner: PairPreconditioner
+    _parent: type[torch.optim.Optimizer]
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        swapped = []
+        try:
+            for param, grad in self.preconditioner.preconditioned_gradients():
+                swapped.append((param, param.grad))
+                param.grad = grad
+            _unhooked(self._parent.step)(self)
+        finally:
+            for param, grad in swapped:
+                param.grad = grad
+        return loss
+
+    @property
+    def damping(self) -> float:
+        return self.preconditioner.damping
+
+    def __getstate__(self) -> dict[str, Any]:  # torch's keeps only defaults, state and groups
+        return {**super().__getstate__(), "preconditioner": self.preconditioner}
+
+
+class RiemannianAdamW(_PreconditionedStep, torch.optim.AdamW):
+    """Scaled AdamW: AdamW whose moments accumulate g̃_A = P_A∇_A and g̃_B = ∇_B P_B.
+
+    m ← β₁m + (1−β₁)g̃,  v ← β₂v + (1−β₂)g̃²,  p ← p(1 − ηλ) − η·m̂/(√v̂ + ε)
+    (λ decoupled weight decay, m̂, v̂ bias-corrected). Tensors outside ``pairs`` take plain AdamW.
+    """
+
+    _parent = torch.optim.AdamW
+
+    def __init__(self, params: Any, pairs: Iterable[tuple[nn.Parameter, nn.Parameter]], damping: float = 1e-6, **kwargs: Any) -> None:
+        self.preconditioner = PairPreconditioner(pairs, damping)
+        super().__init__(params, **kwargs)
+
+
+class RiemannianSGD(_PreconditionedStep, torch.optim.SGD):
+    """Scaled GD: A ← A − η P_A∇_A, B ← B − η ∇_B P_B; plain SGD for every other tensor.
+
+    Momentum, if set, accumulates g̃; SGD's (coupled) weight decay is added after preconditioning.
+    """
+
+    _parent = torch.optim.SGD
+
+    def __init__(self, params: Any, pairs: Iterable[tuple[nn.Parameter, nn.Parameter]], damping: float = 1e-6, **kwargs: Any) -> None:
+        self.preconditioner = PairPreconditioner(pairs, damping)
+        super().__init__(params, **kwargs)
