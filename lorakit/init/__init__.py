@@ -27,3 +27,4 @@ def register(name: str) -> Callable[[Initialiser], Initialiser]:
 
 from lorakit.init import data_free  # noqa: E402,F401  (fills the table)
 
+from lorakit.init import gradient  # noqa: E402,F401

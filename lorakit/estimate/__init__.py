@@ -1,0 +1,168 @@
+"""Gradient estimation: the statistics lora-ga and lora-sb initialise from.
+
+    stats = lorakit.estimate(model, config, data)          # layer name -> LayerStats
+    lorakit.save_stats(stats, "grads.safetensors")          # reuse across runs and methods
+    lorakit.adapt(model, config, stats=lorakit.load_stats("grads.safetensors"))
+
+G is the gradient of the mean per-example loss over ``config.num_samples`` examples (see
+``lorakit.estimate.loss`` for the per-example loss of each model kind) w.r.t. every target
+weight, computed from hooks on the target layers with all weights frozen (no ``.grad``).
+The model runs in eval mode (dropout off) unless ``estimate_dropout``; its modes and
+``requires_grad`` flags are restored afterwards.
+
+Estimators (``config.estimator``):
+- ``"exact"``: G per layer (out × in, float32; float64 for float64 models), on
+  ``estimate_device`` if given. With ``memory_budget``, layers are split into consecutive
+  groups whose G fit the budget, one pass per group.
+- ``"sketch"``: randomized SVD of G from 2q + 2 passes (``power_iters`` = q), O((out+in)·k)
+  memory per layer, k = 2·rank (lora-ga) or rank (lora-sb) plus ``oversample``.
+- ``"auto"`` (default): ``"exact"`` in one pass when there is no ``memory_budget`` or all
+  target G fit it; otherwise ``"exact"`` in layer groups when the init needs G itself
+  (lora-sb with ``update="sign"``), else ``"sketch"``.
+Under torch.distributed each rank passes its own shard of the data and uses its share of
+``num_samples``; the statistics are summed over ranks after each pass (identical on every rank).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorakit.config import AdapterConfig
+from lorakit.errors import LorakitError
+from lorakit.estimate.cache import load_stats, save_stats
+from lorakit.estimate.data import collect_batches
+from lorakit.estimate.distributed import local_share, rank_and_world
+from lorakit.estimate.engine import estimation_mode, run_pass
+from lorakit.estimate.exact import GradientAccumulator, gradient_bytes, layer_shape, plan_groups
+from lorakit.estimate.loss import LossFn, example_loss_fn
+from lorakit.estimate.sketch import sketch_svd, sketch_width
+from lorakit.estimate.stats import EstimationReport, GradientStatistics, LayerStats
+from lorakit.inject import find_targets
+
+logger = logging.getLogger("lorakit")
+
+__all__ = [
+    "EstimationReport",
+    "GradientStatistics",
+    "LayerStats",
+    "choose_estimator",
+    "estimate",
+    "load_stats",
+    "needed_rank",
+    "save_stats",
+]
+
+
+def needed_rank(config: AdapterConfig) -> int:
+    """Singular directions of G the init uses: 2r for lora-ga, r for lora-sb."""
+    return 2 * config.rank if config.init_method == "lora-ga" else config.rank
+
+
+def needs_full_gradient(config: AdapterConfig) -> bool:
+    return config.init_method == "lora-sb" and config.update == "sign"
+
+
+def choose_estimator(config: AdapterConfig, layers: dict[str, nn.Module]) -> tuple[str, list[list[str]]]:
+    """(estimator, layer groups) by the rule in the module doc; groups are one pass each (exact)."""
+    budget = config.memory_budget_bytes
+    estimator = config.estimator
+    if estimator == "auto":
+        fits = budget is None or sum(gradient_bytes(m) for m in layers.values()) <= budget
+        estimator = "exact" if fits or needs_full_gradient(config) else "sketch"
+    if estimator == "sketch":
+        return "sketch", [list(layers)]
+    return "exact", plan_groups(layers, budget)
+
+
+def _target_layers(model: nn.Module, config: AdapterConfig, targets: list[str] | None) -> dict[str, nn.Module]:
+    names = find_targets(model, config) if targets is None else list(targets)
+    if not names:
+        raise LorakitError("no target layers to estimate gradients for; check config.targets")
+    layers = {}
+    for name in names:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise LorakitError(f"target {name!r} is not a module of this model") from None
+        if not hasattr(layer, "weight") or layer.weight is None or layer.weight.dim() != 2:
+            raise LorakitError(f"target {name!r} is a {type(layer).__name__}; estimation needs nn.Linear or Conv1D layers")
+        layers[name] = layer
+    k = needed_rank(config)
+    for name, layer in layers.items():
+        if k > min(layer_shape(layer)):
+            raise LorakitError(
+                f"{config.init_method} needs {k} singular directions of G but layer {name!r} is "
+                f"{' × '.join(map(str, layer_shape(layer)))}; lower rank to at most {min(layer_shape(layer)) // (k // config.rank)} "
+                "or leave the layer out of targets"
+            )
+    return layers
+
+
+def estimate(
+    model: nn.Module,
+    config: AdapterConfig,
+    data: Any,
+    targets: list[str] | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+) -> GradientStatistics:
+    """Estimate the gradient statistics of every target layer of the plain (un-adapted) model.
+
+    ``data``: a DataLoader, an iterable of batches or a list of examples, with ``labels``
+    (see ``lorakit.estimate.data``). ``targets``: layer names (default: ``config.targets``).
+    ``loss_fn(outputs, batch) -> (per-example losses (b,), valid (b,) bool)`` overrides the
+    default per-example loss. Returns layer name -> ``LayerStats``, with ``.report``.
+    """
+    start = time.perf_counter()
+    layers = _target_layers(model, config, targets)
+    rank, world = rank_and_world()
+    if config.num_samples < world:
+        raise LorakitError(f"num_samples={config.num_samples} is smaller than the {world} ranks; use num_samples ≥ {world}")
+    batches = collect_batches(data, local_share(config.num_samples, rank, world), require_labels=loss_fn is None)
+    loss_fn = loss_fn or example_loss_fn(model)
+    estimator, groups = choose_estimator(config, layers)
+    k = needed_rank(config)
+    passes = len(groups) if estimator == "exact" else 2 * config.power_iters + 2
+    if estimator == "sketch" and config.memory_budget_bytes is not None:
+        need = sum(
+            (sum(layer_shape(m)) * sketch_width(m, k, config.oversample)) * gradient_bytes(m) // max(1, layer_shape(m)[0] * layer_shape(m)[1])
+            for m in layers.values()
+        )
+        if need > config.memory_budget_bytes:
+            logger.warning("lorakit: the sketches need about %s bytes, more than memory_budget", f"{need:,}")
+
+    stats = GradientStatistics()
+    samples = 0
+    bar = tqdm(total=passes * len(batches), desc=f"lorakit {estimator} estimate", unit="batch", leave=False, disable=not progress or rank != 0)
+    pass_index = 0
+
+    def one_pass(accumulators: dict) -> None:
+        nonlocal samples, pass_index
+        pass_index += 1
+        bar.set_description(f"lorakit {estimator} estimate, pass {pass_index}/{passes}")
+        samples = run_pass(model, batches, layers, accumulators, loss_fn, bar)
+
+    try:
+        with estimation_mode(model, config.estimate_dropout):
+            if estimator == "exact":
+                for group in groups:
+                    accumulators = {n: GradientAccumulator(layers[n], config.estimate_device) for n in group}
+                    one_pass(accumulators)
+                    stats.update({n: LayerStats(grad=acc.G) for n, acc in accumulators.items()})
+            else:
+                svds = sketch_svd(layers, k, config.oversample, config.power_iters, config.seed, one_pass)
+                stats.update({n: LayerStats(svd=svd, rank=k) for n, svd in svds.items()})
+    finally:
+        bar.close()
+    stats = GradientStatistics({n: stats[n] for n in layers}, report=EstimationReport(
+        estimator=estimator, samples=samples, passes=passes, layers=len(layers), groups=len(groups),
+        world_size=world, seconds=time.perf_counter() - start, rank=k if estimator == "sketch" else 0,
+    ))
+    logger.info("lorakit: %s", stats.report)
+    return stats

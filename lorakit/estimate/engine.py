@@ -1,0 +1,120 @@
+"""One pass over the kept examples: forward, per-example loss, backward through the taps.
+
+Weighting: batch b contributes ``Σᵢ∈b ℓᵢ / n`` (n = examples this rank holds), so batch
+sizes do not matter; after the pass the accumulators are turned back into raw sums (× n),
+summed over ranks with the valid-example counts, and divided by the global count N:
+G = (1/N) Σᵢ ∇ℓᵢ exactly, on one rank or many.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.errors import LorakitError
+from lorakit.estimate.data import Batch, batch_size, move
+from lorakit.estimate.distributed import all_reduce_sum
+from lorakit.estimate.hooks import tap_gradients
+from lorakit.estimate.loss import LossFn
+
+
+class Accumulator(Protocol):
+    def add(self, x: Tensor, delta: Tensor) -> None: ...
+    def tensors(self) -> list[Tensor]: ...
+
+
+@contextmanager
+def estimation_mode(model: nn.Module, dropout: bool = False) -> Iterator[None]:
+    """Eval mode (train mode if ``dropout``), every parameter frozen, grad enabled; all restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.train(dropout)
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _forward_kwargs(model: nn.Module, batch: Batch) -> dict[str, Any]:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    try:
+        if "use_cache" in inspect.signature(model.forward).parameters:
+            inputs.setdefault("use_cache", False)  # no key/value cache: it only costs memory here
+    except (TypeError, ValueError):
+        pass
+    return inputs
+
+
+def run_pass(
+    model: nn.Module,
+    batches: list[Batch],
+    layers: dict[str, nn.Module],
+    accumulators: dict[str, Accumulator],
+    loss_fn: LossFn,
+    progress: Any = None,
+) -> int:
+    """Feed every batch through the model, accumulate, reduce over ranks; returns the global example count."""
+    device = _model_device(model)
+    held = sum(batch_size(b) for b in batches)
+    valid_count = 0
+
+    def sink(name: str, x: Tensor, delta: Tensor) -> None:
+        accumulators[name].add(x, delta)
+
+    watched = {n: layers[n] for n in accumulators}
+    with tap_gradients(model, watched, sink) as reached:
+        for index, batch in enumerate(batches):
+            on_device = move(batch, device)
+            outputs = model(**_forward_kwargs(model, on_device))
+            losses, valid = loss_fn(outputs, on_device)
+            total = (losses * valid).sum() / held
+            if not torch.isfinite(total.detach()).all():
+                raise LorakitError(
+                    f"the loss of estimation batch {index} is not finite ({total.item()}); check the model "
+                    "and the labels (e.g. out-of-range class ids), or load the model in float32"
+                )
+            if valid.any() and total.requires_grad:
+                total.backward()
+            valid_count += int(valid.sum().item())
+            if progress is not None:
+                progress.update(1)
+    missing = [n for n in watched if n not in reached]
+    if missing:
+        raise LorakitError(
+            f"target layer {missing[0]!r} received no gradient from the loss"
+            f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}; it is unused by the forward pass "
+            "or does not affect the loss: leave it out of targets"
+        )
+    return _finish(accumulators, held, valid_count)
+
+
+def _finish(accumulators: dict[str, Accumulator], held: int, valid_count: int) -> int:
+    tensors = [t for acc in accumulators.values() for t in acc.tensors()]
+    count = torch.tensor([float(valid_count)], dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
+    all_reduce_sum([count])
+    total = int(count.item())
+    if total == 0:
+        raise LorakitError("no estimation example has a supervised label (all labels are -100); pass labelled examples")
+    for t in tensors:
+        t.mul_(held)
+    all_reduce_sum(tensors)
+    for t in tensors:
+        t.div_(total)
+    return total
