@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from lorakit.adaptation import adapt, adapters_disabled, get_config
 from lorakit.config import METHODS, AdapterConfig
 from lorakit.errors import LorakitError
+from lorakit.estimate import estimate, load_stats, save_stats
 from lorakit.export import export_peft, merge
 from lorakit.inject import adapters_of, parameter_report
 from lorakit.io import load_adapter, save_adapter
@@ -24,5 +25,8 @@ __all__ = [
     "get_config",
     "parameter_report",
     "enable_neftune",
+    "estimate",
+    "load_stats",
+    "save_stats",
     "make_optimizer",
 ]
