@@ -1,0 +1,83 @@
+"""The ``lorakit`` command: a thin layer over ``lorakit.recipes``.
+
+    lorakit train [--config FILE.yaml] [section.key=value ...]   train (default: MiniLM + Rotten Tomatoes + lora-sb)
+    lorakit train --resume RUN_DIR                               continue from RUN_DIR's last checkpoint
+    lorakit compare --config FILE.yaml [section.key=value ...]   several methods, same data/seeds/budget
+    lorakit export RUN_DIR --format peft|merged [--out DIR]      write a PEFT adapter or a merged model
+    lorakit eval RUN_DIR [--split test|validation]               evaluate a finished run
+
+Bad input prints one line ``lorakit: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lorakit.errors import LorakitError
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="Fine-tune transformers with low-rank adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train one model; prints the test metric and the run directory")
+    train.add_argument("--config", help="YAML config (sections: task, model, data, adapter, optim, train, eval, output)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. adapter.method=lora optim.lr=1e-3")
+    compare = sub.add_parser("compare", help="compare several methods on the same data, seeds and budget")
+    compare.add_argument("--config", required=True, help="YAML compare config (a train config plus a 'compare' section)")
+    compare.add_argument("--quiet", action="store_true")
+    compare.add_argument("overrides", nargs="*", metavar="section.key=value")
+    export = sub.add_parser("export", help="export a finished run as a PEFT adapter or a merged model")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--format", required=True, choices=("peft", "merged"))
+    export.add_argument("--out", help="output directory (default RUN_DIR/peft or RUN_DIR/merged)")
+    evaluate = sub.add_parser("eval", help="evaluate a finished run")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--split", default="test", choices=("test", "validation"))
+    evaluate.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except LorakitError as exc:
+        print(f"lorakit: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("lorakit: interrupted (resume with `lorakit train --resume RUN_DIR` if checkpoints were on)", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    # imported here so that `lorakit --help` answers at once
+    from lorakit.recipes import compare as compare_recipe
+    from lorakit.recipes import train as train_recipe
+    from lorakit.recipes.config import load_config
+
+    if args.command == "train":
+        if args.resume:
+            if args.config or args.overrides:
+                raise LorakitError("--resume continues a run with its saved config; drop --config and the overrides")
+            train_recipe.run(resume=args.resume, quiet=args.quiet)
+        else:
+            train_recipe.run(load_config(args.config, args.overrides), quiet=args.quiet)
+        return 0
+    if args.command == "compare":
+        rows, _ = compare_recipe.compare(compare_recipe.load_compare_config(args.config, args.overrides), quiet=args.quiet)
+        return 1 if any(r.error for r in rows) else 0
+    if args.command == "export":
+        path = train_recipe.export_run(args.run_dir, args.format, args.out)
+        print(f"wrote {args.format} export to {path}")
+        return 0
+    train_recipe.evaluate_run(args.run_dir, args.split, quiet=args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""The recipe's configuration: a small typed dataclass per concern, loaded from YAML plus
+``section.key=value`` overrides.
+
+    task: classification | causal-lm
+    model:   which model, dtype, sequence length
+    data:    which data, columns, split sizes
+    adapter: an AdapterConfig (any of its options), or ``method: full`` for full fine-tuning
+    optim:   optimizer, learning rate, schedule, LoRA+, preconditioner, NEFTune
+    train:   epochs/steps, batch size, accumulation, seed, checkpoints, device
+    eval:    evaluation batch size, generation length
+    output:  run directory and which exports to write
+
+Unknown keys and badly typed values raise a one-line ``LorakitError`` with a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.config import AdapterConfig, config_keys, suggest
+from lorakit.errors import LorakitError
+
+TASKS = ("classification", "causal-lm")
+FULL = "full"  # the adapter method meaning "no adapters, every parameter trains"
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass
+class ModelSection:
+    """``name``: 'minilm', 'smollm2', a local folder or a hub name ('auto': minilm for
+    classification, smollm2 for causal-lm)."""
+
+    name: str = "auto"
+    dtype: str = "float32"
+    max_length: int = 64
+
+
+@dataclass
+class DataSection:
+    """``source``: 'rotten-tomatoes', 'gsm-symbolic', a .csv/.jsonl/.json/.parquet file, or a
+    Hugging Face ``datasets`` name ('auto': the task's embedded default). ``validation`` and
+    ``test`` name separate files; without them the source is split (seeded by
+    ``split_seed``, fractions ``validation_fraction`` / ``test_fraction``). The ``*_size``
+    options keep the first N examples of each split (null: all)."""
+
+    source: str = "auto"
+    validation: str | None = None
+    test: str | None = None
+    hf_config: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "question"
+    answer_column: str = "answer"
+    template: str = "Question: {prompt}\nAnswer: "
+    train_size: int | None = None
+    validation_size: int | None = None
+    test_size: int | None = None
+    split_seed: int = 0
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    chain_of_thought: bool = True
+
+
+@dataclass
+class OptimSection:
+    """``name``: adamw | sgd; ``schedule``: linear | cosine | constant, after ``warmup_steps``
+    of linear warm-up (or ``warmup_ratio`` of the total steps)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    loraplus_ratio: float | None = None
+    preconditioner: str | None = None
+    damping: float = 1e-6
+    neftune_alpha: float | None = None
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    seed: int = 0
+    checkpoint_every: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class EvalSection:
+    batch_size: int = 64
+    max_new_tokens: int = 128
+    every_epoch: bool = True
+
+
+@dataclass
+class OutputSection:
+    """``dir``: the run directory (default runs/<task>-<method>-<time>)."""
+
+    dir: str | None = None
+    peft: bool = True
+    merged: bool = False
+    plot: bool = True
+    tensorboard: bool = True
+
+
+def _default_adapter() -> dict[str, Any]:
+    return {"method": "lora-sb", "rank": 8}
+
+
+@dataclass
+class RunConfig:
+    task: str = "classification"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    adapter: dict[str, Any] = field(default_factory=_default_adapter)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASKS)
+        _check_choice("model.dtype", self.model.dtype, DTYPES)
+        _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
+        _check_choice("optim.schedule", self.optim.schedule, ("linear", "cosine", "constant"))
+        if self.optim.preconditioner is not None:
+            _check_choice("optim.preconditioner", self.optim.preconditioner, ("riemannian",))
+        for key in ("model.max_length", "train.epochs", "train.batch_size", "train.grad_accum", "eval.batch_size",
+                    "eval.max_new_tokens"):
+            if _get(self, key) < 1:
+                raise LorakitError(f"{key} must be >= 1, got {_get(self, key)!r}")
+        for key in ("train.max_steps", "data.train_size", "data.validation_size", "data.test_size"):
+            if _get(self, key) is not None and _get(self, key) < 1:
+                raise LorakitError(f"{key} must be >= 1 or null, got {_get(self, key)!r}")
+        if self.train.checkpoint_every < 0:
+            raise LorakitError("train.checkpoint_every must be >= 0 (0 = no checkpoints)")
+        if not 0 <= self.data.validation_fraction < 1 or not 0 < self.data.test_fraction < 1 or \
+                self.data.validation_fraction + self.data.test_fraction >= 1:
+            raise LorakitError("data.validation_fraction and data.test_fraction must be in [0, 1) and sum below 1")
+        if not self.optim.lr > 0:
+            raise LorakitError(f"optim.lr must be positive, got {self.optim.lr!r}")
+        if not 0 <= self.optim.warmup_ratio < 1:
+            raise LorakitError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio!r}")
+        if "{prompt}" not in self.data.template:
+            raise LorakitError("data.template must contain '{prompt}' where the prompt goes")
+        self.adapter = dict(self.adapter)
+        self.adapter.setdefault("method", "lora")
+        if not self.is_full:
+            self.adapter_config()  # validates every adapter option now, before any work
+
+    @property
+    def is_full(self) -> bool:
+        return self.adapter.get("method") == FULL
+
+    @property
+    def method(self) -> str:
+        return str(self.adapter["method"])
+
+    def adapter_config(self, warmup_steps: int = 0) -> AdapterConfig:
+        """The AdapterConfig; lora-sb's first-step size η defaults to the optimizer's (lr, warm-up)."""
+        if self.is_full:
+            raise LorakitError("adapter.method is 'full' (full fine-tuning): there is no adapter config")
+        options = dict(self.adapter)
+        if "seed" not in options:
+            options["seed"] = self.train.seed
+        if options.get("eta") is None and options.get("lr") is None:
+            options["lr"] = self.optim.lr
+            options.setdefault("warmup_steps", warmup_steps)
+        try:
+            return AdapterConfig(**options)
+        except TypeError as exc:
+            raise LorakitError(f"adapter: {exc}") from None
+        except LorakitError as exc:
+            raise LorakitError(f"adapter: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _get(cfg: RunConfig, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise LorakitError(f"{key}={value!r} is not valid{suggest(str(value), valid)}; choose one of {', '.join(valid)}")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection, "data": DataSection, "optim": OptimSection, "train": TrainSection,
+    "eval": EvalSection, "output": OutputSection,
+}
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, for suggestions."""
+    keys = ["task"] + [f"adapter.{k}" for k in config_keys()]
+    for name, cls in SECTIONS.items():
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _unknown_key(key: str) -> LorakitError:
+    keys = all_keys()
+    # a bare key ('lr') is suggested as the dotted keys ending with it ('optim.lr')
+    hint = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    did_you_mean = f" (did you mean {' or '.join(repr(h) for h in hint[:3])}?)" if hint else suggest(key, keys)
+    return LorakitError(f"unknown config key {key!r}{did_you_mean}; keys are section.option, e.g. optim.lr=1e-3")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check/convert a YAML value against a field's type hint (YAML reads '1e-3' as a string)."""
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise LorakitError(f"{key} cannot be null")
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    for kind in options:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in options)
+    raise LorakitError(f"{key}={value!r} has the wrong type; expected {names}")
+
+
+def _build_section(name: str, cls: type, data: Any) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LorakitError(f"config section {name!r} must be a mapping of options, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key(f"{name}.{key}")
+        values[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**values)
+
+
+def _coerce_adapter(data: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    valid = config_keys()
+    hints = typing.get_type_hints(AdapterConfig)
+    for key, value in data.items():
+        if key not in valid:
+            raise _unknown_key(f"adapter.{key}")
+        # numbers YAML read as strings ('1e-3') become floats where the field is numeric
+        if isinstance(value, str) and key in hints and float in typing.get_args(hints[key]) + (hints[key],):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a nested mapping (as read from YAML)."""
+    if not isinstance(data, dict):
+        raise LorakitError("a config must be a YAML mapping of sections (task, model, data, adapter, optim, train, eval, output)")
+    for key in data:
+        if key not in ("task", "adapter", *SECTIONS):
+            raise _unknown_key(str(key))
+    sections = {name: _build_section(name, cls, data.get(name)) for name, cls in SECTIONS.items()}
+    adapter = data.get("adapter")
+    if adapter is not None and not isinstance(adapter, dict):
+        raise LorakitError("config section 'adapter' must be a mapping of options, e.g. {method: lora, rank: 8}")
+    kwargs: dict[str, Any] = dict(sections)
+    if adapter is not None:
+        kwargs["adapter"] = {**_default_adapter(), **_coerce_adapter(adapter)}
+    if "task" in data:
+        kwargs["task"] = str(data["task"])
+    return RunConfig(**kwargs)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LorakitError(f"config file {str(path)!r} does not exist; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise LorakitError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return data or {}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply 'section.key=value' strings (value parsed as YAML) to a nested mapping."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise LorakitError(f"override {item!r} is not key=value; write e.g. optim.lr=1e-3")
+        value = yaml.safe_load(raw) if raw else None
+        path = key.strip().split(".")
+        if len(path) == 1:
+            if path[0] != "task":
+                raise _unknown_key(path[0])
+            data["task"] = value
+            continue
+        if len(path) != 2:
+            raise _unknown_key(key)
+        section, option = path
+        if section not in ("adapter", *SECTIONS):
+            raise _unknown_key(key)
+        target = data.setdefault(section, {})
+        if target is None:
+            target = data[section] = {}
+        target[option] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + overrides -> validated RunConfig."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,77 @@
+"""Evaluation metrics: accuracy, F1, Matthews correlation, GSM final-number exact match, perplexity."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+import torch
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def confusion_matrix(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """C[i, j] = number of examples with true class i predicted as j."""
+    C = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    for y, p in zip(labels, preds):
+        C[int(y), int(p)] += 1
+    return C
+
+
+def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
+    return sum(int(p) == int(y) for p, y in zip(preds, labels)) / max(len(labels), 1)
+
+
+def f1(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> float:
+    """Binary: F1 of class 1 (the positive class). More classes: macro average over classes."""
+    C = confusion_matrix(preds, labels, num_classes)
+    tp = C.diag()
+    precision_den, recall_den = C.sum(0), C.sum(1)
+    per_class = torch.where(precision_den + recall_den > 0, 2 * tp / (precision_den + recall_den).clamp_min(1), torch.zeros_like(tp))
+    return float(per_class[1]) if num_classes == 2 else float(per_class.mean())
+
+
+def matthews_corrcoef(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> float:
+    """Matthews correlation (Gorodkin's K-class form; the usual MCC for two classes); 0 when undefined.
+
+    MCC = (c·s − Σ_k p_k t_k) / √((s² − Σ p_k²)(s² − Σ t_k²)), c correct, s total,
+    p_k predicted and t_k true counts of class k.
+    """
+    C = confusion_matrix(preds, labels, num_classes)
+    c, s = C.trace(), C.sum()
+    p, t = C.sum(0), C.sum(1)
+    denominator = ((s * s - (p * p).sum()) * (s * s - (t * t).sum())).sqrt()
+    return float((c * s - (p * t).sum()) / denominator) if denominator > 0 else 0.0
+
+
+def classification_metrics(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> dict[str, float]:
+    return {
+        "accuracy": accuracy(preds, labels),
+        "f1": f1(preds, labels, num_classes),
+        "mcc": matthews_corrcoef(preds, labels, num_classes),
+    }
+
+
+def final_number(text: str) -> str | None:
+    """The answer number of a GSM-style solution: the one after the last '####' if any, else the
+    last number in the text; commas and a trailing '.0' are dropped ('1,000.00' -> '1000')."""
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    found = _NUMBER.findall(tail)
+    if not found:
+        return None
+    number = found[0] if "####" in text else found[-1]
+    number = number.replace(",", "")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".") or "0"
+    return number
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of predictions whose final number equals the reference's."""
+    hits = sum(final_number(p) is not None and final_number(p) == final_number(r) for p, r in zip(predictions, references))
+    return hits / max(len(references), 1)
+
+
+def perplexity(mean_loss: float) -> float:
+    return math.exp(min(mean_loss, 700.0))

