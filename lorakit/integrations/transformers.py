@@ -1,0 +1,132 @@
+"""``transformers.Trainer`` integration: adapters, data-driven init and lorakit optimizers.
+
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate)
+    prepare(trainer, AdapterConfig(method="lora-ga", rank=8), preconditioner="riemannian", loraplus_ratio=True)
+    trainer.train()
+
+Order matters: a data-driven init (lora-ga, lora-sb) needs training batches, and the
+optimizer must be built after the adapters exist. The Trainer only creates its optimizer
+inside ``train()`` and skips that when ``trainer.optimizer`` is already set, so ``prepare``
+runs between construction and ``train()``: it estimates on the Trainer's own train
+dataloader (same collator, batch size, device), adapts the model in place, then installs
+``make_optimizer`` built from the TrainingArguments (learning_rate, weight_decay,
+adam_beta1/2, adam_epsilon); the Trainer still builds its LR scheduler around it.
+``prepare`` is a function, not a Trainer subclass, so it works on any Trainer subclass
+(e.g. TRL's SFTTrainer). FSDP and DeepSpeed create their optimizers themselves, so they
+are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from lorakit.adaptation import adapt
+from lorakit.config import AdapterConfig
+from lorakit.errors import LorakitError
+from lorakit.optim.factory import make_optimizer
+from lorakit.optim.neftune import NEFTuneHandle, enable_neftune
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover - transformers is a dependency
+    TrainerCallback = object  # type: ignore[assignment, misc]
+
+
+def optimizer_from_args(model: nn.Module, args: Any, name: str = "adamw", **options: Any):
+    """``make_optimizer`` with lr, weight decay, betas and ε read from ``TrainingArguments``.
+
+    For models adapted by hand: ``Trainer(..., optimizers=(optimizer_from_args(model, args,
+    preconditioner="riemannian"), None))``. ``options`` go to ``make_optimizer``.
+    """
+    settings: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
+    if name == "adamw":
+        settings.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    return make_optimizer(model, name, **{**settings, **options})
+
+
+class NEFTuneCallback(TrainerCallback):
+    """Adds NEFTune noise (``lorakit.enable_neftune``) for the duration of each ``train()`` call."""
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.handle: NEFTuneHandle | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        self.handle = enable_neftune(model, self.alpha)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def _training_steps(trainer: Any, dataloader: Any) -> int:
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    per_epoch = max(1, math.ceil(len(dataloader) / args.gradient_accumulation_steps))
+    return per_epoch * math.ceil(args.num_train_epochs)
+
+
+def _with_training_lr(config: AdapterConfig, trainer: Any, dataloader: Any) -> AdapterConfig:
+    """lora-sb's η (first-step size) from the Trainer's learning rate and warm-up, unless set in the config."""
+    if config.init_method != "lora-sb" or config.eta is not None or config.lr is not None:
+        return config
+    warmup = trainer.args.get_warmup_steps(_training_steps(trainer, dataloader))
+    return config.replace(lr=trainer.args.learning_rate, warmup_steps=int(warmup))
+
+
+def _check_trainer(trainer: Any) -> None:
+    if getattr(trainer, "optimizer", None) is not None or getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
+        raise LorakitError(
+            "the Trainer already has an optimizer; prepare() builds it, so construct the Trainer without "
+            "optimizers= / optimizer_cls_and_kwargs="
+        )
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        raise LorakitError(
+            "prepare() does not support FSDP or DeepSpeed, which build their own optimizer; adapt the model with "
+            "lorakit.adapt before creating the Trainer and use the Trainer's optimizer"
+        )
+    if getattr(trainer, "model_init", None) is not None:
+        raise LorakitError("prepare() needs a Trainer built with model=, not model_init=")
+
+
+def prepare(
+    trainer: Any,
+    config: AdapterConfig | None = None,
+    *,
+    optimizer: str = "adamw",
+    loraplus_ratio: float | bool | None = None,
+    preconditioner: str | None = None,
+    damping: float = 1e-6,
+    neftune_alpha: float | None = None,
+    data: Any = None,
+    **optimizer_options: Any,
+) -> Any:
+    """Adapt ``trainer.model`` with ``config`` and install a lorakit optimizer; returns the trainer.
+
+    Data-driven inits (lora-ga, lora-sb) estimate on ``data`` if given, else on the Trainer's
+    train dataloader (``config.num_samples`` examples). lora-sb's η defaults to the Trainer's
+    learning rate over its warm-up steps. ``config=None`` keeps a model adapted earlier.
+    ``neftune_alpha`` adds NEFTune noise during ``train()`` (instead of the Trainer's own
+    ``neftune_noise_alpha``; setting both is an error).
+    """
+    _check_trainer(trainer)
+    if neftune_alpha is not None and getattr(trainer.args, "neftune_noise_alpha", None) is not None:
+        raise LorakitError("NEFTune is set twice: pass neftune_alpha to prepare() or neftune_noise_alpha to TrainingArguments, not both")
+    model = trainer.model
+    if config is not None:
+        loader = trainer.get_train_dataloader() if config.needs_data else None
+        config = _with_training_lr(config, trainer, loader)
+        adapt(model, config, data=loader if data is None else data)
+    trainer.optimizer = optimizer_from_args(
+        model, trainer.args, optimizer, loraplus_ratio=loraplus_ratio, preconditioner=preconditioner,
+        damping=damping, **optimizer_options,
+    )
+    if neftune_alpha is not None:
+        enable_neftune(model, neftune_alpha).remove()  # validate now, not at train()
+        trainer.add_callback(NEFTuneCallback(neftune_alpha))
+    return trainer
