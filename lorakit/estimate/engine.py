@@ -53,12 +53,16 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _forward_kwargs(model: nn.Module, batch: Batch) -> dict[str, Any]:
+    """The batch minus labels (lorakit computes the per-example loss) and any key the forward does not take."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     try:
-        if "use_cache" in inspect.signature(model.forward).parameters:
-            inputs.setdefault("use_cache", False)  # no key/value cache: it only costs memory here
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        pass
+        return inputs
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        inputs = {k: v for k, v in inputs.items() if k in params}  # e.g. a dataset's 'idx' column
+    if "use_cache" in params:
+        inputs.setdefault("use_cache", False)  # no key/value cache: it only costs memory here
     return inputs
 
 
