@@ -219,7 +219,8 @@ def _unknown_key(key: str) -> LorakitError:
     keys = all_keys()
     # a bare key ('lr') is suggested as the dotted keys ending with it ('optim.lr')
     hint = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
-    did_you_mean = f" (did you mean {' or '.join(repr(h) for h in hint[:3])}?)" if hint else suggest(key, keys)
+    names = keys + ["adapter", *SECTIONS]  # a misspelt section ('trian') is suggested too
+    did_you_mean = f" (did you mean {' or '.join(repr(h) for h in hint[:3])}?)" if hint else suggest(key, names)
     return LorakitError(f"unknown config key {key!r}{did_you_mean}; keys are section.option, e.g. optim.lr=1e-3")
 
 
