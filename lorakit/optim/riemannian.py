@@ -28,9 +28,10 @@ from lorakit.linalg import compute_dtype
 class PairPreconditioner:
     """Computes g̃_A = (BᵀB + δI)⁻¹∇_A and g̃_B = ∇_B(AAᵀ + δI)⁻¹ for many (A, B) pairs.
 
-    Pairs of equal shapes, dtype and device are batched: one Cholesky factorisation of
-    all their r × r Gram matrices, two batched triangular solves. A Gram matrix whose
-    factorisation fails (or is not finite) falls back to the identity: plain gradient.
+    Pairs of equal shapes, dtype and device are batched: one Cholesky factorisation and
+    inverse for all their r × r Gram matrices (fp32, or fp64 for fp64 factors). A Gram
+    matrix whose factorisation fails (or whose inverse is not finite) falls back to the
+    identity: that factor takes its plain gradient.
     """
 
     def __init__(self, pairs: Iterable[tuple[nn.Parameter, nn.Parameter]], damping: float = 1e-6) -> None:
@@ -55,32 +56,27 @@ class PairPreconditioner:
         return out
 
     def _bucket_gradients(self, bucket: list[tuple[nn.Parameter, nn.Parameter]]) -> list[tuple[nn.Parameter, Tensor]]:
-        with_grad_A = [i for i, (A, _) in enumerate(bucket) if A.grad is not None]
-        with_grad_B = [i for i, (_, B) in enumerate(bucket) if B.grad is not None]
-        if not with_grad_A and not with_grad_B:
+        if all(A.grad is None and B.grad is None for A, B in bucket):
             return []
         cdtype = compute_dtype(bucket[0][0].dtype)
-        A = torch.stack([a for a, _ in bucket]).to(cdtype)  # (n, r, in)
-        B = torch.stack([b for _, b in bucket]).to(cdtype)  # (n, out, r)
-        n = len(bucket)
-        grams = torch.cat([B.mT @ B, A @ A.mT])  # (2n, r, r): BᵀB for P_A, then AAᵀ for P_B
+        A = [a.detach().to(cdtype) for a, _ in bucket]
+        B = [b.detach().to(cdtype) for _, b in bucket]
+        # 2n Gram matrices (r × r): BᵀB for P_A, then AAᵀ for P_B; one batched factorisation for all
+        grams = torch.stack([b.T @ b for b in B] + [a @ a.T for a in A])
         grams.diagonal(dim1=-2, dim2=-1).add_(self.damping)
         L, info = torch.linalg.cholesky_ex(grams)
-        failed = (info != 0) | ~torch.isfinite(L).flatten(1).all(dim=1)
-        if failed.any():  # identity fallback: this factor takes its plain gradient
-            eye = torch.eye(L.shape[-1], dtype=cdtype, device=L.device).expand_as(L)
-            L = torch.where(failed[:, None, None], eye, L)
+        # identity where the factorisation failed or the inverse overflowed (no host sync: fine on GPUs)
+        eye = torch.eye(L.shape[-1], dtype=cdtype, device=L.device)
+        P = torch.cholesky_inverse(torch.where((info == 0)[:, None, None], L, eye))
+        P = torch.where(torch.isfinite(P).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True), P, eye)
+        n = len(bucket)
         result = []
-        if with_grad_A:
-            params = [bucket[i][0] for i in with_grad_A]
-            grads = torch.stack([p.grad for p in params]).to(cdtype)  # (m, r, in)
-            solved = torch.cholesky_solve(grads, L[:n][with_grad_A])  # P_A ∇_A
-            result += [(p, g.to(p.grad.dtype)) for p, g in zip(params, solved.unbind())]
-        if with_grad_B:
-            params = [bucket[i][1] for i in with_grad_B]
-            grads = torch.stack([p.grad for p in params]).to(cdtype)  # (m, out, r)
-            solved = torch.cholesky_solve(grads.mT, L[n:][with_grad_B]).mT  # ∇_B P_B = (P_B ∇_Bᵀ)ᵀ, P_B symmetric
-            result += [(p, g.to(p.grad.dtype)) for p, g in zip(params, solved.unbind())]
+        # applying P per pair (not stacked) avoids copying every gradient into one tensor and back
+        for (a, b), P_A, P_B in zip(bucket, P[:n].unbind(), P[n:].unbind()):
+            if a.grad is not None:
+                result.append((a, (P_A @ a.grad.to(cdtype)).to(a.grad.dtype)))
+            if b.grad is not None:
+                result.append((b, (b.grad.to(cdtype) @ P_B).to(b.grad.dtype)))
         return result
 
 
