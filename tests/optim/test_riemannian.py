@@ -127,11 +127,11 @@ def test_non_pair_tensors_get_exactly_plain_adamw():
             assert torch.equal(s, p)
 
 
-@pytest.mark.parametrize("name", ["sgd", "adamw"])
-def test_batched_preconditioner_matches_per_layer_formula(model_kind, name):
+@pytest.mark.parametrize("method", ["lora", "gaussian", "pissa", "dora"])
+def test_batched_preconditioner_matches_per_layer_formula(model_kind, method):
     """Many pairs of different shapes (incl. GPT-2 Conv1D) batched: same g̃ as one inverse per layer."""
     model = MODELS[model_kind]()
-    lorakit.adapt(model, lorakit.AdapterConfig(method="lora", rank=4))
+    lorakit.adapt(model, lorakit.AdapterConfig(method=method, rank=4))
     perturb_trainables(model, scale=0.3)
     model.zero_grad()
     model(**batch_for(model_kind)).loss.backward()
