@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lorakit.estimate.exact import layer_shape
 from lorakit.estimate.hooks import as_rows
+from lorakit.estimate.threads import one_thread_for
 from lorakit.linalg import TopSVD, compute_dtype, gaussian, layer_generator, orthonormal_basis, svd_of_projection
 
 
@@ -67,10 +68,19 @@ def sketch_svd(
         like = torch.empty(0, dtype=compute_dtype(layer.weight.dtype), device=layer.weight.device)
         width = sketch_width(layer, k, oversample)
         omega[name] = gaussian((shapes[name][1], width), layer_generator(seed, "sketch:" + name), like)
-    Q = {n: orthonormal_basis(Y) for n, Y in products(omega, "right").items()}
+    Q = {n: _orth(Y) for n, Y in products(omega, "right").items()}
     del omega
     for _ in range(power_iters):
-        P = {n: orthonormal_basis(Z) for n, Z in products(Q, "left").items()}
-        Q = {n: orthonormal_basis(Y) for n, Y in products(P, "right").items()}
+        P = {n: _orth(Z) for n, Z in products(Q, "left").items()}
+        Q = {n: _orth(Y) for n, Y in products(P, "right").items()}
     Z = products(Q, "left")  # Gᵀ Q  (in × l), i.e. (Qᵀ G)ᵀ
-    return {n: svd_of_projection(Q[n], Z[n].T, Q[n].shape[1]) for n in layers}
+    result = {}
+    for n in layers:
+        with one_thread_for(Z[n]):
+            result[n] = svd_of_projection(Q[n], Z[n].T, Q[n].shape[1])
+    return result
+
+
+def _orth(Y: Tensor) -> Tensor:
+    with one_thread_for(Y):
+        return orthonormal_basis(Y)

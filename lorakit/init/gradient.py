@@ -11,7 +11,8 @@ from torch import Tensor
 from lorakit.adapters import LowRankAdapter
 from lorakit.errors import LorakitError
 from lorakit.init import register
-from lorakit.linalg import TopSVD, compute_dtype, top_svd
+from lorakit.estimate.threads import one_thread_for
+from lorakit.linalg import EXACT_SVD_MAX_DIM, TopSVD, compute_dtype, top_svd
 
 logger = logging.getLogger("lorakit")
 
@@ -38,7 +39,14 @@ def _layer_stats(adapter: LowRankAdapter, stats, method: str):
 
 
 def _svd_of(M: Tensor, k: int, config, generator: torch.Generator) -> TopSVD:
-    return top_svd(M, k, config.svd, config.svd_oversample, config.svd_power_iters, generator)
+    with one_thread_for(M, EXACT_SVD_MAX_DIM):
+        return top_svd(M, k, config.svd, config.svd_oversample, config.svd_power_iters, generator)
+
+
+def _top_svd_of_gradient(layer, k: int, config, generator: torch.Generator) -> TopSVD:
+    probe = layer.grad if layer.grad is not None else layer.svd.S
+    with one_thread_for(probe, EXACT_SVD_MAX_DIM):
+        return layer.top_svd(k, config.svd, config.svd_oversample, config.svd_power_iters, generator)
 
 
 def ga_factors(svd: TopSVD, rank: int, direction: str) -> tuple[Tensor, Tensor]:
@@ -68,7 +76,7 @@ def init_lora_ga(adapter: LowRankAdapter, config, generator: torch.Generator, st
     ArB2r: A = V[:, :r]ᵀ, B = U[:, r:2r] (or ArBr / A2rBr), both times ζ (see ``ga_scale_factor``);
     base W − s·BA in float32+ from the cast factors, so the function is unchanged at init."""
     layer = _layer_stats(adapter, stats, "lora-ga")
-    svd = layer.top_svd(2 * adapter.rank, config.svd, config.svd_oversample, config.svd_power_iters, generator)
+    svd = _top_svd_of_gradient(layer, 2 * adapter.rank, config, generator)
     A, B = ga_factors(svd, adapter.rank, config.direction)
     zeta = ga_scale_factor(config, adapter.out_features, adapter.scale)
     _copy(adapter.A, A * zeta)
@@ -102,7 +110,7 @@ def first_update_svd(layer, config, rank: int, generator: torch.Generator) -> To
     if config.update == "sign":
         G = layer.gradient()
         return _svd_of(-eta * torch.sign(G.to(compute_dtype(G.dtype))), rank, config, generator)
-    U, S, V = layer.top_svd(rank, config.svd, config.svd_oversample, config.svd_power_iters, generator)
+    U, S, V = _top_svd_of_gradient(layer, rank, config, generator)
     return TopSVD(U, eta * S, -V)  # −ηG = U (ηΣ) (−V)ᵀ
 
 
