@@ -74,11 +74,11 @@ class OptimSection:
     of linear warm-up (or ``warmup_ratio`` of the total steps)."""
 
     name: str = "adamw"
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     schedule: str = "linear"
     warmup_steps: int | None = None
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0
     loraplus_ratio: float | None = None
     preconditioner: str | None = None
@@ -88,8 +88,11 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
+    """``max_steps`` is the step budget (default: the main job's 125 steps of 32 examples);
+    null lets ``epochs`` decide."""
+
     epochs: int = 1
-    max_steps: int | None = None
+    max_steps: int | None = 125
     batch_size: int = 32
     grad_accum: int = 1
     seed: int = 0
@@ -118,7 +121,7 @@ class OutputSection:
 
 
 def _default_adapter() -> dict[str, Any]:
-    return {"method": "lora-sb", "rank": 8}
+    return {"method": "lora-sb", "rank": 16}
 
 
 @dataclass

@@ -66,6 +66,7 @@ def smollm2_path() -> str:
     model.hf_quantizer = None  # the weights are dequantised: save a plain fp32 model
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -32,7 +32,7 @@ def training_curves(records: Sequence[dict[str, Any]], path: Path, title: str = 
     if plt is None:
         return None
     steps = [r for r in records if r.get("type") == "train"]
-    evals = [r for r in records if r.get("type") == "eval"]
+    evals = [r for r in records if r.get("type") == "eval" and r.get("split") == "validation"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     x = [r["step"] for r in steps]
     for ax, key, label in ((axes[0, 0], "loss", "training loss"), (axes[0, 1], "lr", "learning rate"),

@@ -94,7 +94,7 @@ def classification_config(tmp: Path, **sections) -> dict:
         "data": {"source": str(data), "text_column": "sentence", "label_column": "sentiment"},
         "adapter": {"method": "lora", "rank": 4},
         "optim": {"lr": 3e-2, "warmup_steps": 2},
-        "train": {"epochs": 4, "batch_size": 8, "progress": False, "threads": 1},
+        "train": {"epochs": 4, "max_steps": None, "batch_size": 8, "progress": False, "threads": 1},
         "eval": {"batch_size": 32},
         "output": {"dir": str(tmp / "run"), "tensorboard": False},
     }
@@ -112,7 +112,7 @@ def causal_config(tmp: Path, **sections) -> dict:
         "data": {"source": str(data), "prompt_column": "q", "answer_column": "a"},
         "adapter": {"method": "lora", "rank": 4},
         "optim": {"lr": 1e-2},
-        "train": {"epochs": 3, "batch_size": 8, "progress": False, "threads": 1},
+        "train": {"epochs": 3, "max_steps": None, "batch_size": 8, "progress": False, "threads": 1},
         "eval": {"batch_size": 16, "max_new_tokens": 8},
         "output": {"dir": str(tmp / "run"), "tensorboard": False},
     }
