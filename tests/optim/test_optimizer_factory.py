@@ -130,3 +130,16 @@ def test_no_trainable_parameters_is_an_error():
 def test_extra_options_reach_torch():
     opt = lorakit.make_optimizer(adapted(), "sgd", lr=0.1, momentum=0.9, nesterov=True)
     assert opt.param_groups[0]["nesterov"] is True and opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_step_hooks_run_once_per_step():
+    """torch wraps each optimizer class's step with its hook runner; the preconditioned step must not run them twice."""
+    model = adapted()
+    lorakit.make_optimizer(model, "adamw")  # a plain AdamW instance: AdamW.step is now hook-wrapped too
+    for name in ("adamw", "sgd"):
+        opt = lorakit.make_optimizer(model, name, preconditioner="riemannian")
+        calls = []
+        opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+        opt.register_step_post_hook(lambda *_: calls.append("post"))
+        opt.step()
+        assert calls == ["pre", "post"]
