@@ -38,15 +38,24 @@ def _layer_stats(adapter: LowRankAdapter, stats, method: str):
     return stats
 
 
+def svd_method(config, shape: tuple[int, int], k: int) -> str:
+    """``config.svd``; 'auto' takes the randomized SVD (oversampling, power iterations) when its
+    width k + svd_oversample is under half the smaller side (far cheaper), else the exact one."""
+    if config.svd != "auto":
+        return config.svd
+    return "randomized" if k + config.svd_oversample < min(shape) / 2 else "exact"
+
+
 def _svd_of(M: Tensor, k: int, config, generator: torch.Generator) -> TopSVD:
-    with one_thread_for(M, EXACT_SVD_MAX_DIM):
-        return top_svd(M, k, config.svd, config.svd_oversample, config.svd_power_iters, generator)
+    method = svd_method(config, tuple(M.shape), k)
+    with one_thread_for(M, None if method == "randomized" else EXACT_SVD_MAX_DIM):
+        return top_svd(M, k, method, config.svd_oversample, config.svd_power_iters, generator)
 
 
 def _top_svd_of_gradient(layer, k: int, config, generator: torch.Generator) -> TopSVD:
-    probe = layer.grad if layer.grad is not None else layer.svd.S
-    with one_thread_for(probe, EXACT_SVD_MAX_DIM):
-        return layer.top_svd(k, config.svd, config.svd_oversample, config.svd_power_iters, generator)
+    if layer.grad is None:  # a sketch: its SVD is already done
+        return layer.top_svd(k)
+    return _svd_of(layer.grad, k, config, generator)
 
 
 def ga_factors(svd: TopSVD, rank: int, direction: str) -> tuple[Tensor, Tensor]:
