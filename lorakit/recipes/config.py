@@ -89,7 +89,7 @@ class OptimSection:
 @dataclass
 class TrainSection:
     """``max_steps`` is the step budget (default: the main job's 125 steps of 32 examples);
-    null lets ``epochs`` decide."""
+    null lets ``epochs`` decide. ``threads``: CPU threads (default: the cores not already busy)."""
 
     epochs: int = 1
     max_steps: int | None = 125

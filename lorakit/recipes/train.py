@@ -46,6 +46,7 @@ from lorakit.recipes.config import RunConfig, from_dict
 from lorakit.recipes.models import LoadedModel, load_model
 
 RUN_FILE = "run.json"
+TORCH_THREADS = torch.get_num_threads()  # torch's own default, before any run changes it
 RUN_FORMAT = "lorakit-run"
 
 
@@ -77,10 +78,21 @@ def pick_device(name: str) -> torch.device:
         raise LorakitError(f"train.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
+def cpu_threads(requested: int | None) -> int:
+    """``train.threads``, or by default the cores not already busy (1-minute load average):
+    on a shared CPU, intra-op threads that wait for a busy core slow every step several-fold."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(TORCH_THREADS, cores, round(cores - busy)))
+
+
 def setup(cfg: RunConfig, label_names: list[str] | None = None) -> Setup:
     """Data and model, tokenised; raises before anything is written when an input is bad."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.train.threads))
     splits = D.load_splits(cfg.data, cfg.task)
     if label_names is not None and splits.label_names is not None and label_names != splits.label_names:
         raise LorakitError(f"the data's labels {splits.label_names} differ from the run's {label_names}")
@@ -96,7 +108,6 @@ def setup(cfg: RunConfig, label_names: list[str] | None = None) -> Setup:
     else:
         features = {k: D.encode_causal(v, tok, n, cfg.data.template) for k, v in parts.items()}
         prompts = {k: D.encode_prompts(v, tok, n, cfg.data.template) for k, v in parts.items() if k != "train"}
-    device = pick_device(cfg.train.device)
     loaded.model.to(device)
     return Setup(cfg, loaded, splits, features, prompts, device)
 
