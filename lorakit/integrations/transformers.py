@@ -24,9 +24,11 @@ from typing import Any
 from torch import nn
 
 from lorakit.adaptation import adapt
+from lorakit.adapters import ADAPTER_CLASSES
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
-from lorakit.optim.factory import make_optimizer
+from lorakit.optim.factory import make_optimizer, optimizer_options
+from lorakit.optim.groups import pair_needed_error, resolve_loraplus_ratio
 from lorakit.optim.neftune import NEFTuneHandle, enable_neftune
 
 try:
@@ -41,10 +43,17 @@ def optimizer_from_args(model: nn.Module, args: Any, name: str = "adamw", **opti
     For models adapted by hand: ``Trainer(..., optimizers=(optimizer_from_args(model, args,
     preconditioner="riemannian"), None))``. ``options`` go to ``make_optimizer``.
     """
+    return make_optimizer(model, name, **_optimizer_settings(args, name, options))
+
+
+def _optimizer_settings(args: Any, name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """TrainingArguments' optimizer settings overridden by ``options``, checked (raises on bad input)."""
     settings: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
     if name == "adamw":
         settings.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    return make_optimizer(model, name, **{**settings, **options})
+    settings.update(options)
+    optimizer_options(name, **settings)
+    return settings
 
 
 class NEFTuneCallback(TrainerCallback):
@@ -118,7 +127,14 @@ def prepare(
     if neftune_alpha is not None and getattr(trainer.args, "neftune_noise_alpha", None) is not None:
         raise LorakitError("NEFTune is set twice: pass neftune_alpha to prepare() or neftune_noise_alpha to TrainingArguments, not both")
     model = trainer.model
-    if config is not None:
+    if config is not None:  # check the optimizer choice before a possibly long estimation
+        options = dict(loraplus_ratio=loraplus_ratio, preconditioner=preconditioner, damping=damping, **optimizer_options)
+        _optimizer_settings(trainer.args, optimizer, options)
+        structure = ADAPTER_CLASSES[config.adapter_type]
+        if not {"A", "B"} <= set(structure.trainable_names):
+            for option, value in (("preconditioner='riemannian'", preconditioner), ("loraplus_ratio", resolve_loraplus_ratio(loraplus_ratio))):
+                if value is not None:
+                    raise pair_needed_error(option, (structure.structure,))
         loader = trainer.get_train_dataloader() if config.needs_data else None
         config = _with_training_lr(config, trainer, loader)
         adapt(model, config, data=loader if data is None else data)

@@ -10,7 +10,7 @@ from torch import nn
 
 from lorakit.config import suggest
 from lorakit.errors import LorakitError
-from lorakit.optim.groups import param_groups, trainable_layout
+from lorakit.optim.groups import pair_needed_error, param_groups, resolve_loraplus_ratio, trainable_layout
 from lorakit.optim.riemannian import RiemannianAdamW, RiemannianSGD
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -23,6 +23,47 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise LorakitError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)
+
+
+def optimizer_options(
+    name: str = "adamw",
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
+    momentum: float | None = None,
+    loraplus_ratio: float | bool | None = None,
+    preconditioner: str | None = None,
+    damping: float = 1e-6,
+    **optimizer_kwargs: Any,
+) -> dict[str, Any]:
+    """Check ``make_optimizer``'s options without a model; returns torch's keyword arguments."""
+    if name not in OPTIMIZERS:
+        raise LorakitError(f"unknown optimizer {name!r}{suggest(str(name), OPTIMIZERS)}; choose one of {', '.join(OPTIMIZERS)}")
+    if preconditioner not in (None, *PRECONDITIONERS):
+        raise LorakitError(
+            f"unknown preconditioner {preconditioner!r}{suggest(str(preconditioner), PRECONDITIONERS)}; "
+            f"use None or one of {', '.join(PRECONDITIONERS)}"
+        )
+    lr = _positive("lr", lr)
+    weight_decay = _positive("weight_decay", weight_decay, allow_zero=True)
+    kwargs: dict[str, Any] = dict(optimizer_kwargs, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        if momentum is not None:
+            raise LorakitError("momentum applies to name='sgd'; AdamW's moments are set by betas")
+        betas = (0.9, 0.999) if betas is None else tuple(betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise LorakitError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        kwargs.update(betas=betas, eps=_positive("eps", 1e-8 if eps is None else eps))
+    else:
+        if betas is not None or eps is not None:
+            raise LorakitError("betas and eps apply to name='adamw'; for sgd set momentum")
+        kwargs["momentum"] = _positive("momentum", 0.0 if momentum is None else momentum, allow_zero=True)
+
+    resolve_loraplus_ratio(loraplus_ratio)
+    if preconditioner is not None and not (isinstance(damping, (int, float)) and damping >= 0):
+        raise LorakitError(f"damping must be a non-negative number (default 1e-6), got {damping!r}")
+    return kwargs
 
 
 def make_optimizer(
@@ -53,40 +94,14 @@ def make_optimizer(
     The result is a ``torch.optim.AdamW`` / ``SGD`` (a subclass of it when preconditioned):
     its state_dict round-trips and it works with any LR scheduler and ``transformers.Trainer``.
     """
-    if name not in OPTIMIZERS:
-        raise LorakitError(f"unknown optimizer {name!r}{suggest(str(name), OPTIMIZERS)}; choose one of {', '.join(OPTIMIZERS)}")
-    if preconditioner not in (None, *PRECONDITIONERS):
-        raise LorakitError(
-            f"unknown preconditioner {preconditioner!r}{suggest(str(preconditioner), PRECONDITIONERS)}; "
-            f"use None or one of {', '.join(PRECONDITIONERS)}"
-        )
-    lr = _positive("lr", lr)
-    weight_decay = _positive("weight_decay", weight_decay, allow_zero=True)
-    kwargs: dict[str, Any] = dict(optimizer_kwargs)
-    if name == "adamw":
-        if momentum is not None:
-            raise LorakitError("momentum applies to name='sgd'; AdamW's moments are set by betas")
-        betas = (0.9, 0.999) if betas is None else tuple(betas)
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise LorakitError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        kwargs.update(betas=betas, eps=_positive("eps", 1e-8 if eps is None else eps))
-    else:
-        if betas is not None or eps is not None:
-            raise LorakitError("betas and eps apply to name='adamw'; for sgd set momentum")
-        kwargs["momentum"] = _positive("momentum", 0.0 if momentum is None else momentum, allow_zero=True)
-
+    kwargs = optimizer_options(name, lr, weight_decay, betas, eps, momentum, loraplus_ratio, preconditioner, damping, **optimizer_kwargs)
     layout = trainable_layout(model)
-    groups = param_groups(model, lr, weight_decay, loraplus_ratio, layout=layout)
-    base_kwargs = {"lr": lr, "weight_decay": weight_decay, **kwargs}
+    groups = param_groups(model, kwargs["lr"], kwargs["weight_decay"], loraplus_ratio, layout=layout)
     if preconditioner is None:
-        cls = torch.optim.AdamW if name == "adamw" else torch.optim.SGD
-        return cls(groups, **base_kwargs)
+        return (torch.optim.AdamW if name == "adamw" else torch.optim.SGD)(groups, **kwargs)
     if not layout.has_adapters:
         raise LorakitError("preconditioner='riemannian' acts on lorakit adapters, but the model has none; call lorakit.adapt(model, config) first")
     if not layout.pairs:
-        raise LorakitError(
-            f"preconditioner='riemannian' needs adapters whose A and B both train, but this model's adapters "
-            f"({', '.join(layout.structures)}) train only B or R; drop the preconditioner or use lora, pissa, lora-ga or dora"
-        )
+        raise pair_needed_error("preconditioner='riemannian'", layout.structures)
     cls = RiemannianAdamW if name == "adamw" else RiemannianSGD
-    return cls(groups, pairs=layout.pairs, damping=damping, **base_kwargs)
+    return cls(groups, pairs=layout.pairs, damping=damping, **kwargs)

@@ -55,6 +55,15 @@ def trainable_layout(model: nn.Module) -> TrainableLayout:
     return TrainableLayout(pairs, others, structures)
 
 
+def pair_needed_error(option: str, structures: tuple[str, ...]) -> LorakitError:
+    """The error for LoRA+ / Riemannian preconditioning on adapters with no trainable (A, B) pair."""
+    return LorakitError(
+        f"{option} needs adapters whose A and B both train, but the adapters here ({', '.join(structures) or 'none'}) "
+        "have no trainable (A, B) pair (lora-fa trains B, lora-xs / lora-sb train R); drop it or use lora, "
+        "gaussian, pissa, lora-ga or dora"
+    )
+
+
 def resolve_loraplus_ratio(loraplus_ratio: float | bool | None) -> float | None:
     """None/False: LoRA+ off; True: the paper's default λ = 16; a number: λ (> 0)."""
     if loraplus_ratio is None or loraplus_ratio is False:
@@ -84,10 +93,7 @@ def param_groups(
     layout = layout or trainable_layout(model)
     ratio = resolve_loraplus_ratio(loraplus_ratio)
     if ratio is not None and not layout.pairs:
-        raise LorakitError(
-            f"loraplus_ratio needs adapters whose A and B both train, but the model's adapters "
-            f"({', '.join(layout.structures) or 'none'}) have no trainable (A, B) pair; drop loraplus_ratio"
-        )
+        raise pair_needed_error("loraplus_ratio", layout.structures)
     if not layout.pairs and not layout.others:
         raise LorakitError("the model has no trainable parameters; call lorakit.adapt(model, config) first")
     groups = [

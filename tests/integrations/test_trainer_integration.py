@@ -113,3 +113,31 @@ def test_prepare_refuses_a_prebuilt_optimizer_and_double_neftune(tmp_path):
     trainer = make_trainer(tmp_path, neftune_noise_alpha=5.0)
     with pytest.raises(LorakitError, match="NEFTune is set twice"):
         prepare(trainer, AdapterConfig(rank=4), neftune_alpha=5.0)
+
+
+def test_prepare_keeps_a_model_adapted_earlier_and_accepts_explicit_data(tmp_path):
+    model = lorakit.adapt(tiny_bert(dtype=torch.float32), AdapterConfig(method="pissa", rank=4))
+    trainer = make_trainer(tmp_path, model=model, max_steps=2)
+    prepare(trainer, preconditioner="riemannian", loraplus_ratio=2.0)
+    groups = {g["role"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert groups["lora_B"] == pytest.approx(2 * groups["lora_A"]) and groups["lora_A"] == 5e-3
+    trainer.train()
+
+    other = make_trainer(tmp_path, max_steps=2)
+    batches = [{k: torch.stack([ex[k] for ex in dataset(8, seed=7)]) for k in ("input_ids", "attention_mask", "labels")}]
+    prepare(other, AdapterConfig(method="lora-ga", rank=4, num_samples=8), data=batches)
+    assert all(a.has_offset for a in lorakit.adapters_of(other.model).values())
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("lora-fa", dict(preconditioner="riemannian"), "preconditioner='riemannian' needs adapters whose A and B both train"),
+    ("lora-sb", dict(loraplus_ratio=True), "loraplus_ratio needs adapters whose A and B both train"),
+    ("lora-ga", dict(optimizer="adam"), "unknown optimizer 'adam'"),
+    ("lora-ga", dict(learning_rate=0.0), "lr must be a finite number > 0"),
+])
+def test_prepare_checks_the_optimizer_before_adapting(tmp_path, method, options, message):
+    lr = options.pop("learning_rate", 5e-3)
+    trainer = make_trainer(tmp_path, learning_rate=lr)
+    with pytest.raises(LorakitError, match=message):
+        prepare(trainer, AdapterConfig(method=method, rank=4, num_samples=8), **options)
+    assert not lorakit.adapters_of(trainer.model)  # nothing estimated or injected
