@@ -103,6 +103,16 @@ def _check_trainer(trainer: Any) -> None:
         raise LorakitError("prepare() needs a Trainer built with model=, not model_init=")
 
 
+def _check_structure(config: AdapterConfig, preconditioner: str | None, loraplus_ratio: float | bool | None) -> None:
+    """LoRA+ and the preconditioner need the structure's A and B to train (read from the adapter class)."""
+    structure = ADAPTER_CLASSES[config.adapter_type]
+    if {"A", "B"} <= set(structure.trainable_names):
+        return
+    for option, value in (("preconditioner='riemannian'", preconditioner), ("loraplus_ratio", resolve_loraplus_ratio(loraplus_ratio))):
+        if value is not None:
+            raise pair_needed_error(option, (structure.structure,))
+
+
 def prepare(
     trainer: Any,
     config: AdapterConfig | None = None,
@@ -113,7 +123,7 @@ def prepare(
     damping: float = 1e-6,
     neftune_alpha: float | None = None,
     data: Any = None,
-    **optimizer_options: Any,
+    **torch_options: Any,
 ) -> Any:
     """Adapt ``trainer.model`` with ``config`` and install a lorakit optimizer; returns the trainer.
 
@@ -121,28 +131,23 @@ def prepare(
     train dataloader (``config.num_samples`` examples). lora-sb's η defaults to the Trainer's
     learning rate over its warm-up steps. ``config=None`` keeps a model adapted earlier.
     ``neftune_alpha`` adds NEFTune noise during ``train()`` (instead of the Trainer's own
-    ``neftune_noise_alpha``; setting both is an error).
+    ``neftune_noise_alpha``; setting both is an error). Every option is checked before the
+    (possibly long) estimation starts. ``torch_options`` go to torch's optimizer.
     """
     _check_trainer(trainer)
-    if neftune_alpha is not None and getattr(trainer.args, "neftune_noise_alpha", None) is not None:
-        raise LorakitError("NEFTune is set twice: pass neftune_alpha to prepare() or neftune_noise_alpha to TrainingArguments, not both")
     model = trainer.model
-    if config is not None:  # check the optimizer choice before a possibly long estimation
-        options = dict(loraplus_ratio=loraplus_ratio, preconditioner=preconditioner, damping=damping, **optimizer_options)
-        _optimizer_settings(trainer.args, optimizer, options)
-        structure = ADAPTER_CLASSES[config.adapter_type]
-        if not {"A", "B"} <= set(structure.trainable_names):
-            for option, value in (("preconditioner='riemannian'", preconditioner), ("loraplus_ratio", resolve_loraplus_ratio(loraplus_ratio))):
-                if value is not None:
-                    raise pair_needed_error(option, (structure.structure,))
+    options = dict(loraplus_ratio=loraplus_ratio, preconditioner=preconditioner, damping=damping, **torch_options)
+    _optimizer_settings(trainer.args, optimizer, options)
+    if neftune_alpha is not None:
+        if getattr(trainer.args, "neftune_noise_alpha", None) is not None:
+            raise LorakitError("NEFTune is set twice: pass neftune_alpha to prepare() or neftune_noise_alpha to TrainingArguments, not both")
+        enable_neftune(model, neftune_alpha).remove()  # checks alpha and the embeddings now, not at train()
+    if config is not None:
+        _check_structure(config, preconditioner, loraplus_ratio)
         loader = trainer.get_train_dataloader() if config.needs_data else None
         config = _with_training_lr(config, trainer, loader)
         adapt(model, config, data=loader if data is None else data)
-    trainer.optimizer = optimizer_from_args(
-        model, trainer.args, optimizer, loraplus_ratio=loraplus_ratio, preconditioner=preconditioner,
-        damping=damping, **optimizer_options,
-    )
+    trainer.optimizer = optimizer_from_args(model, trainer.args, optimizer, **options)
     if neftune_alpha is not None:
-        enable_neftune(model, neftune_alpha).remove()  # validate now, not at train()
         trainer.add_callback(NEFTuneCallback(neftune_alpha))
     return trainer
