@@ -127,7 +127,7 @@ def compare(config: CompareConfig, quiet: bool = False) -> tuple[list[Row], dict
                 train = [r for r in read_metrics(outcome.run_dir / "metrics.jsonl") if r.get("type") == "train"]
                 curves[name] = ([r["step"] for r in train], [r["loss"] for r in train])
         rows.append(_row(name, results, metric, error))
-    paths = write_tables(rows, metric, config.output_dir)
+        paths = write_tables(rows, metric, config.output_dir)  # after every method: partial results survive a stop
     for key, writer in (("loss_curves", lambda p: plots.loss_curves(curves, p, f"training loss · {task}")),
                         ("metric_vs_params", lambda p: plots.metric_vs_params(
                             {r.method: (r.trainable_params, r.mean, r.std or 0.0) for r in rows if r.error is None},
