@@ -125,12 +125,15 @@ def test_full_finetuning_trains_every_parameter_and_saves_the_model(tmp_path):
     assert train_recipe.evaluate_run(run_dir, quiet=True)["accuracy"] == pytest.approx(results["test"]["accuracy"])
 
 
-def test_eval_and_export_reproduce_the_run(tmp_path):
+def test_eval_and_export_reproduce_the_run(tmp_path, capsys):
     config = assets.classification_config(tmp_path, output={"peft": False})
     assert _train(tmp_path, config) == 0
     run_dir = tmp_path / "run"
     assert not (run_dir / "peft").exists()
     results = json.loads((run_dir / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--quiet"]) == 0
+    assert f"accuracy {results['test']['accuracy']:.4f}" in capsys.readouterr().out
     again = train_recipe.evaluate_run(run_dir, quiet=True)
     assert again == pytest.approx(results["test"], rel=1e-6)
     assert main(["export", str(run_dir), "--format", "peft"]) == 0

@@ -532,10 +532,10 @@ def load_run(run_dir: str | Path, quiet: bool = True) -> tuple[Path, Setup]:
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", quiet: bool = False) -> dict[str, float]:
+    """``quiet`` hides the progress bars; the metrics line is always printed."""
     path, s = load_run(run_dir)
     result = evaluate(s, split, progress=s.cfg.train.progress and not quiet)
-    if not quiet:
-        print(f"{path}: {split} " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    print(f"{path}: {split} " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     return result
 
 
