@@ -148,6 +148,34 @@ def test_eval_and_export_reproduce_the_run(tmp_path, capsys):
         assert _rel(AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()(**batch).logits, ours) < 1e-5
 
 
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
+    # no dropout: 2 accumulated micro-batches of 4 take the same steps as batches of 8
+    assets.bert_folder(tmp_path / "bert", dropout=0.0)
+    common = dict(optim={"max_grad_norm": None}, output={"peft": False, "plot": False})
+    big = assets.classification_config(tmp_path, train={"batch_size": 8, "epochs": 1}, **common)
+    assert _train(tmp_path, big, f"output.dir={tmp_path / 'big'}") == 0
+    small = assets.classification_config(tmp_path, train={"batch_size": 4, "grad_accum": 2, "epochs": 1}, **common)
+    assert _train(tmp_path, small, f"output.dir={tmp_path / 'small'}") == 0
+    a = load_file(tmp_path / "big" / "adapter" / "adapter.safetensors")
+    b = load_file(tmp_path / "small" / "adapter" / "adapter.safetensors")
+    assert len(_train_losses(tmp_path / "big")) == len(_train_losses(tmp_path / "small")) == 10
+    for key in a:
+        assert _rel(b[key], a[key]) < 1e-4, key
+    assert _train_losses(tmp_path / "small") == pytest.approx(_train_losses(tmp_path / "big"), rel=1e-4)
+
+
+def test_neftune_noise_acts_in_training_only(tmp_path):
+    assets.bert_folder(tmp_path / "bert", dropout=0.0)
+    common = dict(train={"epochs": 1}, output={"peft": False, "plot": False})
+    assert _train(tmp_path, assets.classification_config(tmp_path, **common), f"output.dir={tmp_path / 'plain'}") == 0
+    noisy = assets.classification_config(tmp_path, optim={"neftune_alpha": 5.0}, **common)
+    assert _train(tmp_path, noisy, f"output.dir={tmp_path / 'noisy'}") == 0
+    plain_losses, noisy_losses = _train_losses(tmp_path / "plain"), _train_losses(tmp_path / "noisy")
+    assert plain_losses[0] != noisy_losses[0]  # the very first forward already sees the noise
+    results = json.loads((tmp_path / "noisy" / "results.json").read_text())
+    assert train_recipe.evaluate_run(tmp_path / "noisy", quiet=True) == pytest.approx(results["test"], rel=1e-6)
+
+
 # -- kill / resume -----------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_interrupted_run_resumes_bit_exactly(tmp_path, monkeypatch, method):

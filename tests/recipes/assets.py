@@ -36,10 +36,11 @@ def tokenizer(causal: bool) -> PreTrainedTokenizerFast:
                                    sep_token="[SEP]")
 
 
-def bert_folder(path: Path, seed: int = 0) -> Path:
+def bert_folder(path: Path, seed: int = 0, dropout: float = 0.1) -> Path:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64, num_labels=2, pad_token_id=0)
+                        intermediate_size=48, max_position_embeddings=64, num_labels=2, pad_token_id=0,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer(causal=False).save_pretrained(path)
     return path
