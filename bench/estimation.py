@@ -1,6 +1,6 @@
 """Gradient-estimation memory and time: lorakit lora-ga (exact, sketch) vs PEFT's LoRA-GA (issue 3).
 
-    python bench/estimation.py [--samples 16] [--length 64] [--batch-size 4] [--rank 8] [--repeats 2]
+    python bench/estimation.py [--samples 16] [--length 64] [--batch-size 1] [--rank 8] [--repeats 2]
 
 On the real SmolLM2-135M (all 7 linear projections of its 30 blocks, 210 layers), the same
 Rotten Tomatoes snippets as causal-LM text (labels = input ids, padding masked with -100):
@@ -14,8 +14,12 @@ allocations are charged to the method; peft is imported before too), then resets
 kernel's peak-RSS counter (`/proc/self/clear_refs` ← 5) and reads the resident set size
 (`VmRSS`); "added memory" is the peak resident set (`VmHWM`) during estimation +
 initialisation minus that baseline, so it counts every allocation the method makes (tensors,
-autograd buffers, allocator slack) on the CPU. Time is the wall time of the same span; the
-methods take turns `--repeats` times and the median is kept. Ratios are lorakit / PEFT.
+autograd buffers) on the CPU; the workers run with MALLOC_MMAP_THRESHOLD_=65536 so that
+freed blocks leave the resident set (glibc otherwise keeps them and the first backward
+inflates every method by a few hundred MiB of free heap). Time is the wall time of the same
+span, on `--threads` intra-op threads (default 1: on a shared 2-core machine two threads
+mostly measure barrier waits); the methods take turns `--repeats` times and the median is
+kept. Ratios are lorakit / PEFT.
 Targets (issue 3): exact ≤ 1.0× PEFT's time at ≤ 1.0× its memory; sketch ≤ 0.25× PEFT's
 added memory at ≤ 3× its time.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -34,6 +39,9 @@ from pathlib import Path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("peft", "lorakit-exact", "lorakit-sketch")
+# Every block over 64 KiB gets its own mmap and goes back to the OS when freed, so the resident
+# set follows the live allocations (glibc otherwise keeps freed heap and the peak stops meaning much).
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _status(key: str) -> int:
@@ -56,9 +64,11 @@ def _batches(tokenizer, samples: int, length: int, batch_size: int) -> list[dict
     return batches
 
 
-def worker(method: str, samples: int, length: int, rank: int, batch_size: int) -> dict:
+def worker(method: str, samples: int, length: int, rank: int, batch_size: int, threads: int) -> dict:
     """Load the model, then measure one estimation + initialisation."""
     import torch
+
+    torch.set_num_threads(threads)
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraGAConfig, preprocess_loraga
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,12 +113,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.samples, args.length, args.rank, args.batch_size)))
+        print(json.dumps(worker(args.worker, args.samples, args.length, args.rank, args.batch_size, args.threads)))
         return
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -120,8 +131,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     for repeat in range(args.repeats):
         for method in METHODS:
-            command = [sys.executable, __file__, "--worker", method, "--samples", str(args.samples), "--length", str(args.length), "--rank", str(args.rank), "--batch-size", str(args.batch_size)]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            command = [sys.executable, __file__, "--worker", method, "--samples", str(args.samples), "--length", str(args.length), "--rank", str(args.rank), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True, env=WORKER_ENV).stdout
             runs[method].append(json.loads(out.strip().splitlines()[-1]))
             print(f"[{repeat + 1}/{args.repeats}] {method:15s} {runs[method][-1]['seconds']:7.1f} s  +{runs[method][-1]['added_bytes'] / 2**20:7.0f} MiB", flush=True)
     summary = {
@@ -159,7 +170,8 @@ def main() -> None:
             "rank": args.rank,
             "batch_size": args.batch_size,
             "repeats": args.repeats,
-            "memory_method": "peak RSS (VmHWM after clear_refs=5) minus RSS after loading, fresh subprocess per run",
+            "threads": args.threads,
+            "memory_method": "peak RSS (VmHWM after clear_refs=5) minus RSS after loading and a warm-up forward, fresh subprocess per run, MALLOC_MMAP_THRESHOLD_=65536",
             "methods": summary,
             "ratios_vs_peft": ratios,
             "targets": targets,

@@ -18,9 +18,12 @@ from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
 from lorakit.estimate.data import Batch, batch_size, move
-from lorakit.estimate.distributed import all_reduce_sum
+from lorakit.estimate.distributed import all_reduce_sum, is_distributed
 from lorakit.estimate.hooks import tap_gradients
 from lorakit.estimate.loss import LossFn
+
+
+NO_LABELS = "no estimation example has a supervised label (all labels are -100); pass labelled examples"
 
 
 class Accumulator(Protocol):
@@ -111,11 +114,18 @@ def run_pass(
 
 def _finish(accumulators: dict[str, Accumulator], held: int, valid_count: int) -> int:
     tensors = [t for acc in accumulators.values() for t in acc.tensors()]
+    if not is_distributed():
+        if valid_count == 0:
+            raise LorakitError(NO_LABELS)
+        if held != valid_count:
+            for t in tensors:
+                t.mul_(held / valid_count)
+        return valid_count
     count = torch.tensor([float(valid_count)], dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
     all_reduce_sum([count])
     total = int(count.item())
     if total == 0:
-        raise LorakitError("no estimation example has a supervised label (all labels are -100); pass labelled examples")
+        raise LorakitError(NO_LABELS)
     for t in tensors:
         t.mul_(held)
     all_reduce_sum(tensors)

@@ -38,7 +38,10 @@ class GradientAccumulator:
 
     def add(self, x: Tensor, delta: Tensor) -> None:
         x2, d2 = as_rows(x, delta, self.dtype)
-        self.G.add_((d2.T @ x2).to(self.G.device))
+        if x2.device == self.G.device:
+            self.G.addmm_(d2.T, x2)  # in place: no out × in temporary
+        else:
+            self.G.add_((d2.T @ x2).to(self.G.device))
 
     def tensors(self) -> list[Tensor]:
         return [self.G]

@@ -45,12 +45,12 @@ def shifts_labels(model: nn.Module) -> bool:
 
 
 def _token_losses(logits: Tensor, labels: Tensor, shift: bool) -> tuple[Tensor, Tensor]:
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    per_token = F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(~mask, 0), reduction="none")
-    count = mask.sum(dim=1)
-    per_example = (per_token * mask).sum(dim=1) / count.clamp_min(1)
+    if shift:  # shift the labels, not the (large) logits, so the logits are never copied
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    b, length, classes = logits.shape
+    per_token = F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    count = (labels != IGNORE_INDEX).sum(dim=1)
+    per_example = per_token.view(b, length).sum(dim=1) / count.clamp_min(1)
     return per_example, count > 0
 
 

@@ -36,9 +36,9 @@ class ProductAccumulator:
     def add(self, x: Tensor, delta: Tensor) -> None:
         x2, d2 = as_rows(x, delta, self.M.dtype, self.M.device)
         if self.side == "right":
-            self.P.add_(d2.T @ (x2 @ self.M))
+            self.P.addmm_(d2.T, x2 @ self.M)
         else:
-            self.P.add_(x2.T @ (d2 @ self.M))
+            self.P.addmm_(x2.T, d2 @ self.M)
 
     def tensors(self) -> list[Tensor]:
         return [self.P]
