@@ -55,29 +55,31 @@ def sketch_width(layer: nn.Module, k: int, oversample: int) -> int:
 def sketch_svd(
     layers: dict[str, nn.Module], k: int, oversample: int, power_iters: int, seed: int, run_pass: RunPass
 ) -> dict[str, TopSVD]:
-    """Top-l singular triplets (l = min(k + oversample, out, in)) of every layer's G, in 2q + 2 passes."""
+    """Top-l singular triplets (l = min(k + oversample, out, in)) of every layer's G, in 2q + 2 passes.
+
+    At most two thin matrices per layer are alive (the pass's test basis and its product),
+    plus one layer's transient while it is orthonormalised.
+    """
     shapes = {n: layer_shape(m) for n, m in layers.items()}
-
-    def products(basis: dict[str, Tensor], side: str) -> dict[str, Tensor]:
-        accs = {n: ProductAccumulator(M, side, shapes[n][0] if side == "right" else shapes[n][1]) for n, M in basis.items()}
-        run_pass(accs)
-        return {n: a.P for n, a in accs.items()}
-
-    omega = {}
+    basis: dict[str, Tensor] = {}
     for name, layer in layers.items():
         like = torch.empty(0, dtype=compute_dtype(layer.weight.dtype), device=layer.weight.device)
         width = sketch_width(layer, k, oversample)
-        omega[name] = gaussian((shapes[name][1], width), layer_generator(seed, "sketch:" + name), like)
-    Q = {n: _orth(Y) for n, Y in products(omega, "right").items()}
-    del omega
-    for _ in range(power_iters):
-        P = {n: _orth(Z) for n, Z in products(Q, "left").items()}
-        Q = {n: _orth(Y) for n, Y in products(P, "right").items()}
-    Z = products(Q, "left")  # Gᵀ Q  (in × l), i.e. (Qᵀ G)ᵀ
-    result = {}
-    for n in layers:
-        with one_thread_for(Z[n]):
-            result[n] = svd_of_projection(Q[n], Z[n].T, Q[n].shape[1])
+        basis[name] = gaussian((shapes[name][1], width), layer_generator(seed, "sketch:" + name), like)
+    sides = ["right"] + ["left", "right"] * power_iters + ["left"]
+    result: dict[str, TopSVD] = {}
+    for step, side in enumerate(sides):
+        rows = 0 if side == "right" else 1
+        accs = {n: ProductAccumulator(basis.pop(n), side, shapes[n][rows]) for n in layers}
+        run_pass(accs)
+        for name in layers:
+            acc = accs.pop(name)
+            if step < len(sides) - 1:
+                basis[name] = _orth(acc.P)  # Q = orth(G·P) or P = orth(Gᵀ·Q)
+            else:  # acc.M is Q, acc.P is Gᵀ Q = (Qᵀ G)ᵀ
+                with one_thread_for(acc.P):
+                    result[name] = svd_of_projection(acc.M, acc.P.T, acc.M.shape[1])
+            del acc
     return result
 
 
