@@ -40,7 +40,7 @@ from lorakit.estimate.distributed import local_share, rank_and_world
 from lorakit.estimate.engine import estimation_mode, run_pass
 from lorakit.estimate.exact import GradientAccumulator, gradient_bytes, layer_shape, plan_groups
 from lorakit.estimate.loss import LossFn, example_loss_fn
-from lorakit.estimate.sketch import sketch_svd, sketch_width
+from lorakit.estimate.sketch import sketch_bytes, sketch_svd
 from lorakit.estimate.stats import EstimationReport, GradientStatistics, LayerStats
 from lorakit.inject import find_targets
 
@@ -130,10 +130,7 @@ def estimate(
     k = needed_rank(config)
     passes = len(groups) if estimator == "exact" else 2 * config.power_iters + 2
     if estimator == "sketch" and config.memory_budget_bytes is not None:
-        need = sum(
-            (sum(layer_shape(m)) * sketch_width(m, k, config.oversample)) * gradient_bytes(m) // max(1, layer_shape(m)[0] * layer_shape(m)[1])
-            for m in layers.values()
-        )
+        need = sum(sketch_bytes(m, k, config.oversample) for m in layers.values())
         if need > config.memory_budget_bytes:
             logger.warning("lorakit: the sketches need about %s bytes, more than memory_budget", f"{need:,}")
 

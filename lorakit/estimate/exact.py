@@ -28,20 +28,31 @@ class GradientAccumulator:
     """G = Σ_batches Σ_tokens δᵀ x (out × in), accumulated in float32+ on ``device``.
 
     The product is formed on the activations' device and added to G (which may live
-    elsewhere, e.g. on the CPU with ``estimate_device='cpu'``).
+    elsewhere, e.g. on the CPU with ``estimate_device='cpu'``). G is allocated by the first
+    backward that reaches the layer, as autograd allocates ``.grad``: the layers' G do not
+    all sit next to the activations of the first batch.
     """
 
     def __init__(self, layer: nn.Module, device: torch.device | str | None = None) -> None:
-        out_f, in_f = layer_shape(layer)
+        self.shape = layer_shape(layer)
         self.dtype = compute_dtype(layer.weight.dtype)
-        self.G = torch.zeros(out_f, in_f, dtype=self.dtype, device=device or layer.weight.device)
+        self.device = torch.device(device) if device is not None else layer.weight.device
+        self._G: Tensor | None = None
+
+    @property
+    def G(self) -> Tensor:
+        if self._G is None:
+            self._G = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return self._G
 
     def add(self, x: Tensor, delta: Tensor) -> None:
         x2, d2 = as_rows(x, delta, self.dtype)
-        if x2.device == self.G.device:
-            self.G.addmm_(d2.T, x2)  # in place: no out × in temporary
+        if self._G is None:
+            self._G = (d2.T @ x2).to(self.device)
+        elif x2.device == self._G.device:
+            self._G.addmm_(d2.T, x2)  # in place: no out × in temporary
         else:
-            self.G.add_((d2.T @ x2).to(self.G.device))
+            self._G.add_((d2.T @ x2).to(self._G.device))
 
     def tensors(self) -> list[Tensor]:
         return [self.G]

@@ -52,6 +52,12 @@ def sketch_width(layer: nn.Module, k: int, oversample: int) -> int:
     return min(k + oversample, *layer_shape(layer))
 
 
+def sketch_bytes(layer: nn.Module, k: int, oversample: int) -> int:
+    """Peak bytes of one layer's sketch: two thin matrices, (out + in) × l, in float32+."""
+    element = torch.empty((), dtype=compute_dtype(layer.weight.dtype)).element_size()
+    return 2 * sum(layer_shape(layer)) * sketch_width(layer, k, oversample) * element
+
+
 def sketch_svd(
     layers: dict[str, nn.Module], k: int, oversample: int, power_iters: int, seed: int, run_pass: RunPass
 ) -> dict[str, TopSVD]:
