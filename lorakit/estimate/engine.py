@@ -91,6 +91,7 @@ def run_pass(
             on_device = move(batch, device)
             outputs = model(**_forward_kwargs(model, on_device))
             losses, valid = loss_fn(outputs, on_device)
+            del outputs  # the logits need not outlive the loss (its graph keeps what backward needs)
             total = (losses * valid).sum() / held
             if not torch.isfinite(total.detach()).all():
                 raise LorakitError(

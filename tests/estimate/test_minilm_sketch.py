@@ -11,11 +11,13 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import copy
 import random
 
 import pytest
 import torch
 
+import lorakit
 from lorakit import AdapterConfig
 from lorakit.estimate import estimate
 
@@ -87,3 +89,20 @@ def test_sketch_captures_the_top_subspaces_of_real_gradients(minilm_and_batches)
             cosines.append((subspace_cosine(U, Ue[:, :rank]) + subspace_cosine(V, Ve[:, :rank])) / 2)
         assert sum(energies) / len(energies) >= 0.99, (rank, min(energies))
         assert sum(cosines) / len(cosines) >= 0.98, (rank, min(cosines))
+    # both initialisations from these real statistics, through adapt: the rank-16 sketch serves lora-ga at r = 8
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        before = model(**inputs).logits
+    ga = lorakit.adapt(copy.deepcopy(model), AdapterConfig(method="lora-ga", rank=8, **options), stats=sketch)
+    with torch.no_grad():
+        assert ((ga(**inputs).logits - before).norm() / before.norm()).item() <= 1e-5  # function preserved
+    sb_config = AdapterConfig(method="lora-sb", rank=8, lr=1e-3, **options)
+    sb = lorakit.adapt(copy.deepcopy(model), sb_config, stats=exact)
+    energies = []
+    for name, adapter in lorakit.adapters_of(sb).items():
+        first = -1e-3 * torch.sign(reference[name][0])  # ΔW₁ = −η·sign(G)
+        B, A, R = (t.detach() for t in (adapter.B, adapter.A, adapter.R))
+        sR = adapter.scale * R
+        assert ((sR - B.T @ first @ A.T).norm() / sR.norm()).item() <= 1e-4, name  # B, A: singular vectors of ΔW₁
+        energies.append((sR.norm() ** 2 / (full_svd(first)[1][:8] ** 2).sum()).item())
+    assert sum(energies) / len(energies) >= 0.99, min(energies)  # s·B·R·A ≈ trunc_8(ΔW₁)
