@@ -1,0 +1,258 @@
+"""Quality of every method on real data, with one step budget for all.
+
+    nice python bench/quality.py --config bench/configs/quality_minilm.yaml --budget quick
+    nice python bench/quality.py --config bench/configs/quality_minilm.yaml --budget full
+    nice python bench/quality.py --config bench/configs/quality_smollm2.yaml --budget quick
+    ... [--methods lora,pissa] [--workdir runs/bench]
+
+A config (bench/configs/*.yaml) holds a lorakit train config (`base`), per-method overrides
+with a quick-budget learning rate and a validation grid, and named budgets (seeds, whether to
+search the lr, config overrides such as the step budget). For each method:
+
+1. budgets with ``lr_search``: train each grid lr at the first seed and keep the one with the
+   best validation ``select.metric`` (the run's end-of-training validation evaluation);
+2. train the kept lr at every seed; record test metrics, trainable parameters, init time,
+   train time and peak memory (lorakit's recipe measures them: peak RSS, or CUDA peak);
+3. from the per-step training losses, the steps each method needs to reach the reference
+   method's final training loss (both as trailing means over ``smooth`` steps, same seed).
+
+Every training run is a fresh subprocess (``lorakit.recipes.run``) so peak memory is the run's
+own. Results go to bench/results/<name>[_<budget>].json after every method, so a stopped run
+keeps what it finished ("status": "partial" until the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- one training run, in its own process ----------------------------------------------------
+def single(spec_path: str) -> None:
+    """Child process: train the run config in SPEC_PATH (JSON) with lorakit's recipe."""
+    from lorakit.recipes.config import from_dict
+    from lorakit.recipes.train import run
+
+    run(from_dict(json.loads(Path(spec_path).read_text())), quiet=True)
+
+
+def baseline(spec_path: str) -> None:
+    """Child process: evaluate the untrained model on the test split (the 'before' row)."""
+    from lorakit.recipes.config import from_dict
+    from lorakit.recipes.rundir import write_json
+    from lorakit.recipes.train import evaluate, setup
+
+    data = json.loads(Path(spec_path).read_text())
+    cfg = from_dict(data)
+    s = setup(cfg)
+    s.model.eval()
+    start = time.perf_counter()
+    test = evaluate(s, "test", progress=False)
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", {"test": test, "eval_seconds": time.perf_counter() - start})
+
+
+def launch(mode: str, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Run ``mode`` (single | baseline) on ``config`` in a fresh interpreter; its results.json + losses."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    config = json.loads(json.dumps(config))
+    config.setdefault("output", {})["dir"] = str(run_dir)
+    spec = run_dir.parent / f"{run_dir.name}.spec.json"
+    spec.write_text(json.dumps(config, indent=1))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, f"--{mode}", str(spec)], capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        raise RuntimeError(lines[-1] if lines else f"exit code {proc.returncode}")
+    result = json.loads((run_dir / "results.json").read_text())
+    result["wall_seconds"] = wall
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    result["train_loss"] = [r["loss"] for r in records if r.get("type") == "train"]
+    result["validation"] = next((r for r in reversed(records) if r.get("type") == "eval" and r.get("split") == "validation"), None)
+    return result
+
+
+# -- the config ------------------------------------------------------------------------------
+def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in (changes or {}).items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load(path: Path, budget: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    spec = yaml.safe_load(path.read_text())
+    for key in ("name", "base", "budgets", "methods"):
+        if key not in (spec or {}):
+            raise SystemExit(f"{path}: missing key {key!r} (see bench/configs/quality_minilm.yaml)")
+    if budget not in spec["budgets"]:
+        raise SystemExit(f"{path}: no budget {budget!r}; budgets: {', '.join(spec['budgets'])}")
+    return spec, spec["budgets"][budget]
+
+
+# -- figures ---------------------------------------------------------------------------------
+def trailing_means(losses: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` losses at each step (fewer at the start)."""
+    return [statistics.fmean(losses[max(0, i + 1 - window) : i + 1]) for i in range(len(losses))]
+
+
+def steps_to_reach(losses: list[float], target: float, window: int) -> int | None:
+    """First step (1-based) whose trailing mean is at or below ``target``; None if never."""
+    for i, value in enumerate(trailing_means(losses, window)):
+        if value <= target:
+            return i + 1
+    return None
+
+
+def summarise(runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    values = [r["test"][metric] for r in runs]
+    mean = lambda key: statistics.fmean(r[key] for r in runs) if all(r.get(key) is not None for r in runs) else None  # noqa: E731
+    return {
+        "metric": metric,
+        "test_per_seed": values,
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "test_other_mean": {k: statistics.fmean(r["test"][k] for r in runs) for k in runs[0]["test"] if k != metric},
+        "trainable_params": runs[0]["trainable_params"],
+        "total_params": runs[0]["total_params"],
+        "init_seconds": mean("init_seconds"),
+        "train_seconds": mean("train_seconds"),
+        "peak_memory_mb": max((r["peak_memory_mb"] for r in runs if r.get("peak_memory_mb") is not None), default=None),
+        "steps": runs[0]["steps"],
+    }
+
+
+def add_convergence(methods: dict[str, dict[str, Any]], reference: str, window: int) -> None:
+    """Steps to reach the reference's final (trailing-mean) training loss, per seed, same seed."""
+    ref = methods.get(reference)
+    if not ref or ref.get("status") != "ok":
+        return
+    targets = {seed: trailing_means(loss, window)[-1] for seed, loss in ref["train_loss"].items() if loss}
+    for entry in methods.values():
+        if entry.get("status") != "ok":
+            continue
+        per_seed = {seed: steps_to_reach(entry["train_loss"][seed], targets[seed], window)
+                    for seed in entry["train_loss"] if seed in targets}
+        reached = [v for v in per_seed.values() if v is not None]
+        entry["steps_to_reference_loss"] = {
+            "reference": reference,
+            "per_seed": per_seed,
+            "mean": statistics.fmean(reached) if len(reached) == len(per_seed) and reached else None,
+            "reached_in": f"{len(reached)}/{len(per_seed)} seeds",
+            "final_loss_trailing_mean": statistics.fmean(trailing_means(v, window)[-1] for v in entry["train_loss"].values()),
+        }
+
+
+# -- the experiment --------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="bench/configs/quality_minilm.yaml")
+    parser.add_argument("--budget", default="quick", help="a budget named in the config (quick, full, ...)")
+    parser.add_argument("--methods", help="comma-separated subset of the config's methods")
+    parser.add_argument("--workdir", default="runs/bench", help="where the run directories go")
+    parser.add_argument("--output", help="result name (default: <config name>_<budget>)")
+    parser.add_argument("--single", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        return single(args.single)
+    if args.baseline:
+        return baseline(args.baseline)
+
+    config_path = Path(args.config)
+    spec, budget = load(config_path, args.budget)
+    names = list(spec["methods"]) if not args.methods else [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in names if m not in spec["methods"]]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; the config has {', '.join(spec['methods'])}")
+    base = deep_merge(spec["base"], budget.get("overrides") or {})
+    seeds = [int(s) for s in budget.get("seeds", [0])]
+    window = int(budget.get("smooth", 8))
+    select = spec.get("select", {"metric": "accuracy", "mode": "max"})
+    metric = "accuracy" if base.get("task", "classification") == "classification" else "exact_match"
+    reference = spec.get("reference", "lora")
+    result_name = args.output or f"{spec['name']}_{args.budget}"
+    workdir = Path(args.workdir) / f"{result_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    figures: dict[str, Any] = {
+        "experiment": spec["name"], "config": str(config_path), "budget": args.budget,
+        "budget_description": budget.get("description", ""), "seeds": seeds, "lr_search": bool(budget.get("lr_search")),
+        "select": select, "metric": metric, "reference": reference, "smooth_window": window,
+        "base_config": base, "workdir": str(workdir), "methods": {},
+    }
+    started = time.perf_counter()
+
+    def save(status: str) -> None:
+        figures["elapsed_seconds"] = time.perf_counter() - started
+        write_result(result_name, figures, status=status)
+
+    if spec.get("baseline"):
+        print("== baseline (untrained model)", flush=True)
+        try:
+            figures["baseline"] = {"status": "ok", **launch("baseline", base, workdir / "baseline")}
+        except RuntimeError as exc:
+            figures["baseline"] = {"status": "failed", "error": str(exc)}
+        save("partial")
+
+    for name in names:
+        method = spec["methods"][name]
+        method_base = deep_merge(base, method.get("overrides") or {})
+        entry: dict[str, Any] = {"status": "ok"}
+        t0 = time.perf_counter()
+        try:
+            lr = float(method["lr"])
+            if budget.get("lr_search"):
+                grid = {}
+                for candidate in method.get("grid") or [lr]:
+                    print(f"== {name} lr {candidate:g} (grid, seed {seeds[0]})", flush=True)
+                    cfg = deep_merge(method_base, {"optim": {"lr": float(candidate)}, "train": {"seed": seeds[0]}})
+                    out = launch("single", cfg, workdir / f"{name}-lr{candidate:g}-seed{seeds[0]}")
+                    if not out["validation"]:
+                        raise RuntimeError("no validation evaluation to choose the lr on; set eval.every_epoch: true")
+                    grid[f"{float(candidate):g}"] = {"validation": out["validation"].get(select["metric"]), "run": out}
+                better = max if select.get("mode", "max") == "max" else min
+                lr = float(better(grid, key=lambda k: grid[k]["validation"]))
+                entry["lr_grid"] = {k: v["validation"] for k, v in grid.items()}
+            entry["lr"] = lr
+            runs = []
+            for seed in seeds:
+                key = f"{lr:g}"
+                if budget.get("lr_search") and seed == seeds[0]:
+                    runs.append(grid[key]["run"])  # the grid already trained this (lr, seed)
+                    continue
+                print(f"== {name} lr {lr:g} seed {seed}", flush=True)
+                cfg = deep_merge(method_base, {"optim": {"lr": lr}, "train": {"seed": seed}})
+                runs.append(launch("single", cfg, workdir / f"{name}-lr{lr:g}-seed{seed}"))
+            entry.update(summarise(runs, metric))
+            entry["train_loss"] = {str(seed): r["train_loss"] for seed, r in zip(seeds, runs)}
+            print(f"   {name}: test {metric} {entry['mean']:.4f} ± {entry['std']:.4f}, "
+                  f"train {entry['train_seconds']:.0f}s", flush=True)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            entry = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            print(f"!! {name} failed: {entry['error']}", flush=True)
+        entry["wall_seconds"] = time.perf_counter() - t0
+        figures["methods"][name] = entry
+        add_convergence(figures["methods"], reference, window)
+        save("partial")
+    failed = [n for n, e in figures["methods"].items() if e["status"] != "ok"]
+    save("ok" if not failed else "failed-methods")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,529 @@
+"""Regenerate docs/RESULTS.md and its PNG plots from bench/results/*.json.
+
+    python bench/report.py [--results bench/results] [--out docs]
+
+Every number in the report is read from a result file, next to the machine, versions and
+command that produced it; targets named in the issues are checked here, from the same figures,
+and a missed one is said to be missed. A result file that is not a benchmark result (bad JSON,
+missing keys) stops the report with an error naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = {"benchmark": str, "status": str, "environment": dict, "figures": dict}
+QUALITY = {  # experiment -> (title, command that produces it)
+    "quality_minilm": ("Quality: MiniLM on Rotten Tomatoes",
+                       "nice python bench/quality.py --config bench/configs/quality_minilm.yaml --budget full"),
+    "quality_smollm2": ("Quality: SmolLM2-135M on GSM-style problems",
+                        "nice python bench/quality.py --config bench/configs/quality_smollm2.yaml --budget quick"),
+}
+
+
+class ReportError(ValueError):
+    """A result file the report cannot use; the message names the file and the fix."""
+
+
+# -- reading ---------------------------------------------------------------------------------
+def load_results(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every bench/results/*.json, checked; keyed by file stem."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ReportError(f"results directory {str(directory)!r} does not exist; run a benchmark in bench/ first")
+    results = {}
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); rerun the benchmark that writes it") from None
+        if not isinstance(data, dict):
+            raise ReportError(f"{path}: a result must be a JSON object with keys {', '.join(REQUIRED)}")
+        for key, kind in REQUIRED.items():
+            if key not in data:
+                raise ReportError(f"{path}: missing key {key!r}; rerun the benchmark (results are written by bench/common.py's write_result)")
+            if not isinstance(data[key], kind):
+                raise ReportError(f"{path}: {key!r} must be a JSON {'object' if kind is dict else 'string'}, got {type(data[key]).__name__}")
+        results[path.stem] = data
+    return results
+
+
+def need(figures: dict[str, Any], *keys: str, where: str) -> Any:
+    """figures[k1][k2]...; a clear error when the file lacks it."""
+    value: Any = figures
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            raise ReportError(f"{where}: figures has no {'.'.join(keys)!r}; rerun the benchmark with the current bench/ script")
+        value = value[key]
+    return value
+
+
+# -- formatting ------------------------------------------------------------------------------
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 10 ** -digits or abs(value) >= 1e6):
+            return f"{value:.{digits}e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    parts = [f"{k} {env[k]}" for k in ("torch", "transformers", "peft") if env.get(k)]
+    machine = f"{env.get('machine', '?')}, {env.get('cpu_count', '?')} CPU cores"
+    if env.get("torch_threads"):
+        machine += f", {env['torch_threads']} torch threads"
+    return (f"*Run {env.get('date', '?')} on {machine}; Python {env.get('python', '?')}, {', '.join(parts)}; "
+            f"lorakit {env.get('lorakit_commit', '?')}; command `{env.get('command', '?')}`; status **{result['status']}**.*")
+
+
+def check(value: float, target: str | float) -> bool:
+    """``value`` against a target written '<= 1.05', '>= 2' or a bare number (an upper bound)."""
+    if isinstance(target, (int, float)):
+        return value <= target
+    match = re.fullmatch(r"\s*(<=|>=|<|>)\s*([0-9.eE+-]+)\s*", str(target))
+    if not match:
+        raise ReportError(f"target {target!r} is not of the form '<= number'")
+    op, bound = match.group(1), float(match.group(2))
+    return {"<=": value <= bound, ">=": value >= bound, "<": value < bound, ">": value > bound}[op]
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**MISSED**"
+
+
+# -- plots -----------------------------------------------------------------------------------
+def save_plot(path: Path, draw: Callable[[Any], None], size: tuple[float, float] = (6.4, 4.0)) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        draw(ax)
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def bar_ratios(ax, labels: list[str], values: list[float], bound: float | None, title: str) -> None:
+    ax.barh(labels, values, color="#4878a8")
+    if bound is not None:
+        ax.axvline(bound, color="#c0392b", linestyle="--", label=f"target {bound:g}×")
+        ax.legend(loc="lower right")
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.2f}×", va="center")
+    ax.set_xlabel("time ratio (lower is faster)")
+    ax.set_title(title)
+    ax.set_xlim(0, max(values + [bound or 0]) * 1.25)
+
+
+# -- sections ----------------------------------------------------------------------------------
+class Report:
+    """Accumulates markdown, plots and the list of missed targets."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.lines: list[str] = []
+        self.missed: list[str] = []
+        self.headlines: list[str] = []
+        self.plots: list[Path] = []
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def plot(self, name: str, draw: Callable[[Any], None], caption: str, size: tuple[float, float] = (6.4, 4.0)) -> None:
+        path = save_plot(self.out / name, draw, size)
+        self.plots.append(path)
+        self.add(f"![{caption}]({name})", "")
+
+
+def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
+    f = result["figures"]
+    where = f"{name}.json"
+    metric = need(f, "metric", where=where)
+    methods = need(f, "methods", where=where)
+    reference = f.get("reference", "lora")
+    rep.add(f"Budget **{f.get('budget')}**: {f.get('budget_description', '')}. Config `{f.get('config')}`; seeds "
+            f"{f.get('seeds')}; learning rate " + ("chosen per method on the validation split from the grid in the config"
+                                                  if f.get("lr_search") else "fixed per method (no validation search)") + ".")
+    if f.get("budget") != "full" and name.startswith("quality_minilm"):
+        rep.add("", f"These figures come from the **{f.get('budget')}** budget, not the issue's full protocol (3 seeds, "
+                "learning rate per method on validation); the full run is "
+                f"`{QUALITY['quality_minilm'][1]}`.")
+    if result["status"] == "partial":
+        rep.add("", "**This run had not finished when the report was generated: only the methods below are in it.**")
+    rep.add("", environment(result), "")
+    rows, points = [], {}
+    if "baseline" in f:
+        base = f["baseline"]
+        rows.append(["before training", fmt(base["test"][metric], 4) if base.get("status") == "ok" else f"failed: {base.get('error')}",
+                     "0", "–", "–", "–", "–", "–", "–", "–"])
+    full_params = next((e.get("trainable_params") for k, e in methods.items() if k == "full" and e.get("status") == "ok"), None)
+    for method, e in methods.items():
+        if e.get("status") != "ok":
+            rows.append([method, f"failed: {e.get('error', '?')}"] + ["–"] * 8)
+            continue
+        conv = e.get("steps_to_reference_loss") or {}
+        steps = conv.get("mean")
+        steps_text = (f"{fmt(steps, 1)} of {e['steps']}" if steps is not None
+                      else (f"not reached ({conv.get('reached_in')})" if conv else "–"))
+        share = f"{100 * e['trainable_params'] / full_params:.2f} %" if full_params else "–"
+        rows.append([method, f"{e['mean']:.4f} ± {e['std']:.4f}", e["trainable_params"], share, f"{e['lr']:g}",
+                     fmt(e.get("init_seconds"), 2), fmt(e.get("train_seconds"), 1), fmt(e.get("peak_memory_mb"), 0),
+                     steps_text, fmt(conv.get("final_loss_trailing_mean"), 4)])
+        points[method] = (e["trainable_params"], e["mean"], e["std"])
+    rep.add(table([f"method", f"test {metric} (mean ± std)", "trainable params", "of full", "lr", "init (s)", "train (s)",
+                   "peak mem (MB)", f"steps to {reference}'s final loss", "final train loss"], rows), "")
+    if "baseline" in f and f["baseline"].get("status") == "ok":
+        before = f["baseline"]["test"][metric]
+        ok = [(m, e["mean"]) for m, e in methods.items() if e.get("status") == "ok"]
+        if ok:
+            rep.add(f"Test {metric} before training: {before:.4f}; after: " + ", ".join(f"{m} {v:.4f}" for m, v in ok) + ".", "")
+    window = f.get("smooth_window")
+    rep.add(f"Training losses are trailing means over {window} steps; \"steps to {reference}'s final loss\" is the first "
+            f"step at which a method's trailing mean is at or below {reference}'s final one (same seed), averaged over seeds. "
+            "Peak memory is the run's peak resident memory (CPU) or peak CUDA allocation, each run in a fresh process.", "")
+    ref = methods.get(reference, {})
+    for claim in ("pissa", "lora-ga"):  # the convergence claims of the PiSSA and LoRA-GA papers
+        e = methods.get(claim)
+        if not e or e.get("status") != "ok" or ref.get("status") != "ok":
+            continue
+        conv = e.get("steps_to_reference_loss") or {}
+        steps = conv.get("mean")
+        if steps is None:
+            rep.add(f"- {claim} did **not** reach {reference}'s final training loss within {e['steps']} steps "
+                    f"({conv.get('reached_in')}): the faster-convergence claim is not reproduced here.")
+        else:
+            faster = steps < e["steps"]
+            rep.add(f"- {claim} reached {reference}'s final training loss at step {steps:.1f} of {e['steps']}"
+                    + (f": {e['steps'] / steps:.2f}× fewer steps, consistent with the paper's faster-convergence claim."
+                       if faster else ": no fewer steps than lora, the faster-convergence claim is not reproduced here."))
+    rep.add("")
+    if points:
+        def draw_points(ax):
+            for label, (x, y, s) in points.items():
+                ax.errorbar([x], [y], yerr=[s], fmt="o", capsize=3)
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.set_xscale("log")
+            ax.set_xlabel("trainable parameters (log)")
+            ax.set_ylabel(f"test {metric}")
+            ax.set_title(f"{QUALITY.get(f.get('experiment', ''), (name,))[0]} · {f.get('budget')} budget", fontsize=9)
+            ax.grid(alpha=0.3)
+        rep.plot(f"{name}_metric_vs_params.png", draw_points, f"test {metric} against trainable parameters")
+        curves = {m: e["train_loss"] for m, e in methods.items() if e.get("status") == "ok" and e.get("train_loss")}
+        if curves and window:
+            def draw_curves(ax):
+                for label, per_seed in curves.items():
+                    losses = next(iter(per_seed.values()))
+                    means = [statistics.fmean(losses[max(0, i + 1 - window): i + 1]) for i in range(len(losses))]
+                    ax.plot(range(1, len(means) + 1), means, label=label, linewidth=1.8 if label == reference else 1.0)
+                ax.set_xlabel("step")
+                ax.set_ylabel(f"training loss (trailing mean of {window})")
+                ax.set_title("training loss, first seed", fontsize=9)
+                ax.legend(fontsize=7, ncol=2)
+                ax.grid(alpha=0.3)
+            rep.plot(f"{name}_loss_curves.png", draw_curves, "training loss per step, first seed", (7.0, 4.5))
+    best = max(((m, e["mean"]) for m, e in methods.items() if e.get("status") == "ok"), key=lambda t: t[1], default=None)
+    if best:
+        parts = [f"{m} {e['mean']:.3f}" for m, e in methods.items() if e.get("status") == "ok"]
+        rep.headlines.append(f"{QUALITY.get(f.get('experiment', ''), (name,))[0]} ({f.get('budget')} budget, {len(f.get('seeds', []))} "
+                             f"seed(s)), test {metric}: " + ", ".join(parts) + ".")
+    failed = [m for m, e in methods.items() if e.get("status") != "ok"]
+    if failed:
+        rep.missed.append(f"{name}: methods that failed to run: {', '.join(failed)} (errors in the table).")
+
+
+def param_section(rep: Report, result: dict[str, Any]) -> None:
+    f = result["figures"]
+    counts = need(f, "trainable_parameters", where="param_count.json")
+    models = list(counts)
+    methods = list(dict.fromkeys(m for model in models for m in counts[model]))
+    rows = []
+    for m in methods:
+        row: list[Any] = [m]
+        for model in models:
+            n, lora = counts[model].get(m), counts[model].get("lora")
+            row += [n, f"{n / lora:.3f}" if n is not None and lora else "–"]
+        rows.append(row)
+    rep.add(f"Rank {f.get('rank')}, targets {f.get('targets')}; the ratio is to lora on the same model.", "",
+            environment(result), "",
+            table(["method"] + [h for model in models for h in (f"{model} trainable", "÷ lora")], rows), "")
+    for model in models:
+        lora, sb = counts[model].get("lora"), counts[model].get("lora-sb")
+        if lora and sb:
+            rep.headlines.append(f"Trainable parameters on {model} at rank {f.get('rank')}: lora {lora:,}, lora-sb/lora-xs "
+                                 f"{sb:,} ({lora / sb:.0f}× fewer).")
+
+    def draw(ax):
+        xs = range(len(methods))
+        width = 0.8 / max(1, len(models))
+        for k, model in enumerate(models):
+            ax.bar([x + k * width for x in xs], [counts[model].get(m) or 0 for m in methods], width, label=model)
+        ax.set_xticks([x + width * (len(models) - 1) / 2 for x in xs], methods, rotation=40, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("trainable parameters (log)")
+        ax.legend(fontsize=8)
+        ax.set_title(f"trainable parameters at rank {f.get('rank')}", fontsize=9)
+    rep.plot("param_count.png", draw, "trainable parameters per method")
+
+
+def ratio_targets(rep: Report, where: str, ratios: dict[str, float], targets: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for key, value in ratios.items():
+        target = targets.get(key)
+        if target is None:
+            rows.append([key, f"{value:.3f}×", "–", "–"])
+            continue
+        ok = check(value, target)
+        rows.append([key, f"{value:.3f}×", str(target), verdict(ok)])
+        if not ok:
+            rep.missed.append(f"{where}: {key} = {value:.3f}×, target {target}.")
+    return rows
+
+
+def train_step_section(rep: Report, result: dict[str, Any]) -> None:
+    f = result["figures"]
+    ratios = need(f, "ratios", where="train_step.json")
+    seconds = need(f, "seconds_per_step_median", where="train_step.json")
+    rep.add(f"{f.get('model')}, {f.get('data')}, rank {f.get('rank')}, batch {f.get('batch')}, targets {f.get('targets')}; "
+            f"median of {f.get('repeats')} interleaved repeats of {f.get('steps_per_repeat')} steps (forward, backward, AdamW).", "",
+            environment(result), "",
+            table(["run", "seconds / step (median)", "trainable params"],
+                  [[k, fmt(v, 3), (f.get("trainable_parameters") or {}).get(k)] for k, v in seconds.items()]), "",
+            table(["ratio", "value", "target", "verdict"], ratio_targets(rep, "training step", ratios, f.get("target") or {})), "")
+    for key, value in ratios.items():
+        rep.headlines.append(f"Training step, {key}: {value:.2f}×.")
+    bound = next((float(re.sub(r"[<=> ]", "", str(t))) for t in (f.get("target") or {}).values()), None)
+    rep.plot("train_step.png", lambda ax: bar_ratios(ax, list(ratios), list(ratios.values()), bound,
+                                                    "training step time ratios"), "training-step time ratios", (7.0, 3.0))
+
+
+def init_section(rep: Report, result: dict[str, Any]) -> None:
+    f = result["figures"]
+    seconds = need(f, "seconds_median", where="init_speed.json")
+    error = f.get("mean_relative_truncation_error") or {}
+    rep.add(f"{f.get('model')}, {f.get('layers')} layers ({f.get('targets')}), rank {f.get('rank')}; median of "
+            f"{f.get('repeats')} repeats. Agreement with the exact SVD: mean over layers of ‖W_res − W_res(exact)‖ / "
+            "‖W − W_res(exact)‖ (0 = the exact truncation).", "", environment(result), "",
+            table(["init", "seconds (median)", "relative truncation error"],
+                  [[k, fmt(v, 2), fmt(error.get(k), 3)] for k, v in seconds.items()]), "")
+    ratios = f.get("ratios") or {}
+    if ratios:
+        rep.add(table(["ratio", "value"], [[k, f"{v:.3f}×"] for k, v in ratios.items()]), "")
+        for key, value in ratios.items():
+            rep.headlines.append(f"PiSSA init, {key}: {value:.2f}× the time.")
+
+    def draw(ax):
+        names = list(seconds)
+        ax.barh(names, [seconds[n] for n in names], color="#4878a8")
+        for y, n in enumerate(names):
+            ax.text(seconds[n], y, f" {seconds[n]:.1f}s, err {error.get(n, float('nan')):.2g}", va="center", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds (log)")
+        ax.set_title("PiSSA initialisation time", fontsize=9)
+        ax.set_xlim(min(seconds.values()) / 2, max(seconds.values()) * 20)
+    rep.plot("init_speed.png", draw, "PiSSA init time and truncation error", (7.0, 2.8))
+
+
+def estimation_section(rep: Report, result: dict[str, Any]) -> None:
+    f = result["figures"]
+    methods = need(f, "methods", where="estimation.json")
+    ratios = need(f, "ratios_vs_peft", where="estimation.json")
+    targets = f.get("targets") or {}
+    rep.add(f"{f.get('model')}, {f.get('layers')} target layers, {f.get('samples')} samples of {f.get('tokens_per_sample')} "
+            f"tokens, rank {f.get('rank')}, {f.get('threads')} thread(s); {f.get('repeats')} repeat(s), each in a fresh process. "
+            f"Memory: {f.get('memory_method')}. \"floor\" is the forward+backward passes alone.", "", environment(result), "",
+            table(["run", "seconds", "added memory (MiB)"], [[k, fmt(v.get("seconds"), 2), fmt(v.get("added_MiB"), 1)]
+                                                            for k, v in methods.items()]), "")
+    rows = []
+    for est, r in ratios.items():
+        for kind in ("time", "memory"):
+            bound = (targets.get(est) or {}).get(kind)
+            ok = None if bound is None else r[kind] <= bound
+            rows.append([f"{est} {kind} ÷ PEFT", f"{r[kind]:.3f}×", "–" if bound is None else f"<= {bound:g}",
+                         "–" if ok is None else verdict(ok)])
+            if ok is False:
+                extra = (f" (memory above the passes' own floor: {r['memory_above_floor']:.3f}×)"
+                         if kind == "memory" and "memory_above_floor" in r else "")
+                rep.missed.append(f"issue 3, lora-ga {est} vs PEFT preprocess_loraga: {kind} ratio {r[kind]:.3f}×, "
+                                  f"target <= {bound:g}×{extra}.")
+        if "memory_above_floor" in r:
+            rows.append([f"{est} memory above floor ÷ PEFT's", f"{r['memory_above_floor']:.3f}×", "–", "–"])
+    rep.add(table(["ratio", "value", "target (issue 3)", "verdict"], rows), "")
+    for est, r in ratios.items():
+        rep.headlines.append(f"LoRA-GA init ({est}) vs PEFT preprocess_loraga: {r['time']:.2f}× the time, "
+                             f"{r['memory']:.2f}× the added memory.")
+
+    def draw(ax):
+        names = list(ratios)
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [ratios[n]["time"] for n in names], 0.4, label="time ÷ PEFT")
+        ax.bar([x + 0.2 for x in xs], [ratios[n]["memory"] for n in names], 0.4, label="added memory ÷ PEFT")
+        for x, n in zip(xs, names):
+            for dx, kind in ((-0.2, "time"), (0.2, "memory")):
+                bound = (targets.get(n) or {}).get(kind)
+                if bound is not None:
+                    ax.plot([x + dx - 0.2, x + dx + 0.2], [bound, bound], color="#c0392b", linestyle="--")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(list(xs), names)
+        ax.set_ylabel("ratio to PEFT (red dashes: targets)")
+        ax.legend(fontsize=8)
+        ax.set_title("data-driven init (LoRA-GA) vs PEFT", fontsize=9)
+    rep.plot("estimation.png", draw, "LoRA-GA estimation time and memory relative to PEFT")
+
+
+def optimizer_section(rep: Report, result: dict[str, Any]) -> None:
+    f = result["figures"]
+    ratios = need(f, "ratios", where="optimizer_step.json")
+    rep.add(f"{f.get('model')}, {f.get('data')}, method {f.get('method')}, rank {f.get('rank')}, batch {f.get('batch')}, "
+            f"{f.get('pairs')} (A, B) pairs; median of {f.get('repeats')} interleaved repeats, {f.get('torch_threads')} thread(s).",
+            "", environment(result), "",
+            table(["ratio", "value", "target (issue 4)", "verdict"],
+                  ratio_targets(rep, "issue 4, Riemannian AdamW", ratios, f.get("target") or {})), "")
+    alone = next((v for k, v in ratios.items() if k.startswith("optimizer step (cpu)")), None)
+    whole = next((v for k, v in ratios.items() if k.startswith("train step (cpu): ")), None)
+    bound = next((float(re.sub(r"[<=> ]", "", str(t))) for t in (f.get("target") or {}).values()), 1.05)
+    if alone is not None and whole is not None:
+        rep.add(f"Issue 4 asks for scaled AdamW within {bound:g}× of plain AdamW's step time. The whole training step "
+                f"(forward, backward, optimizer) is {whole:.3f}× — " + ("within" if whole <= bound else "outside") +
+                f" the target; the optimizer step alone is {alone:.2f}× — "
+                + ("within the target." if alone <= bound else "**the target is missed for the optimizer step on its own**: "
+                   "the r×r Gram matrices, their batched inverse and the extra products cost more than AdamW's "
+                   "element-wise update, and only disappear in the forward/backward time of a whole step."), "")
+        if alone > bound:
+            rep.missed.append(f"issue 4, Riemannian AdamW: optimizer step alone {alone:.2f}× plain AdamW (target <= {bound:g}×); "
+                              f"the whole training step is {whole:.3f}×.")
+        rep.headlines.append(f"Riemannian AdamW vs AdamW: whole training step {whole:.3f}×, optimizer step alone {alone:.2f}×.")
+
+
+def generic_section(rep: Report, name: str, result: dict[str, Any]) -> None:
+    flat = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat.append([prefix, fmt(value, 4) if not isinstance(value, str) else value])
+    walk("", result["figures"])
+    rep.add(environment(result), "", table(["figure", "value"], flat), "")
+
+
+SECTIONS: list[tuple[str, str, Callable[..., None]]] = [
+    ("param_count", "Parameter efficiency", param_section),
+    ("train_step", "Speed: training step vs PEFT", train_step_section),
+    ("init_speed", "Speed: PiSSA initialisation vs PEFT", init_section),
+    ("estimation", "Speed and memory: LoRA-GA estimation vs PEFT", estimation_section),
+    ("optimizer_step", "Speed: Riemannian AdamW vs AdamW", optimizer_section),
+]
+WHY = {  # what the numbers cannot say: why a target is missed and what would fix it
+    "issue 3": "The exact estimator keeps every target layer's fp32 gradient G at once, as PEFT does, so its added "
+               "memory matches PEFT's to within a few percent, not below it; a `memory_budget` (layer groups, one pass "
+               "each) lowers it at the price of more passes. The sketch's added memory includes the activations of its "
+               "own forward/backward passes (the \"floor\" row), which every estimator pays; the line \"memory above "
+               "floor\" isolates what the sketch itself keeps. Lowering the floor needs activation checkpointing during "
+               "estimation.",
+    "issue 4": "The preconditioner's cost is fixed per step (per-pair r×r Grams, one batched inverse, two extra "
+               "products per pair) while AdamW's own update is element-wise and cheap; in a whole training step the "
+               "forward and backward passes dominate. Fusing the preconditioned update into a foreach AdamW kernel "
+               "would narrow the optimizer-only ratio.",
+}
+
+
+def render(results: dict[str, dict[str, Any]], out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    rep = Report(out)
+    body = Report(out)
+    for experiment, (title, command) in QUALITY.items():
+        body.add(f"## {title}", "")
+        found = sorted(k for k in results if k == experiment or k.startswith(experiment + "_"))
+        # the full budget wins over quick when both exist
+        found.sort(key=lambda k: (results[k]["figures"].get("budget") != "full", k))
+        if not found:
+            body.add(f"**Not run yet.** Command: `{command}` (then `python bench/report.py`).", "")
+            rep.missed.append(f"{title}: not run yet (`{command}`).")
+            continue
+        for key in found:
+            if len(found) > 1:
+                body.add(f"### {key}", "")
+            quality_section(body, key, results[key])
+    for key, title, fn in SECTIONS:
+        body.add(f"## {title}", "")
+        if key not in results:
+            body.add(f"**Not run yet.** Command: `python bench/{key}.py`.", "")
+            continue
+        fn(body, results[key])
+    known = {k for k, _, _ in SECTIONS} | {k for k in results if any(k.startswith(q) for q in QUALITY)}
+    for key in sorted(set(results) - known):
+        body.add(f"## Other result: {key}", "")
+        generic_section(body, key, results[key])
+
+    rep.add("# lorakit benchmark results", "",
+            "Generated by `python bench/report.py` from the JSON files in `bench/results/`; every figure below is "
+            "read from those files, next to the machine, versions and command that produced it. Do not edit by hand: "
+            "rerun the benchmarks (see `bench/README.md`) and regenerate.", "", "## Headlines", "")
+    rep.add(*[f"- {h}" for h in body.headlines], "")
+    rep.add("## Targets missed", "")
+    missed = body.missed + rep.missed
+    if missed:
+        rep.add(*[f"- {m}" for m in missed], "")
+        for issue, why in WHY.items():
+            if any(m.startswith(issue) for m in missed):
+                rep.add(f"Why ({issue}), and what would fix it: {why}", "")
+    else:
+        rep.add("None: every target checked here is met.", "")
+    return "\n".join(rep.lines + body.lines).rstrip() + "\n"
+
+
+def write(results_dir: Path, out: Path) -> Path:
+    text = render(load_results(results_dir), out)
+    path = out / "RESULTS.md"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Regenerate docs/RESULTS.md and its plots from bench/results/*.json.")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(ROOT / "docs"))
+    args = parser.parse_args(argv)
+    try:
+        path = write(Path(args.results), Path(args.out))
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""bench/report.py: tables, verdicts and plots come from the result files, and bad files fail clearly."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import report  # noqa: E402
+
+ENV = {"date": "2030-01-02T03:04:05+00:00", "machine": "testmachine-x", "cpu_count": 7, "python": "3.99.1",
+       "torch": "9.8.7", "transformers": "6.5.4", "peft": "3.2.1", "lorakit_commit": "abc1234",
+       "command": "python bench/fake.py --flag"}
+
+
+def write(directory: Path, name: str, figures: dict, status: str = "ok", **extra) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    data = {"benchmark": name, "status": status, "environment": ENV, "figures": figures, **extra}
+    (directory / f"{name}.json").write_text(json.dumps(data))
+
+
+def train_step_figures(lora: float, peft: float) -> dict:
+    return {"model": "m", "data": "d", "rank": 4, "batch": 2, "targets": "all-linear", "repeats": 5, "steps_per_repeat": 1,
+            "seconds_per_step_median": {"lorakit lora": lora, "peft lora": peft},
+            "trainable_parameters": {"lorakit lora": 123, "peft lora": 123},
+            "ratios": {"lorakit lora / peft lora": lora / peft}, "target": {"lorakit lora / peft lora": "<= 1.0"}}
+
+
+def quality_figures() -> dict:
+    runs = {"lora": ([0.70, 0.74], 1000, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]),
+            "pissa": ([0.80, 0.84], 1000, [0.9, 0.7, 0.5, 0.4, 0.3, 0.3]),
+            "lora-sb": ([0.60, 0.61], 10, [1.0, 1.0, 1.0, 0.9, 0.9, 0.9])}
+    methods = {}
+    for name, (acc, params, loss) in runs.items():
+        mean = sum(acc) / 2
+        std = (sum((a - mean) ** 2 for a in acc) / 1) ** 0.5
+        methods[name] = {"status": "ok", "lr": 1e-3, "metric": "accuracy", "test_per_seed": acc, "mean": mean, "std": std,
+                         "trainable_params": params, "total_params": 5000, "init_seconds": 0.5, "train_seconds": 12.0,
+                         "peak_memory_mb": 321.0, "steps": len(loss), "train_loss": {"0": loss, "1": loss}}
+    methods["dora"] = {"status": "failed", "error": "RuntimeError: boom in dora"}
+    figures = {"experiment": "quality_minilm", "config": "c.yaml", "budget": "quick", "budget_description": "tiny budget",
+               "seeds": [0, 1], "lr_search": False, "metric": "accuracy", "reference": "lora", "smooth_window": 2,
+               "methods": methods}
+    sys.path.insert(0, str(Path(report.__file__).parent))
+    import quality
+
+    quality.add_convergence(methods, "lora", 2)  # the runner's own figure, from the synthetic losses
+    return figures
+
+
+def test_table_ratio_and_verdict_come_from_the_json(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs"
+    write(results, "train_step", train_step_figures(lora=1.2, peft=1.0))
+    text = report.write(results, out).read_text()
+    assert "| lorakit lora / peft lora | 1.200× | <= 1.0 | **MISSED** |" in text
+    assert "| lorakit lora | 1.200 | 123 |" in text
+    # the missed target is listed under "Targets missed", with the machine and versions next to the table
+    missed = text.split("## Targets missed")[1].split("##")[0]
+    assert "training step: lorakit lora / peft lora = 1.200×, target <= 1.0." in missed
+    for value in ("testmachine-x", "7 CPU cores", "torch 9.8.7", "transformers 6.5.4", "peft 3.2.1", "abc1234",
+                  "python bench/fake.py --flag"):
+        assert value in text
+    assert (out / "train_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    write(results, "train_step", train_step_figures(lora=0.8, peft=1.0))
+    text = report.write(results, out).read_text()
+    assert "| lorakit lora / peft lora | 0.800× | <= 1.0 | met |" in text
+    assert "lorakit lora / peft lora = " not in text.split("## Targets missed")[1].split("##")[0]
+
+
+def test_quality_table_mean_std_params_and_convergence(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs"
+    write(results, "quality_minilm_quick", quality_figures(), status="partial")
+    text = report.write(results, out).read_text()
+    # mean ± std as the JSON says (std over the two seeds)
+    assert "| lora | 0.7200 ± 0.0283 | 1,000 |" in text
+    assert "| pissa | 0.8200 ± 0.0283 | 1,000 |" in text
+    # lora's final trailing mean (window 2) is 0.55; pissa's trailing means 0.9, 0.8, 0.6, 0.45 -> step 4 of 6
+    assert "| 4.0 of 6 |" in text.split("| pissa |")[1].split("\n")[0]
+    assert "pissa reached lora's final training loss at step 4.0 of 6: 1.50× fewer steps" in text
+    assert "not reached (0/2 seeds)" in text.split("| lora-sb |")[1].split("\n")[0]
+    assert "| dora | failed: RuntimeError: boom in dora |" in text
+    assert "**quick** budget, not the issue's full protocol" in text
+    assert "had not finished" in text
+    assert "methods that failed to run: dora" in text
+    # the decoder experiment has no file: said plainly, with its command
+    assert "Quality: SmolLM2-135M on GSM-style problems: not run yet (`nice python bench/quality.py --config " \
+           "bench/configs/quality_smollm2.yaml" in text
+    for png in ("quality_minilm_quick_metric_vs_params.png", "quality_minilm_quick_loss_curves.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_check_parses_targets():
+    assert report.check(1.0, "<= 1.0") and not report.check(1.01, "<= 1.0")
+    assert report.check(0.2, 0.25) and not report.check(0.3, 0.25)
+    assert report.check(3.0, ">= 2")
+    with pytest.raises(report.ReportError, match="not of the form"):
+        report.check(1.0, "about one")
+
+
+def test_malformed_json_names_the_file(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "broken.json").write_text('{"benchmark": "broken", "status": ')
+    with pytest.raises(report.ReportError, match=r"broken\.json: not valid JSON"):
+        report.load_results(results)
+    assert report.main(["--results", str(results), "--out", str(tmp_path / "docs")]) == 2
+    assert "broken.json: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "docs" / "RESULTS.md").exists()
+
+
+def test_missing_or_mistyped_keys_fail_clearly(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "nofig.json").write_text(json.dumps({"benchmark": "x", "status": "ok", "environment": ENV}))
+    with pytest.raises(report.ReportError, match=r"nofig\.json: missing key 'figures'"):
+        report.load_results(results)
+    (results / "nofig.json").write_text(json.dumps({"benchmark": "x", "status": "ok", "environment": ENV, "figures": [1]}))
+    with pytest.raises(report.ReportError, match=r"nofig\.json: 'figures' must be a JSON object"):
+        report.load_results(results)
+    # a known benchmark without the figures its section needs
+    (results / "nofig.json").unlink()
+    write(results, "train_step", {"model": "m"})
+    with pytest.raises(report.ReportError, match=r"train_step\.json: figures has no 'ratios'"):
+        report.write(results, tmp_path / "docs")
