@@ -21,45 +21,19 @@ import argparse
 import bz2
 import csv
 import importlib.util
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 import lorakit
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def write_result(name: str, figures: dict[str, Any]) -> None:
-    """bench/results/<name>.json with the machine and versions, written atomically."""
-    import transformers
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
-    environment = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lorakit_commit": commit or None,
-        "command": " ".join(["python"] + sys.argv),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"benchmark": name, "status": "ok", "environment": environment, "figures": figures}, indent=2) + "\n")
-    tmp.replace(path)
-    print(f"wrote {path}")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402  (bench/results/<name>.json with machine and versions)
 
 
 def minilm():
