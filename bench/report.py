@@ -199,7 +199,7 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
                      fmt(e.get("init_seconds"), 2), fmt(e.get("train_seconds"), 1), fmt(e.get("peak_memory_mb"), 0),
                      steps_text, fmt(conv.get("final_loss_trailing_mean"), 4)])
         points[method] = (e["trainable_params"], e["mean"], e["std"])
-    rep.add(table([f"method", f"test {metric} (mean ± std)", "trainable params", "of full", "lr", "init (s)", "train (s)",
+    rep.add(table(["method", f"test {metric} (mean ± std)", "trainable params", "of full", "lr", "init (s)", "train (s)",
                    "peak mem (MB)", f"steps to {reference}'s final loss", "final train loss"], rows), "")
     if "baseline" in f and f["baseline"].get("status") == "ok":
         before = f["baseline"]["test"][metric]
