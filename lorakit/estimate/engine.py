@@ -101,6 +101,7 @@ def run_pass(
             if valid.any() and total.requires_grad:
                 total.backward()
             valid_count += int(valid.sum().item())
+            del total, losses  # release this batch's graph before the next forward
             if progress is not None:
                 progress.update(1)
     missing = [n for n in watched if n not in reached]

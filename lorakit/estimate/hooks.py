@@ -60,11 +60,12 @@ def tap_gradients(model: nn.Module, layers: dict[str, nn.Module], sink: Sink) ->
             # Under no_grad (e.g. the first forward of activation checkpointing) nothing to watch.
             if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
                 return
-            x = args[0].detach()
+            held = [args[0].detach()]  # dropped once used: x must not outlive this layer's backward
 
             def on_grad(delta: Tensor) -> None:
                 reached.add(name)
-                sink(name, x, delta)
+                if held:
+                    sink(name, held.pop(), delta)
 
             output.register_hook(on_grad)
 
