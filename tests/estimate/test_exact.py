@@ -206,3 +206,17 @@ def test_rank_too_large_for_a_layer_is_named():
     with pytest.raises(LorakitError, match="needs 40 singular directions"):
         estimate(MODELS["bert"](), CONFIG.replace(rank=20), [batch_for("bert")], progress=False)
 
+
+
+def test_a_dataloader_is_read_once_and_kept_for_every_pass():
+    from torch.utils.data import DataLoader
+
+    batch = batch_for("bert", 6, 9, seed=4)
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(6)]
+    loader = DataLoader(rows, batch_size=4)  # collates dicts: batches of 4 and 2
+    model = MODELS["bert"]()
+    largest = max(gradient_bytes(m) for m in model.modules() if isinstance(m, nn.Linear))
+    config = AdapterConfig(method="lora-ga", rank=2, estimator="exact", num_samples=6, memory_budget=largest)
+    stats = estimate(model, config, loader, progress=False)
+    assert stats.report.passes > 1 and stats.report.samples == 6  # every pass saw all six examples
+    assert max_rel_error(stats, autograd_gradients(model, "bert", [batch], list(stats))) <= 1e-8
