@@ -172,7 +172,8 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
     reference = f.get("reference", "lora")
     rep.add(f"Budget **{f.get('budget')}**: {f.get('budget_description', '')}. Config `{f.get('config')}`; seeds "
             f"{f.get('seeds')}; learning rate " + ("chosen per method on the validation split from the grid in the config"
-                                                  if f.get("lr_search") else "fixed per method (no validation search)") + ".")
+                                                  if f.get("lr_search") else "fixed per method (no validation search)") + "."
+            + (f" The whole run took {f['elapsed_seconds'] / 60:.0f} minutes." if f.get("elapsed_seconds") else ""))
     if f.get("budget") != "full" and name.startswith("quality_minilm"):
         rep.add("", f"These figures come from the **{f.get('budget')}** budget, not the issue's full protocol (3 seeds, "
                 "learning rate per method on validation); the full run is "
