@@ -174,10 +174,10 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
             f"{f.get('seeds')}; learning rate " + ("chosen per method on the validation split from the grid in the config"
                                                   if f.get("lr_search") else "fixed per method (no validation search)") + "."
             + (f" The whole run took {f['elapsed_seconds'] / 60:.0f} minutes." if f.get("elapsed_seconds") else ""))
-    if f.get("budget") != "full" and name.startswith("quality_minilm"):
-        rep.add("", f"These figures come from the **{f.get('budget')}** budget, not the issue's full protocol (3 seeds, "
-                "learning rate per method on validation); the full run is "
-                f"`{QUALITY['quality_minilm'][1]}`.")
+    if f.get("budget") != "full":
+        rep.add("", f"These figures come from the **{f.get('budget')}** budget, not the issue's full protocol (more seeds "
+                "and steps, learning rate per method on validation); the full run is "
+                f"`nice python bench/quality.py --config {f.get('config')} --budget full`.")
     if result["status"] == "partial":
         rep.add("", "**This run had not finished when the report was generated: only the methods below are in it.**")
     rep.add("", environment(result), "")
