@@ -80,7 +80,10 @@ def test_quality_table_mean_std_params_and_convergence(tmp_path):
     assert "| pissa | 0.8200 ± 0.0283 | 1,000 |" in text
     # lora's final trailing mean (window 2) is 0.55; pissa's trailing means 0.9, 0.8, 0.6, 0.45 -> step 4 of 6
     assert "| 4.0 of 6 |" in text.split("| pissa |")[1].split("\n")[0]
-    assert "pissa reached lora's final training loss at step 4.0 of 6: 1.50× fewer steps" in text
+    # lora's own trailing means 0.95, 0.85, 0.75, 0.65, 0.55 reach 0.55 at step 6
+    assert "| 6.0 of 6 |" in text.split("| lora |")[1].split("\n")[0]
+    assert "pissa first reached lora's final training loss at step 4.0 of 6; lora itself first got there at step 6.0: " \
+           "1.50× fewer steps for pissa" in text
     assert "not reached (0/2 seeds)" in text.split("| lora-sb |")[1].split("\n")[0]
     assert "| dora | failed: RuntimeError: boom in dora |" in text
     assert "**quick** budget, not the issue's full protocol" in text
