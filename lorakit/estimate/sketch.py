@@ -22,8 +22,7 @@ from torch import Tensor, nn
 
 from lorakit.estimate.exact import layer_shape
 from lorakit.estimate.hooks import as_rows
-from lorakit.estimate.threads import one_thread_for
-from lorakit.linalg import TopSVD, compute_dtype, gaussian, layer_generator, orthonormal_basis, svd_of_projection
+from lorakit.linalg import TopSVD, compute_dtype, gaussian, layer_generator, one_thread_for, orthonormal_basis, svd_of_projection
 
 
 class ProductAccumulator:

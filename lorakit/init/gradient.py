@@ -11,8 +11,7 @@ from torch import Tensor
 from lorakit.adapters import LowRankAdapter
 from lorakit.errors import LorakitError
 from lorakit.init import register
-from lorakit.estimate.threads import one_thread_for
-from lorakit.linalg import EXACT_SVD_MAX_DIM, TopSVD, compute_dtype, top_svd
+from lorakit.linalg import TopSVD, compute_dtype, top_svd
 
 logger = logging.getLogger("lorakit")
 
@@ -38,18 +37,8 @@ def _layer_stats(adapter: LowRankAdapter, stats, method: str):
     return stats
 
 
-def svd_method(config, shape: tuple[int, int], k: int) -> str:
-    """``config.svd``; 'auto' takes the randomized SVD (oversampling, power iterations) when its
-    width k + svd_oversample is under half the smaller side (far cheaper), else the exact one."""
-    if config.svd != "auto":
-        return config.svd
-    return "randomized" if k + config.svd_oversample < min(shape) / 2 else "exact"
-
-
 def _svd_of(M: Tensor, k: int, config, generator: torch.Generator) -> TopSVD:
-    method = svd_method(config, tuple(M.shape), k)
-    with one_thread_for(M, None if method == "randomized" else EXACT_SVD_MAX_DIM):
-        return top_svd(M, k, method, config.svd_oversample, config.svd_power_iters, generator)
+    return top_svd(M, k, config.svd, config.svd_oversample, config.svd_power_iters, generator)
 
 
 def _top_svd_of_gradient(layer, k: int, config, generator: torch.Generator) -> TopSVD:
