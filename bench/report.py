@@ -212,6 +212,11 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
             f"step at which a method's trailing mean is at or below {reference}'s final one (same seed), averaged over seeds. "
             "Peak memory is the run's peak resident memory (CPU) or peak CUDA allocation, each run in a fresh process; "
             "on CPU it includes the interpreter, the data and the evaluation batches, so it differs little between methods.", "")
+    stuck = [m for m, e in methods.items() if e.get("status") == "ok" and (e.get("test_other_mean") or {}).get("mcc", 1.0) < 0.1]
+    if stuck:
+        rep.add(f"Near-constant predictions (test MCC below 0.1) at this budget and learning rate: {', '.join(stuck)}. "
+                "These methods had not learned the task yet; their accuracy is the majority-class rate, not a verdict "
+                "on the method (a learning-rate search, as in the full budget, is what would settle it).", "")
     ref = methods.get(reference, {})
     for claim in ("pissa", "lora-ga"):  # the convergence claims of the PiSSA and LoRA-GA papers
         e = methods.get(claim)

@@ -40,6 +40,8 @@ def quality_figures() -> dict:
         methods[name] = {"status": "ok", "lr": 1e-3, "metric": "accuracy", "test_per_seed": acc, "mean": mean, "std": std,
                          "trainable_params": params, "total_params": 5000, "init_seconds": 0.5, "train_seconds": 12.0,
                          "peak_memory_mb": 321.0, "steps": len(loss), "train_loss": {"0": loss, "1": loss}}
+    methods["lora-sb"]["test_other_mean"] = {"mcc": 0.0}
+    methods["lora"]["test_other_mean"] = {"mcc": 0.4}
     methods["dora"] = {"status": "failed", "error": "RuntimeError: boom in dora"}
     figures = {"experiment": "quality_minilm", "config": "c.yaml", "budget": "quick", "budget_description": "tiny budget",
                "seeds": [0, 1], "lr_search": False, "metric": "accuracy", "reference": "lora", "smooth_window": 2,
@@ -86,6 +88,7 @@ def test_quality_table_mean_std_params_and_convergence(tmp_path):
            "1.50× fewer steps for pissa" in text
     assert "not reached (0/2 seeds)" in text.split("| lora-sb |")[1].split("\n")[0]
     assert "| dora | failed: RuntimeError: boom in dora |" in text
+    assert "Near-constant predictions (test MCC below 0.1) at this budget and learning rate: lora-sb." in text
     assert "**quick** budget, not the issue's full protocol" in text
     assert "had not finished" in text
     assert "methods that failed to run: dora" in text
