@@ -19,6 +19,11 @@ def _pyplot():
     return plt
 
 
+def _color(plt, i: int):
+    """Distinct colours for up to 20 methods (the default cycle repeats after 10)."""
+    return plt.get_cmap("tab20")((2 * i) % 20 + (i // 10) % 2)
+
+
 def _save(fig, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -63,10 +68,10 @@ def loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path, ti
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, (steps, losses) in curves.items():
+    for i, (name, (steps, losses)) in enumerate(curves.items()):
         window = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
-        ax.plot(steps, smooth, label=name, lw=1.3)
+        smooth = [sum(losses[max(0, k - window + 1):k + 1]) / len(losses[max(0, k - window + 1):k + 1]) for k in range(len(losses))]
+        ax.plot(steps, smooth, label=name, lw=1.3, color=_color(plt, i))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (running mean)")
     ax.set_title(title or "training loss")
@@ -83,8 +88,8 @@ def metric_vs_params(points: dict[str, tuple[int, float, float]], metric: str, p
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, (params, mean, std) in points.items():
-        ax.errorbar([max(params, 1)], [mean], yerr=[std], fmt="o", capsize=3)
+    for i, (name, (params, mean, std)) in enumerate(points.items()):
+        ax.errorbar([max(params, 1)], [mean], yerr=[std], fmt="o", capsize=3, color=_color(plt, i))
         ax.annotate(name, (max(params, 1), mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
