@@ -132,3 +132,22 @@ def test_missing_or_mistyped_keys_fail_clearly(tmp_path):
     write(results, "train_step", {"model": "m"})
     with pytest.raises(report.ReportError, match=r"train_step\.json: figures has no 'ratios'"):
         report.write(results, tmp_path / "docs")
+
+
+def test_decoder_before_and_after_rows(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs"
+    loss = [2.0, 1.5, 1.2, 1.1]
+    methods = {m: {"status": "ok", "lr": 5e-4, "metric": "exact_match", "test_per_seed": [v], "mean": v, "std": 0.0,
+                   "trainable_params": 99, "total_params": 1000, "init_seconds": 1.0, "train_seconds": 2.0,
+                   "peak_memory_mb": 10.0, "steps": 4, "train_loss": {"0": loss}} for m, v in (("lora", 0.15), ("lora-ga", 0.25))}
+    figures = {"experiment": "quality_smollm2", "config": "bench/configs/quality_smollm2.yaml", "budget": "quick",
+               "budget_description": "tiny", "seeds": [0], "metric": "exact_match", "reference": "lora", "smooth_window": 2,
+               "baseline": {"status": "ok", "test": {"exact_match": 0.05, "loss": 1.0}}, "methods": methods}
+    write(results, "quality_smollm2_quick", figures)
+    text = report.write(results, out).read_text()
+    assert "| before training | 0.0500 | 0 |" in text
+    assert "| lora-ga | 0.2500 (1 seed) | 99 |" in text
+    assert "Test exact_match before training: 0.0500; after: lora 0.1500, lora-ga 0.2500." in text
+    assert "the full run is `nice python bench/quality.py --config bench/configs/quality_smollm2.yaml --budget full`" in text
+    # the encoder experiment is missing: said plainly with its command
+    assert "Quality: MiniLM on Rotten Tomatoes: not run yet" in text
