@@ -131,6 +131,14 @@ def save_plot(path: Path, draw: Callable[[Any], None], size: tuple[float, float]
     return path
 
 
+def colours(names: list[str]) -> dict[str, Any]:
+    """A distinct colour per method (matplotlib's default cycle repeats after 10)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return {n: cmap(i % 20) for i, n in enumerate(names)}
+
+
 def bar_ratios(ax, labels: list[str], values: list[float], bound: float | None, title: str) -> None:
     ax.barh(labels, values, color="#4878a8")
     if bound is not None:
@@ -241,8 +249,9 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
     rep.add("")
     if points:
         def draw_points(ax):
+            colour = colours(list(points))
             for label, (x, y, s) in points.items():
-                ax.errorbar([x], [y], yerr=[s], fmt="o", capsize=3)
+                ax.errorbar([x], [y], yerr=[s], fmt="o", capsize=3, color=colour[label])
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
             ax.set_xscale("log")
             ax.set_xlabel("trainable parameters (log)")
@@ -253,10 +262,12 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
         curves = {m: e["train_loss"] for m, e in methods.items() if e.get("status") == "ok" and e.get("train_loss")}
         if curves and window:
             def draw_curves(ax):
+                colour = colours(list(curves))
                 for label, per_seed in curves.items():
                     losses = next(iter(per_seed.values()))
                     means = [statistics.fmean(losses[max(0, i + 1 - window): i + 1]) for i in range(len(losses))]
-                    ax.plot(range(1, len(means) + 1), means, label=label, linewidth=1.8 if label == reference else 1.0)
+                    ax.plot(range(1, len(means) + 1), means, label=label, color=colour[label],
+                            linewidth=2.2 if label == reference else 1.0)
                 ax.set_xlabel("step")
                 ax.set_ylabel(f"training loss (trailing mean of {window})")
                 ax.set_title("training loss, first seed", fontsize=9)
