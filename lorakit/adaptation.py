@@ -30,7 +30,8 @@ def adapt(
     """
     config = config or AdapterConfig()
     names = find_targets(model, config)
-    if config.needs_data and stats is None:
+    estimated_here = config.needs_data and stats is None
+    if estimated_here:
         if data is None:
             raise LorakitError(
                 f"method {config.method!r} initialises from gradients: pass data=<batches of training data> "
@@ -48,6 +49,8 @@ def adapt(
     for name, adapter in adapters.items():
         initialise(adapter, config, layer_generator(config.seed, name), stats[name] if config.needs_data else None)
         adapter.finish_init()
+        if estimated_here:
+            del stats[name]  # free each layer's G once used: init then never holds all of them
     setattr(model, CONFIG_ATTR, config)
     return model
 
