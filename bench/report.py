@@ -193,11 +193,11 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
     if "baseline" in f:
         base = f["baseline"]
         rows.append(["before training", fmt(base["test"][metric], 4) if base.get("status") == "ok" else f"failed: {base.get('error')}",
-                     "0", "–", "–", "–", "–", "–", "–", "–"])
+                     "0", "–", "–", "–", "–", "–", "–", "–", fmt(base.get("test", {}).get("loss"), 4)])
     full_params = next((e.get("trainable_params") for k, e in methods.items() if k == "full" and e.get("status") == "ok"), None)
     for method, e in methods.items():
         if e.get("status") != "ok":
-            rows.append([method, f"failed: {e.get('error', '?')}"] + ["–"] * 8)
+            rows.append([method, f"failed: {e.get('error', '?')}"] + ["–"] * 9)
             continue
         conv = e.get("steps_to_reference_loss") or {}
         steps = conv.get("mean")
@@ -207,15 +207,20 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
         score = f"{e['mean']:.4f} ± {e['std']:.4f}" if len(e.get("test_per_seed", [])) > 1 else f"{e['mean']:.4f} (1 seed)"
         rows.append([method, score, e["trainable_params"], share, f"{e['lr']:g}",
                      fmt(e.get("init_seconds"), 2), fmt(e.get("train_seconds"), 1), fmt(e.get("peak_memory_mb"), 0),
-                     steps_text, fmt(conv.get("final_loss_trailing_mean"), 4)])
+                     steps_text, fmt(conv.get("final_loss_trailing_mean"), 4), fmt((e.get("test_other_mean") or {}).get("loss"), 4)])
         points[method] = (e["trainable_params"], e["mean"], e["std"])
     rep.add(table(["method", f"test {metric} (mean ± std)", "trainable params", "of full", "lr", "init (s)", "train (s)",
-                   "peak mem (MB)", f"steps to {reference}'s final loss", "final train loss"], rows), "")
+                   "peak mem (MB)", f"steps to {reference}'s final loss", "final train loss", "test loss"], rows), "")
     if "baseline" in f and f["baseline"].get("status") == "ok":
         before = f["baseline"]["test"][metric]
         ok = [(m, e["mean"]) for m, e in methods.items() if e.get("status") == "ok"]
         if ok:
             rep.add(f"Test {metric} before training: {before:.4f}; after: " + ", ".join(f"{m} {v:.4f}" for m, v in ok) + ".", "")
+            loss_before = f["baseline"]["test"].get("loss")
+            losses = [(m, (e.get("test_other_mean") or {}).get("loss")) for m, e in methods.items() if e.get("status") == "ok"]
+            if loss_before is not None and all(v is not None for _, v in losses):
+                rep.add(f"Test loss (answer tokens) before training: {loss_before:.4f}; after: "
+                        + ", ".join(f"{m} {v:.4f}" for m, v in losses) + ".", "")
     window = f.get("smooth_window")
     rep.add(f"Training losses are trailing means over {window} steps; \"steps to {reference}'s final loss\" is the first "
             f"step at which a method's trailing mean is at or below {reference}'s final one (same seed), averaged over seeds. "

@@ -148,6 +148,7 @@ def test_decoder_before_and_after_rows(tmp_path):
     assert "| before training | 0.0500 | 0 |" in text
     assert "| lora-ga | 0.2500 (1 seed) | 99 |" in text
     assert "Test exact_match before training: 0.0500; after: lora 0.1500, lora-ga 0.2500." in text
+    assert "| before training | 0.0500 | 0 |" in text and text.split("| before training |")[1].split("\n")[0].endswith("| 1.0000 |")
     assert "the full run is `nice python bench/quality.py --config bench/configs/quality_smollm2.yaml --budget full`" in text
     # the encoder experiment is missing: said plainly with its command
     assert "Quality: MiniLM on Rotten Tomatoes: not run yet" in text
