@@ -216,6 +216,9 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
         ok = [(m, e["mean"]) for m, e in methods.items() if e.get("status") == "ok"]
         if ok:
             rep.add(f"Test {metric} before training: {before:.4f}; after: " + ", ".join(f"{m} {v:.4f}" for m, v in ok) + ".", "")
+            if all(v == before for _, v in ok):
+                rep.add(f"Every row, before and after training, has the same test {metric} ({before:.4f}): at this budget "
+                        f"{metric} does not separate the methods; the test loss below does.", "")
             loss_before = f["baseline"]["test"].get("loss")
             losses = [(m, (e.get("test_other_mean") or {}).get("loss")) for m, e in methods.items() if e.get("status") == "ok"]
             if loss_before is not None and all(v is not None for _, v in losses):
