@@ -510,6 +510,8 @@ def render(results: dict[str, dict[str, Any]], out: Path) -> str:
             body.add(f"**Not run yet.** Command: `{command}` (then `python bench/report.py`).", "")
             rep.missed.append(f"{title}: not run yet (`{command}`).")
             continue
+        if all(results[k]["figures"].get("budget") != "full" for k in found):
+            rep.missed.append(f"{title}: only a reduced budget has been run, not the issue's protocol (`{command.replace('quick', 'full')}`).")
         for key in found:
             if len(found) > 1:
                 body.add(f"### {key}", "")
