@@ -23,7 +23,7 @@ from torch import nn
 
 import lorakit
 from lorakit.adaptation import CONFIG_ATTR, get_config
-from lorakit.adapters import LowRankAdapter, is_supported_layer
+from lorakit.adapters import LowRankAdapter, is_supported_layer, weight_out_in
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import adapters_of, inject, resolve_modules_to_save
@@ -146,13 +146,13 @@ def _check_layers_match(model: nn.Module, meta: dict[str, Any]) -> None:
         if module is None or not is_supported_layer(module):
             found = "missing" if module is None else f"a {type(module).__name__}"
             raise LorakitError(f"adapter does not match the model: layer {name!r} is {found} in this model; load it onto the model it was trained on")
-        W = module.weight if isinstance(module, nn.Linear) else module.weight.T  # Conv1D stores (in, out)
+        W = weight_out_in(module)
         if list(W.shape) != layer["shape"]:
             raise LorakitError(
                 f"adapter does not match the model: layer {name!r} is {tuple(W.shape)} here but "
                 f"{tuple(layer['shape'])} in the adapter; load it onto the model it was trained on"
             )
-        norm = W.detach().to(compute_dtype(W.dtype)).norm().item()
+        norm = W.to(compute_dtype(W.dtype)).norm().item()
         if abs(norm - layer["base_norm"]) > FINGERPRINT_RTOL * max(layer["base_norm"], 1e-12):
             raise LorakitError(
                 f"adapter does not match the model: layer {name!r} has different base weights "

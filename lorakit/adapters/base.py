@@ -36,6 +36,12 @@ def is_supported_layer(module: nn.Module) -> bool:
     return isinstance(module, SUPPORTED_LAYERS)
 
 
+def weight_out_in(layer: nn.Module) -> Tensor:
+    """The layer's weight data seen as (out, in): a view, transposed for Conv1D (stored (in, out))."""
+    w = layer.weight.data
+    return w.T if Conv1D is not None and isinstance(layer, Conv1D) else w
+
+
 class LowRankAdapter(nn.Module):
     """Base class. ``factor_names`` lists the low-rank factors, ``trainable_names`` those that train."""
 
@@ -77,8 +83,7 @@ class LowRankAdapter(nn.Module):
     # -- base weight, always seen as (out, in) ----------------------------------------------
     @property
     def base_weight(self) -> Tensor:
-        w = self.base_layer.weight.data
-        return w.T if self.fan_in_fan_out else w
+        return weight_out_in(self.base_layer)
 
     def _write_base_weight(self, new: Tensor) -> None:
         with torch.no_grad():

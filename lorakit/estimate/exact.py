@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters import weight_out_in
 from lorakit.errors import LorakitError
 from lorakit.estimate.hooks import as_rows
 from lorakit.linalg import compute_dtype
@@ -12,10 +13,7 @@ from lorakit.linalg import compute_dtype
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:
     """(out, in) of an nn.Linear or a Conv1D (whose weight is stored (in, out))."""
-    weight = layer.weight
-    if isinstance(layer, nn.Linear):
-        return tuple(weight.shape)  # type: ignore[return-value]
-    return weight.shape[1], weight.shape[0]
+    return tuple(weight_out_in(layer).shape)  # type: ignore[return-value]
 
 
 def gradient_bytes(layer: nn.Module) -> int:

@@ -17,6 +17,12 @@ Initialiser = Callable[[LowRankAdapter, Any, torch.Generator, Any], None]
 INITIALISERS: dict[str, Initialiser] = {}
 
 
+def set_factor(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy an initial value into an adapter tensor (its device and dtype, no autograd)."""
+    with torch.no_grad():
+        param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
 def register(name: str) -> Callable[[Initialiser], Initialiser]:
     def add(fn: Initialiser) -> Initialiser:
         INITIALISERS[name] = fn

@@ -7,13 +7,9 @@ import math
 import torch
 
 from lorakit.adapters import LowRankAdapter
-from lorakit.init import register
+from lorakit.init import register, set_factor
 from lorakit.linalg import gaussian, top_svd
 
-
-def _copy(param: torch.Tensor, value: torch.Tensor) -> None:
-    with torch.no_grad():
-        param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
 @register("lora")
@@ -21,15 +17,15 @@ def init_lora(adapter: LowRankAdapter, config, generator: torch.Generator, stats
     """A ~ Kaiming-uniform(a = √5) (nn.Linear's default), B = 0: ΔW = 0 at init."""
     A = torch.empty(adapter.A.shape, dtype=torch.float32)
     torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-    _copy(adapter.A, A)
-    _copy(adapter.B, torch.zeros(adapter.B.shape))
+    set_factor(adapter.A, A)
+    set_factor(adapter.B, torch.zeros(adapter.B.shape))
 
 
 @register("gaussian")
 def init_gaussian(adapter: LowRankAdapter, config, generator: torch.Generator, stats=None) -> None:
     """A ~ N(0, 1/r) (variance 1/r; PEFT's 'gaussian' uses standard deviation 1/r), B = 0."""
-    _copy(adapter.A, torch.randn(adapter.A.shape, generator=generator) / math.sqrt(adapter.rank))
-    _copy(adapter.B, torch.zeros(adapter.B.shape))
+    set_factor(adapter.A, torch.randn(adapter.A.shape, generator=generator) / math.sqrt(adapter.rank))
+    set_factor(adapter.B, torch.zeros(adapter.B.shape))
 
 
 def svd_of_base(adapter: LowRankAdapter, config, generator: torch.Generator):
@@ -49,8 +45,8 @@ def init_pissa(adapter: LowRankAdapter, config, generator: torch.Generator, stat
     base W − s·BA (computed in float32+ from the cast factors): the function is unchanged."""
     U, S, V = svd_of_base(adapter, config, generator)
     root = torch.sqrt(S / adapter.scale)
-    _copy(adapter.B, U * root)
-    _copy(adapter.A, root[:, None] * V.T)
+    set_factor(adapter.B, U * root)
+    set_factor(adapter.A, root[:, None] * V.T)
     adapter.set_base_offset(adapter.B, adapter.A)
 
 
@@ -58,6 +54,6 @@ def init_pissa(adapter: LowRankAdapter, config, generator: torch.Generator, stat
 def init_lora_xs(adapter: LowRankAdapter, config, generator: torch.Generator, stats=None) -> None:
     """LoRA-XS: SVD_r(W) = UΣVᵀ, B = U, A = ΣVᵀ (both frozen), R ~ N(0, σ²) with σ = xs_init_std."""
     U, S, V = svd_of_base(adapter, config, generator)
-    _copy(adapter.B, U)
-    _copy(adapter.A, S[:, None] * V.T)
-    _copy(adapter.R, torch.randn(adapter.R.shape, generator=generator, dtype=torch.float64) * config.xs_init_std)
+    set_factor(adapter.B, U)
+    set_factor(adapter.A, S[:, None] * V.T)
+    set_factor(adapter.R, torch.randn(adapter.R.shape, generator=generator, dtype=torch.float64) * config.xs_init_std)

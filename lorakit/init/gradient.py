@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lorakit.adapters import LowRankAdapter
 from lorakit.errors import LorakitError
-from lorakit.init import register
+from lorakit.init import register, set_factor
 from lorakit.linalg import TopSVD, compute_dtype, top_svd
 
 logger = logging.getLogger("lorakit")
@@ -19,10 +19,6 @@ logger = logging.getLogger("lorakit")
 # (lorakit.recipes OptimSection.lr), which the recipe passes as lr= anyway.
 DEFAULT_LR = 1e-3
 
-
-def _copy(param: torch.Tensor, value: torch.Tensor) -> None:
-    with torch.no_grad():
-        param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
 def _layer_stats(adapter: LowRankAdapter, stats, method: str):
@@ -77,8 +73,8 @@ def init_lora_ga(adapter: LowRankAdapter, config, generator: torch.Generator, st
     svd = _top_svd_of_gradient(layer, 2 * adapter.rank, config, generator)
     A, B = ga_factors(svd, adapter.rank, config.direction)
     zeta = ga_scale_factor(config, adapter.out_features, adapter.scale)
-    _copy(adapter.A, A * zeta)
-    _copy(adapter.B, B * zeta)
+    set_factor(adapter.A, A * zeta)
+    set_factor(adapter.B, B * zeta)
     adapter.set_base_offset(adapter.B, adapter.A)
 
 
@@ -120,9 +116,9 @@ def init_lora_sb(adapter: LowRankAdapter, config, generator: torch.Generator, st
     stored as B₀ = B, A₀ = R₀·A, so export stays rank r)."""
     layer = _layer_stats(adapter, stats, "lora-sb")
     U, S, V = first_update_svd(layer, config, adapter.rank, generator)
-    _copy(adapter.B, U)
-    _copy(adapter.A, V.T)
-    _copy(adapter.R, torch.diag(S / adapter.scale))
+    set_factor(adapter.B, U)
+    set_factor(adapter.A, V.T)
+    set_factor(adapter.R, torch.diag(S / adapter.scale))
     if config.preserve_init:
         cdtype = compute_dtype(adapter.R.dtype)
         adapter.set_base_offset(adapter.B, adapter.R.detach().to(cdtype) @ adapter.A.detach().to(cdtype))
