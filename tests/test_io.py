@@ -77,3 +77,19 @@ def test_mismatched_model_is_refused(tmp_path):
     (tmp_path / "a" / CONFIG_FILE).write_text(json.dumps(meta))
     with pytest.raises(lorakit.LorakitError, match=r"is \(32, 32\) here but \(8, 8\) in the adapter"):
         lorakit.load_adapter(MODELS["llama"](), tmp_path / "a")
+
+
+def test_atomic_file_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):
+    from lorakit.io import atomic_file
+
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(path) as tmp:
+            tmp.write_text("half written")
+            raise RuntimeError("interrupted")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    with atomic_file(path) as tmp:
+        assert tmp.suffix == ".json" and tmp != path
+        tmp.write_text("new")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

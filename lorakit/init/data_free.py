@@ -8,7 +8,7 @@ import torch
 
 from lorakit.adapters import LowRankAdapter
 from lorakit.init import register, set_factor
-from lorakit.linalg import gaussian, top_svd
+from lorakit.linalg import top_svd
 
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import statistics
 import traceback
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.io import atomic_file
 from lorakit.recipes import plots
 from lorakit.recipes.config import RunConfig, apply_overrides, deep_merge, from_dict, read_yaml, suggest
 from lorakit.recipes.train import primary_metric, read_metrics, run
@@ -190,7 +190,6 @@ def write_tables(rows: list[Row], metric: str, directory: Path) -> dict[str, Pat
                   + " | ".join(_fmt((r.others or {}).get(k), 4) for k in other_keys) + (" |" if other_keys else ""))
     paths = {"csv": directory / "results.csv", "markdown": directory / "results.md"}
     for key, text in (("csv", buffer.getvalue()), ("markdown", "\n".join(md) + "\n")):
-        tmp = paths[key].with_name(f".{paths[key].name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, paths[key])
+        with atomic_file(paths[key]) as tmp:
+            tmp.write_text(text)
     return paths

@@ -7,7 +7,6 @@ names, status); every file is written under a temporary name and renamed into pl
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 import yaml
 
 from lorakit.errors import LorakitError
+from lorakit.io import atomic_file
 from lorakit.recipes.config import RunConfig, from_dict
 
 RUN_FILE = "run.json"
@@ -27,15 +27,13 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def write_yaml(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def read_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], RunConfig]:
