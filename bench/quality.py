@@ -3,7 +3,7 @@
     nice python bench/quality.py --config bench/configs/quality_minilm.yaml --budget quick
     nice python bench/quality.py --config bench/configs/quality_minilm.yaml --budget full
     nice python bench/quality.py --config bench/configs/quality_smollm2.yaml --budget quick
-    ... [--methods lora,pissa] [--workdir runs/bench]
+    ... [--methods lora,pissa] [--workdir runs/bench] [--threads 1] [--resume]
 
 A config (bench/configs/*.yaml) holds a lorakit train config (`base`), per-method overrides
 with a quick-budget learning rate and a validation grid, and named budgets (seeds, whether to
@@ -18,7 +18,9 @@ search the lr, config overrides such as the step budget). For each method:
 
 Every training run is a fresh subprocess (``lorakit.recipes.run``) so peak memory is the run's
 own. Results go to bench/results/<name>[_<budget>].json after every method, so a stopped run
-keeps what it finished ("status": "partial" until the end).
+keeps what it finished ("status": "partial" until the end); ``--resume`` reads that file back
+and trains only the methods it does not hold yet (same budget and config), so a run several
+hours long can be spread over several sittings.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import RESULTS, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,6 +162,27 @@ def add_convergence(methods: dict[str, dict[str, Any]], reference: str, window: 
         }
 
 
+def resume_from(result_name: str, figures: dict[str, Any]) -> float:
+    """Copy the finished methods (and baseline) of an earlier sitting of the same experiment into
+    ``figures``; returns the seconds that sitting took. Refuses a file made with another budget or config."""
+    path = RESULTS / f"{result_name}.json"
+    if not path.is_file():
+        print(f"nothing to resume in {path}; starting afresh", flush=True)
+        return 0.0
+    earlier = json.loads(path.read_text())["figures"]
+    for key in ("budget", "seeds", "lr_search", "base_config"):
+        if earlier.get(key) != figures[key]:
+            raise SystemExit(f"{path} was made with another {key} ({earlier.get(key)!r}); "
+                             "rerun without --resume or pass --output to start a new result")
+    kept = {n: e for n, e in earlier.get("methods", {}).items() if e.get("status") == "ok"}
+    figures["methods"].update(kept)
+    if earlier.get("baseline", {}).get("status") == "ok":
+        figures["baseline"] = earlier["baseline"]
+    figures["sittings"] = earlier.get("sittings", [earlier.get("workdir")]) + [figures["workdir"]]
+    print(f"resuming {path}: keeping {', '.join(kept) or 'no methods'}", flush=True)
+    return float(earlier.get("elapsed_seconds", 0.0))
+
+
 # -- the experiment --------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -168,6 +191,8 @@ def main() -> None:
     parser.add_argument("--methods", help="comma-separated subset of the config's methods")
     parser.add_argument("--workdir", default="runs/bench", help="where the run directories go")
     parser.add_argument("--output", help="result name (default: <config name>_<budget>)")
+    parser.add_argument("--threads", type=int, help="CPU threads per training run (train.threads; default: the idle cores)")
+    parser.add_argument("--resume", action="store_true", help="keep the methods already in the result file; train the rest")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--baseline", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,6 +208,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; the config has {', '.join(spec['methods'])}")
     base = deep_merge(spec["base"], budget.get("overrides") or {})
+    if args.threads:
+        base = deep_merge(base, {"train": {"threads": args.threads}})
     seeds = [int(s) for s in budget.get("seeds", [0])]
     window = int(budget.get("smooth", 8))
     select = spec.get("select", {"metric": "accuracy", "mode": "max"})
@@ -196,13 +223,16 @@ def main() -> None:
         "select": select, "metric": metric, "reference": reference, "smooth_window": window,
         "base_config": base, "workdir": str(workdir), "methods": {},
     }
+    earlier_seconds = 0.0
+    if args.resume:
+        earlier_seconds = resume_from(result_name, figures)
     started = time.perf_counter()
 
     def save(status: str) -> None:
-        figures["elapsed_seconds"] = time.perf_counter() - started
+        figures["elapsed_seconds"] = earlier_seconds + time.perf_counter() - started
         write_result(result_name, figures, status=status)
 
-    if spec.get("baseline"):
+    if spec.get("baseline") and figures.get("baseline", {}).get("status") != "ok":
         print("== baseline (untrained model)", flush=True)
         try:
             figures["baseline"] = {"status": "ok", **launch("baseline", base, workdir / "baseline")}
@@ -211,6 +241,9 @@ def main() -> None:
         save("partial")
 
     for name in names:
+        if figures["methods"].get(name, {}).get("status") == "ok":
+            print(f"== {name}: kept from the earlier sitting", flush=True)
+            continue
         method = spec["methods"][name]
         method_base = deep_merge(base, method.get("overrides") or {})
         entry: dict[str, Any] = {"status": "ok"}
