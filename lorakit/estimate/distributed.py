@@ -10,9 +10,15 @@ layer and pass, not out × in.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from lorakit.errors import LorakitError
 
 
 def is_distributed() -> bool:
@@ -30,15 +36,41 @@ def local_share(num_samples: int, rank: int, world: int) -> int:
     return num_samples // world + (1 if rank < num_samples % world else 0)
 
 
-def all_reduce_sum(tensors: list[Tensor]) -> None:
-    """In-place sum over ranks (tensors on CPU are staged on the GPU for NCCL)."""
+@contextmanager
+def collective_errors(what: str) -> Iterator[None]:
+    """Turn a failed collective (another rank exited, crashed or timed out) into a one-line error."""
+    try:
+        yield
+    except RuntimeError as exc:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
+        rank = dist.get_rank() if is_distributed() else 0
+        raise LorakitError(
+            f"rank {rank}: the other processes stopped answering while {what} ({_backend_reason(exc)}); "
+            "one of them failed or timed out: see its own error above"
+        ) from None
+
+
+def _backend_reason(exc: Exception) -> str:
+    """The first sentence of a gloo/NCCL error, without its source-file location."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
+    return re.split(r"(?<=[a-z0-9\]])\. ", text, maxsplit=1)[0][:200]
+
+
+def all_reduce(tensors: list[Tensor], op=dist.ReduceOp.SUM if dist.is_available() else None) -> None:
+    """In-place reduction over ranks (tensors on CPU are staged on the GPU for NCCL)."""
     if not is_distributed():
         return
     stage = dist.get_backend() == "nccl"
     for t in tensors:
         if stage and t.device.type == "cpu":
             on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(on_gpu)
+            dist.all_reduce(on_gpu, op=op)
             t.copy_(on_gpu)
         else:
-            dist.all_reduce(t)
+            dist.all_reduce(t, op=op)
+
+
+def all_reduce_sum(tensors: list[Tensor], what: str = "summing gradient statistics") -> None:
+    """In-place sum over ranks; a rank that failed or hung is a LorakitError here, not a hang."""
+    with collective_errors(what):
+        all_reduce(tensors)

@@ -28,9 +28,10 @@ from typing import Any
 
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_file
+from lorakit.recipes import distributed as dist_ctx
 from lorakit.recipes import plots
 from lorakit.recipes.config import RunConfig, apply_overrides, deep_merge, from_dict, read_yaml, suggest
-from lorakit.recipes.train import primary_metric, read_metrics, run
+from lorakit.recipes.train import device_kind, primary_metric, read_metrics, run
 
 COMPARE_KEYS = ("seeds", "methods")
 
@@ -102,11 +103,22 @@ class Row:
 
 
 def compare(config: CompareConfig, quiet: bool = False) -> tuple[list[Row], dict[str, Path]]:
-    """Run every (method, seed), then write the tables and plots. Returns rows and written paths."""
-    if config.output_dir.exists() and any(config.output_dir.iterdir()):
-        raise LorakitError(f"output directory {str(config.output_dir)!r} already exists; choose another output.dir")
+    """Run every (method, seed), then write the tables and plots. Returns rows and written paths.
+    Under torchrun every run uses all the processes; rank 0 alone writes and prints."""
+    first = config.run_config(next(iter(config.methods)), config.seeds[0])
+    with dist_ctx.running(device_kind(first.train.device), first.train.dist_timeout) as ctx:
+        ctx.agree(lambda: _check_new(config.output_dir), "checking the output directory")
+        return _compare(config, quiet or not ctx.is_main, ctx.is_main)
+
+
+def _check_new(directory: Path) -> None:
+    if directory.exists() and any(directory.iterdir()):
+        raise LorakitError(f"output directory {str(directory)!r} already exists; choose another output.dir")
+
+
+def _compare(config: CompareConfig, quiet: bool, writes: bool) -> tuple[list[Row], dict[str, Path]]:
     say = (lambda *a: None) if quiet else print
-    rows, curves = [], {}
+    rows, curves, paths = [], {}, {}
     task = config.run_config(next(iter(config.methods)), config.seeds[0]).task
     metric = primary_metric(task)
     for name in config.methods:
@@ -123,11 +135,14 @@ def compare(config: CompareConfig, quiet: bool = False) -> tuple[list[Row], dict
                     traceback.print_exc()
                 break
             results.append(outcome.results)
-            if seed == config.seeds[0]:
+            if seed == config.seeds[0] and writes:
                 train = [r for r in read_metrics(outcome.run_dir / "metrics.jsonl") if r.get("type") == "train"]
                 curves[name] = ([r["step"] for r in train], [r["loss"] for r in train])
         rows.append(_row(name, results, metric, error))
-        paths = write_tables(rows, metric, config.output_dir)  # after every method: partial results survive a stop
+        if writes:
+            paths = write_tables(rows, metric, config.output_dir)  # after every method: partial results survive a stop
+    if not writes:
+        return rows, paths
     for key, writer in (("loss_curves", lambda p: plots.loss_curves(curves, p, f"training loss · {task}")),
                         ("metric_vs_params", lambda p: plots.metric_vs_params(
                             {r.method: (r.trainable_params, r.mean, r.std or 0.0) for r in rows if r.error is None},

@@ -89,7 +89,9 @@ class OptimSection:
 @dataclass
 class TrainSection:
     """``max_steps`` is the step budget (default: the main job's 125 steps of 32 examples);
-    null lets ``epochs`` decide. ``threads``: CPU threads (default: the cores not already busy)."""
+    null lets ``epochs`` decide. ``threads``: CPU threads (default: the cores not already busy).
+    Under torchrun, ``batch_size`` is per process and ``dist_timeout`` (seconds) bounds every
+    wait for the other processes."""
 
     epochs: int = 1
     max_steps: int | None = 125
@@ -100,6 +102,7 @@ class TrainSection:
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
+    dist_timeout: float = 1800.0
 
 
 @dataclass
@@ -149,6 +152,8 @@ class RunConfig:
         for key in ("train.max_steps", "data.train_size", "data.validation_size", "data.test_size"):
             if _get(self, key) is not None and _get(self, key) < 1:
                 raise LorakitError(f"{key} must be >= 1 or null, got {_get(self, key)!r}")
+        if not self.train.dist_timeout > 0:
+            raise LorakitError(f"train.dist_timeout must be a positive number of seconds, got {self.train.dist_timeout!r}")
         if self.train.checkpoint_every < 0:
             raise LorakitError("train.checkpoint_every must be >= 0 (0 = no checkpoints)")
         if not 0 <= self.data.validation_fraction < 1 or not 0 < self.data.test_fraction < 1 or \

@@ -1,4 +1,5 @@
-"""Two gloo ranks × m examples initialise exactly as one process on the 2·m examples."""
+"""Two gloo ranks × m examples initialise exactly as one process on the 2·m examples, and the
+data-free inits that draw random numbers draw the same ones on every rank."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ CONFIGS = {
     "sb-exact": AdapterConfig(method="lora-sb", rank=2, estimator="exact", lr=1e-3, num_samples=4),
     "sb-sketch": AdapterConfig(method="lora-sb", rank=2, estimator="sketch", update="gradient", oversample=8, lr=1e-3, num_samples=4),
 }
+# random A, random R, randomized SVD of W: seeded per layer, whatever each process's global RNG did before
+DATA_FREE = {
+    "lora": AdapterConfig(method="lora", rank=2),
+    "gaussian": AdapterConfig(method="gaussian", rank=2),
+    "lora-xs": AdapterConfig(method="lora-xs", rank=2, svd="randomized"),
+    "pissa-randomized": AdapterConfig(method="pissa", rank=2, svd="randomized", svd_power_iters=1),
+}
 
 
 def shards() -> list[list[dict]]:
@@ -41,6 +49,11 @@ def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
         for key, config in CONFIGS.items():
             model = lorakit.adapt(tiny_llama(), config, data=shards()[rank])
             save_file(factors(model), os.path.join(out_dir, f"{key}-rank{rank}.safetensors"))
+        for key, config in DATA_FREE.items():
+            model = tiny_llama()
+            torch.manual_seed(1000 + rank)  # each process's global generator in a different state
+            torch.rand(17 * (rank + 1))
+            save_file(factors(lorakit.adapt(model, config)), os.path.join(out_dir, f"{key}-rank{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
 
@@ -51,9 +64,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_two_ranks_equal_one_process_on_all_samples(tmp_path):
-    mp.spawn(run_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+@pytest.fixture(scope="module")
+def rank_outputs(tmp_path_factory):
+    """Each rank's factors for every config, from one 2-process run."""
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(run_rank, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_two_ranks_equal_one_process_on_all_samples(rank_outputs):
+    tmp_path = rank_outputs
     for key, config in CONFIGS.items():
         single = factors(lorakit.adapt(tiny_llama(), config, data=shards()[0] + shards()[1]))
         ranks = [load_file(str(tmp_path / f"{key}-rank{r}.safetensors")) for r in range(2)]
@@ -61,3 +84,15 @@ def test_two_ranks_equal_one_process_on_all_samples(tmp_path):
             assert torch.equal(ranks[0][name], ranks[1][name]), (key, name)  # every rank ends identical
             error = ((ranks[0][name] - expected).norm() / expected.norm().clamp_min(1e-300)).item()
             assert error <= 1e-6, (key, name, error)
+
+
+def test_random_data_free_inits_are_identical_on_every_rank(rank_outputs):
+    tmp_path = rank_outputs
+    for key, config in DATA_FREE.items():
+        single = factors(lorakit.adapt(tiny_llama(), config))
+        ranks = [load_file(str(tmp_path / f"{key}-rank{r}.safetensors")) for r in range(2)]
+        assert ranks[0].keys() == single.keys()
+        for name, expected in single.items():
+            assert torch.equal(ranks[0][name], ranks[1][name]), (key, name)
+            assert torch.equal(ranks[0][name], expected), (key, name)
+        assert any(not torch.equal(v, torch.zeros_like(v)) for v in single.values())
