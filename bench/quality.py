@@ -17,7 +17,10 @@ search the lr, config overrides such as the step budget). For each method:
    method's final training loss (both as trailing means over ``smooth`` steps, same seed).
 
 Every training run is a fresh subprocess (``lorakit.recipes.run``) so peak memory is the run's
-own. Results go to bench/results/<name>[_<budget>].json after every method, so a stopped run
+own. Run directories are stable (``<workdir>/<config name>_<budget>/<method>-lr<lr>-seed<seed>``):
+a finished run whose spec is unchanged is read back instead of retrained, so several runner
+processes can split the methods of one experiment (``--methods``, ``--output``) and a last
+pass without ``--methods`` gathers every run into one result. Results go to bench/results/<name>[_<budget>].json after every method, so a stopped run
 keeps what it finished ("status": "partial" until the end); ``--resume`` reads that file back
 and trains only the methods it does not hold yet (same budget and config), so a run several
 hours long can be spread over several sittings.
@@ -27,11 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +73,28 @@ def baseline(spec_path: str) -> None:
 
 
 def launch(mode: str, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Run ``mode`` (single | baseline) on ``config`` in a fresh interpreter; its results.json + losses."""
+    """Run ``mode`` (single | baseline) on ``config`` in a fresh interpreter; its results.json + losses.
+    A finished run of the same spec in ``run_dir`` is read back instead (its wall time kept)."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     config = json.loads(json.dumps(config))
     config.setdefault("output", {})["dir"] = str(run_dir)
     spec = run_dir.parent / f"{run_dir.name}.spec.json"
-    spec.write_text(json.dumps(config, indent=1))
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, f"--{mode}", str(spec)], capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-        raise RuntimeError(lines[-1] if lines else f"exit code {proc.returncode}")
+    text = json.dumps(config, indent=1)
+    wall_file = run_dir.parent / f"{run_dir.name}.wall"
+    if (run_dir / "results.json").is_file() and spec.is_file() and same_run(json.loads(spec.read_text()), config):
+        print(f"   (finished earlier: {run_dir})", flush=True)
+        wall = float(wall_file.read_text()) if wall_file.is_file() else None
+    else:
+        if run_dir.exists():  # an unfinished run: start it again
+            shutil.rmtree(run_dir)
+        spec.write_text(text)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, f"--{mode}", str(spec)], capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+            raise RuntimeError(lines[-1] if lines else f"exit code {proc.returncode}")
+        wall_file.write_text(f"{wall}\n")
     result = json.loads((run_dir / "results.json").read_text())
     result["wall_seconds"] = wall
     metrics = run_dir / "metrics.jsonl"
@@ -89,6 +102,12 @@ def launch(mode: str, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     result["train_loss"] = [r["loss"] for r in records if r.get("type") == "train"]
     result["validation"] = next((r for r in reversed(records) if r.get("type") == "eval" and r.get("split") == "validation"), None)
     return result
+
+
+def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two run specs train the same thing (where the run directory is does not matter)."""
+    strip = lambda c: {**c, "output": {k: v for k, v in c.get("output", {}).items() if k != "dir"}}  # noqa: E731
+    return strip(a) == strip(b)
 
 
 # -- the config ------------------------------------------------------------------------------
@@ -216,7 +235,7 @@ def main() -> None:
     metric = "accuracy" if base.get("task", "classification") == "classification" else "exact_match"
     reference = spec.get("reference", "lora")
     result_name = args.output or f"{spec['name']}_{args.budget}"
-    workdir = Path(args.workdir) / f"{result_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    workdir = Path(args.workdir) / f"{spec['name']}_{args.budget}"
     figures: dict[str, Any] = {
         "experiment": spec["name"], "config": str(config_path), "budget": args.budget,
         "budget_description": budget.get("description", ""), "seeds": seeds, "lr_search": bool(budget.get("lr_search")),
@@ -283,6 +302,7 @@ def main() -> None:
         figures["methods"][name] = entry
         add_convergence(figures["methods"], reference, window)
         save("partial")
+    add_convergence(figures["methods"], reference, window)  # methods kept by --resume included
     failed = [n for n, e in figures["methods"].items() if e["status"] != "ok"]
     save("ok" if not failed else "failed-methods")
 
