@@ -72,7 +72,11 @@ def baseline(spec_path: str) -> None:
     write_json(out / "results.json", {"test": test, "eval_seconds": time.perf_counter() - start})
 
 
-def launch(mode: str, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+class NotFinished(Exception):
+    """--gather met a run that has not finished yet."""
+
+
+def launch(mode: str, config: dict[str, Any], run_dir: Path, gather: bool = False) -> dict[str, Any]:
     """Run ``mode`` (single | baseline) on ``config`` in a fresh interpreter; its results.json + losses.
     A finished run of the same spec in ``run_dir`` is read back instead (its wall time kept)."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +88,8 @@ def launch(mode: str, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if (run_dir / "results.json").is_file() and spec.is_file() and same_run(json.loads(spec.read_text()), config):
         print(f"   (finished earlier: {run_dir})", flush=True)
         wall = float(wall_file.read_text()) if wall_file.is_file() else None
+    elif gather:
+        raise NotFinished(str(run_dir))
     else:
         if run_dir.exists():  # an unfinished run: start it again
             shutil.rmtree(run_dir)
@@ -212,6 +218,8 @@ def main() -> None:
     parser.add_argument("--output", help="result name (default: <config name>_<budget>)")
     parser.add_argument("--threads", type=int, help="CPU threads per training run (train.threads; default: the idle cores)")
     parser.add_argument("--resume", action="store_true", help="keep the methods already in the result file; train the rest")
+    parser.add_argument("--gather", action="store_true",
+                        help="train nothing: collect the finished runs of the workdir, leaving out methods with unfinished runs")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--baseline", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -254,7 +262,9 @@ def main() -> None:
     if spec.get("baseline") and figures.get("baseline", {}).get("status") != "ok":
         print("== baseline (untrained model)", flush=True)
         try:
-            figures["baseline"] = {"status": "ok", **launch("baseline", base, workdir / "baseline")}
+            figures["baseline"] = {"status": "ok", **launch("baseline", base, workdir / "baseline", args.gather)}
+        except NotFinished:
+            pass
         except RuntimeError as exc:
             figures["baseline"] = {"status": "failed", "error": str(exc)}
         save("partial")
@@ -274,7 +284,7 @@ def main() -> None:
                 for candidate in method.get("grid") or [lr]:
                     print(f"== {name} lr {candidate:g} (grid, seed {seeds[0]})", flush=True)
                     cfg = deep_merge(method_base, {"optim": {"lr": float(candidate)}, "train": {"seed": seeds[0]}})
-                    out = launch("single", cfg, workdir / f"{name}-lr{candidate:g}-seed{seeds[0]}")
+                    out = launch("single", cfg, workdir / f"{name}-lr{candidate:g}-seed{seeds[0]}", args.gather)
                     if not out["validation"]:
                         raise RuntimeError("no validation evaluation to choose the lr on; set eval.every_epoch: true")
                     grid[f"{float(candidate):g}"] = {"validation": out["validation"].get(select["metric"]), "run": out}
@@ -290,11 +300,14 @@ def main() -> None:
                     continue
                 print(f"== {name} lr {lr:g} seed {seed}", flush=True)
                 cfg = deep_merge(method_base, {"optim": {"lr": lr}, "train": {"seed": seed}})
-                runs.append(launch("single", cfg, workdir / f"{name}-lr{lr:g}-seed{seed}"))
+                runs.append(launch("single", cfg, workdir / f"{name}-lr{lr:g}-seed{seed}", args.gather))
             entry.update(summarise(runs, metric))
             entry["train_loss"] = {str(seed): r["train_loss"] for seed, r in zip(seeds, runs)}
             print(f"   {name}: test {metric} {entry['mean']:.4f} ± {entry['std']:.4f}, "
                   f"train {entry['train_seconds']:.0f}s", flush=True)
+        except NotFinished as exc:
+            print(f"   {name}: not finished yet ({exc}); left out", flush=True)
+            continue
         except (RuntimeError, KeyError, ValueError) as exc:
             entry = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
             print(f"!! {name} failed: {entry['error']}", flush=True)
@@ -304,7 +317,8 @@ def main() -> None:
         save("partial")
     add_convergence(figures["methods"], reference, window)  # methods kept by --resume included
     failed = [n for n, e in figures["methods"].items() if e["status"] != "ok"]
-    save("ok" if not failed else "failed-methods")
+    missing = [n for n in names if n not in figures["methods"]]
+    save("partial" if missing else "ok" if not failed else "failed-methods")
 
 
 if __name__ == "__main__":

@@ -224,6 +224,14 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
             if loss_before is not None and all(v is not None for _, v in losses):
                 rep.add(f"Test loss (answer tokens) before training: {loss_before:.4f}; after: "
                         + ", ".join(f"{m} {v:.4f}" for m, v in losses) + ".", "")
+    grids = {m: e["lr_grid"] for m, e in methods.items() if e.get("status") == "ok" and e.get("lr_grid")}
+    if grids:
+        select = f.get("select") or {}
+        rep.add(f"Learning-rate search (seed {f.get('seeds', [0])[0]}): validation {select.get('metric', '?')} after "
+                f"training at each learning rate of the method's grid; the chosen one (bold) was then trained on every seed.", "")
+        rep.add(table(["method", "validation at each lr"],
+                      [[m, ", ".join(f"**{lr}: {fmt(v, 4)}**" if float(lr) == methods[m]["lr"] else f"{lr}: {fmt(v, 4)}"
+                                     for lr, v in g.items())] for m, g in grids.items()]), "")
     window = f.get("smooth_window")
     rep.add(f"Training losses are trailing means over {window} steps; \"steps to {reference}'s final loss\" is the first "
             f"step at which a method's trailing mean is at or below {reference}'s final one (same seed), averaged over seeds. "

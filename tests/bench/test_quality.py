@@ -59,3 +59,27 @@ def test_resume_keeps_finished_methods_of_the_same_experiment_only(tmp_path, mon
     other = {**figures, "methods": {}, "seeds": [0]}
     with pytest.raises(SystemExit, match="another seeds"):
         quality.resume_from("exp", other)
+
+
+def test_gather_reads_finished_runs_and_leaves_unfinished_methods_out(tmp_path, monkeypatch, capsys):
+    """`--gather` trains nothing: a method with every run finished is summarised, the others are left out."""
+    config = tmp_path / "exp.yaml"
+    config.write_text(json.dumps({
+        "name": "exp", "base": {"task": "classification", "train": {}},
+        "budgets": {"b": {"seeds": [0], "lr_search": False}},
+        "methods": {"lora": {"lr": 1e-3}, "dora": {"lr": 1e-3}}}))
+    workdir = tmp_path / "runs"
+    spec = {"task": "classification", "train": {"seed": 0}, "optim": {"lr": 1e-3}, "output": {}}
+    finished_run(workdir / "exp_b" / "lora-lr0.001-seed0", spec, 0.8)
+    (workdir / "exp_b" / "lora-lr0.001-seed0" / "results.json").write_text(json.dumps(
+        {"test": {"accuracy": 0.8}, "trainable_params": 10, "total_params": 100, "init_seconds": 1.0,
+         "train_seconds": 2.0, "peak_memory_mb": 3.0, "steps": 1}))
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(quality, "write_result", lambda name, figures, status: saved.update(name=name, figures=figures, status=status))
+    monkeypatch.setattr(quality.subprocess, "run", lambda *a, **k: pytest.fail("--gather trained a run"))
+    saved: dict = {}
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--config", str(config), "--budget", "b", "--workdir", str(workdir), "--gather"])
+    quality.main()
+    assert saved["status"] == "partial" and list(saved["figures"]["methods"]) == ["lora"]
+    assert saved["figures"]["methods"]["lora"]["mean"] == 0.8
+    assert "dora: not finished yet" in capsys.readouterr().out

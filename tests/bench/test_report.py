@@ -152,3 +152,14 @@ def test_decoder_before_and_after_rows(tmp_path):
     assert "the full run is `nice python bench/quality.py --config bench/configs/quality_smollm2.yaml --budget full`" in text
     # the encoder experiment is missing: said plainly with its command
     assert "Quality: MiniLM on Rotten Tomatoes: not run yet" in text
+
+
+def test_learning_rate_grid_table_marks_the_chosen_lr(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs"
+    figures = quality_figures()
+    figures.update(budget="full", lr_search=True, select={"metric": "accuracy", "mode": "max"})
+    figures["methods"]["lora"]["lr_grid"] = {"0.0005": 0.71, "0.001": 0.75, "0.002": 0.73}
+    write(results, "quality_minilm_full", figures)
+    text = report.write(results, out).read_text()
+    assert "| lora | 0.0005: 0.7100, **0.001: 0.7500**, 0.002: 0.7300 |" in text
+    assert "validation accuracy after training at each learning rate" in text
