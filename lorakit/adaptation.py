@@ -21,12 +21,14 @@ def adapt(
     config: AdapterConfig | None = None,
     data: Any = None,
     stats: Mapping[str, Any] | None = None,
+    progress: bool = True,
 ) -> nn.Module:
     """Add adapters to ``model`` in place and initialise them; returns the model.
 
     ``data`` (batches of the training data) feeds the data-driven methods (lora-ga,
     lora-sb); alternatively pass ``stats`` from ``lorakit.estimate`` (e.g. loaded from a
     cache). Everything but the adapters' trainable factors and ``modules_to_save`` is frozen.
+    ``progress``: show the estimation progress bar (rank 0 only).
     """
     config = config or AdapterConfig()
     names = find_targets(model, config)
@@ -39,7 +41,7 @@ def adapt(
             )
         from lorakit.estimate import estimate
 
-        stats = estimate(model, config, data, targets=names)
+        stats = estimate(model, config, data, targets=names, progress=progress)
     if config.needs_data:
         missing = [n for n in names if n not in stats]
         if missing:

@@ -164,6 +164,15 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
     assert _train_losses(tmp_path / "small") == pytest.approx(_train_losses(tmp_path / "big"), rel=1e-4)
 
 
+def test_quiet_shows_no_progress_bars(tmp_path, capfd):
+    config = assets.classification_config(tmp_path, adapter={"method": "lora-ga", "num_samples": 8},
+                                          train={"epochs": 1}, output={"peft": False, "plot": False})
+    assert _train(tmp_path, config) == 0
+    captured = capfd.readouterr()
+    assert "estimate" not in captured.err and "train lora-ga" not in captured.err and "eval" not in captured.err
+    assert captured.out == ""
+
+
 def test_neftune_noise_acts_in_training_only(tmp_path):
     assets.bert_folder(tmp_path / "bert", dropout=0.0)
     common = dict(train={"epochs": 1}, output={"peft": False, "plot": False})

@@ -136,7 +136,7 @@ def estimation_batches(s: Setup) -> list[dict[str, torch.Tensor]]:
     return list(D.batches(s.features["train"], s.cfg.train.batch_size, s.pad_id, order))
 
 
-def attach(s: Setup, warmup: int) -> float:
+def attach(s: Setup, warmup: int, progress: bool = True) -> float:
     """Full fine-tuning: unfreeze everything. Otherwise lorakit.adapt (estimating first when the
     method needs data). Returns the seconds it took."""
     start = time.perf_counter()
@@ -147,7 +147,7 @@ def attach(s: Setup, warmup: int) -> float:
     else:
         config = s.cfg.adapter_config(warmup)
         data = [D.to_device(b, s.device) for b in estimation_batches(s)] if config.needs_data else None
-        lorakit.adapt(model, config, data=data)
+        lorakit.adapt(model, config, data=data, progress=progress)
     return time.perf_counter() - start
 
 
@@ -305,7 +305,7 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig | None, resume: str | Path | None
     warmup = warmup_steps(cfg, total)
     reset_peak_memory(s.device)
     if state is None:
-        init_seconds = attach(s, warmup)
+        init_seconds = attach(s, warmup, progress)
         if ctx.active:  # dropout / NEFTune noise: one stream per process (the init above drew the same on all)
             torch.manual_seed(cfg.train.seed + 7919 * ctx.rank)
     else:  # the checkpoint holds the initialised + partly trained weights: no re-estimation
