@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 import pytest
 import torch
@@ -81,3 +82,10 @@ def perturb_trainables(model, seed: int = 123, scale: float = 0.1) -> None:
 @pytest.fixture(params=sorted(MODELS))
 def model_kind(request) -> str:
     return request.param
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a torch.distributed rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -4,14 +4,13 @@ data-free inits that draw random numbers draw the same ones on every rank."""
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import batch_for, tiny_llama
+from conftest import batch_for, free_port, tiny_llama
 from safetensors.torch import load_file, save_file
 
 import lorakit
@@ -56,12 +55,6 @@ def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
             save_file(factors(lorakit.adapt(model, config)), os.path.join(out_dir, f"{key}-rank{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

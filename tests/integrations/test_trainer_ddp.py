@@ -3,7 +3,6 @@ process's shard of the Trainer's dataloader, all-reduces, and every rank gets th
 which stays identical through DDP training."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import free_port
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).resolve().parent / "trainer_ddp_worker.py"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

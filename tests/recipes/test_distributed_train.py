@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 from lorakit.cli import main  # noqa: E402
 from lorakit.errors import LorakitError  # noqa: E402
@@ -28,12 +28,6 @@ from lorakit.recipes.rundir import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc: int, config: Path, *overrides: str) -> subprocess.CompletedProcess:
