@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {"benchmark": str, "status": str, "environment": dict, "figures": dict}
 QUALITY = {  # experiment -> (title, command that produces it)
@@ -27,6 +29,17 @@ QUALITY = {  # experiment -> (title, command that produces it)
     "quality_smollm2": ("Quality: SmolLM2-135M on GSM-style problems",
                         "nice python bench/quality.py --config bench/configs/quality_smollm2.yaml --budget quick"),
 }
+
+
+def protocol_budget(figures: dict[str, Any]) -> str:
+    """The budget that is the issue's protocol for an experiment: the ``protocol`` key of the
+    config the result names (the decoder's is a short one), else 'full'."""
+    path = ROOT / str(figures.get("config", ""))
+    try:
+        spec = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except yaml.YAMLError:
+        spec = {}
+    return str((spec or {}).get("protocol", "full"))
 
 
 class ReportError(ValueError):
@@ -182,10 +195,11 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
             f"{f.get('seeds')}; learning rate " + ("chosen per method on the validation split from the grid in the config"
                                                   if f.get("lr_search") else "fixed per method (no validation search)") + "."
             + (f" The whole run took {f['elapsed_seconds'] / 60:.0f} minutes." if f.get("elapsed_seconds") else ""))
-    if f.get("budget") != "full":
-        rep.add("", f"These figures come from the **{f.get('budget')}** budget, not the issue's full protocol (more seeds "
-                "and steps, learning rate per method on validation); the full run is "
-                f"`nice python bench/quality.py --config {f.get('config')} --budget full`.")
+    protocol = protocol_budget(f)
+    if f.get("budget") != protocol:
+        rep.add("", f"These figures come from the **{f.get('budget')}** budget, not the issue's protocol (the "
+                f"**{protocol}** budget of the config); the protocol run is "
+                f"`nice python bench/quality.py --config {f.get('config')} --budget {protocol}`.")
     if result["status"] == "partial":
         rep.add("", "**This run had not finished when the report was generated: only the methods below are in it.**")
     rep.add("", environment(result), "")
@@ -512,14 +526,16 @@ def render(results: dict[str, dict[str, Any]], out: Path) -> str:
     for experiment, (title, command) in QUALITY.items():
         body.add(f"## {title}", "")
         found = sorted(k for k in results if k == experiment or k.startswith(experiment + "_"))
-        # the full budget wins over quick when both exist
-        found.sort(key=lambda k: (results[k]["figures"].get("budget") != "full", k))
+        # the protocol's budget comes first when several exist
+        found.sort(key=lambda k: (results[k]["figures"].get("budget") != protocol_budget(results[k]["figures"]), k))
         if not found:
             body.add(f"**Not run yet.** Command: `{command}` (then `python bench/report.py`).", "")
             rep.missed.append(f"{title}: not run yet (`{command}`).")
             continue
-        if all(results[k]["figures"].get("budget") != "full" for k in found):
-            rep.missed.append(f"{title}: only a reduced budget has been run, not the issue's protocol (`{command.replace('quick', 'full')}`).")
+        if all(results[k]["figures"].get("budget") != protocol_budget(results[k]["figures"]) for k in found):
+            rep.missed.append(f"{title}: only a reduced budget has been run, not the issue's protocol (`{command}`).")
+        elif all(results[k]["status"] == "partial" for k in found if results[k]["figures"].get("budget") == protocol_budget(results[k]["figures"])):
+            rep.missed.append(f"{title}: the protocol run has not finished; only some methods are in it (`{command} --resume`).")
         for key in found:
             if len(found) > 1:
                 body.add(f"### {key}", "")

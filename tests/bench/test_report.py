@@ -89,7 +89,7 @@ def test_quality_table_mean_std_params_and_convergence(tmp_path):
     assert "not reached (0/2 seeds)" in text.split("| lora-sb |")[1].split("\n")[0]
     assert "| dora | failed: RuntimeError: boom in dora |" in text
     assert "Near-constant predictions (test MCC below 0.1) at this budget and learning rate: lora-sb." in text
-    assert "**quick** budget, not the issue's full protocol" in text
+    assert "**quick** budget, not the issue's protocol (the **full** budget of the config)" in text
     assert "had not finished" in text
     assert "methods that failed to run: dora" in text
     # the decoder experiment has no file: said plainly, with its command
@@ -149,7 +149,13 @@ def test_decoder_before_and_after_rows(tmp_path):
     assert "| lora-ga | 0.2500 (1 seed) | 99 |" in text
     assert "Test exact_match before training: 0.0500; after: lora 0.1500, lora-ga 0.2500." in text
     assert "| before training | 0.0500 | 0 |" in text and text.split("| before training |")[1].split("\n")[0].endswith("| 1.0000 |")
-    assert "the full run is `nice python bench/quality.py --config bench/configs/quality_smollm2.yaml --budget full`" in text
+    # the decoder's protocol is the short budget its config names (protocol: quick): not reported as reduced
+    assert "not the issue's protocol" not in text
+    assert "SmolLM2-135M on GSM-style problems: only a reduced budget" not in text
+    figures["budget"] = "full"  # a budget other than the protocol's is labelled as such
+    write(results, "quality_smollm2_quick", figures)
+    text = report.write(results, out).read_text()
+    assert "the protocol run is `nice python bench/quality.py --config bench/configs/quality_smollm2.yaml --budget quick`" in text
     # the encoder experiment is missing: said plainly with its command
     assert "Quality: MiniLM on Rotten Tomatoes: not run yet" in text
 
@@ -163,3 +169,14 @@ def test_learning_rate_grid_table_marks_the_chosen_lr(tmp_path):
     text = report.write(results, out).read_text()
     assert "| lora | 0.0005: 0.7100, **0.001: 0.7500**, 0.002: 0.7300 |" in text
     assert "validation accuracy after training at each learning rate" in text
+
+
+def test_an_unfinished_protocol_run_is_listed_as_a_missed_target(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs"
+    figures = {**quality_figures(), "budget": "full", "config": "bench/configs/quality_minilm.yaml"}
+    write(results, "quality_minilm_full", figures, status="partial")
+    missed = report.write(results, out).read_text().split("## Targets missed")[1].split("\n## ")[0]
+    assert "Quality: MiniLM on Rotten Tomatoes: the protocol run has not finished" in missed
+    write(results, "quality_minilm_full", figures, status="ok")
+    missed = report.write(results, out).read_text().split("## Targets missed")[1].split("\n## ")[0]
+    assert "MiniLM on Rotten Tomatoes" not in missed
