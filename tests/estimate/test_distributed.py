@@ -1,10 +1,13 @@
-"""Two gloo ranks × m examples initialise exactly as one process on the 2·m examples, and the
-data-free inits that draw random numbers draw the same ones on every rank."""
+"""Two gloo ranks × m examples initialise exactly as one process on the 2·m examples, sketch mode
+sends sketches (not out×in gradients) between them, and the data-free inits that draw random
+numbers draw the same ones on every rank."""
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,9 +48,22 @@ def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
-        for key, config in CONFIGS.items():
-            model = lorakit.adapt(tiny_llama(), config, data=shards()[rank])
-            save_file(factors(model), os.path.join(out_dir, f"{key}-rank{rank}.safetensors"))
+        sent: dict[str, list[int]] = {}
+        real_all_reduce = dist.all_reduce
+
+        def recording_all_reduce(tensor, *args, **kwargs):
+            sent[key].append(tensor.numel())
+            return real_all_reduce(tensor, *args, **kwargs)
+
+        dist.all_reduce = recording_all_reduce
+        try:
+            for key, config in CONFIGS.items():
+                sent[key] = []
+                model = lorakit.adapt(tiny_llama(), config, data=shards()[rank])
+                save_file(factors(model), os.path.join(out_dir, f"{key}-rank{rank}.safetensors"))
+        finally:
+            dist.all_reduce = real_all_reduce
+        Path(out_dir, f"sent-rank{rank}.json").write_text(json.dumps(sent))
         for key, config in DATA_FREE.items():
             model = tiny_llama()
             torch.manual_seed(1000 + rank)  # each process's global generator in a different state
@@ -89,3 +105,18 @@ def test_random_data_free_inits_are_identical_on_every_rank(rank_outputs):
             assert torch.equal(ranks[0][name], ranks[1][name]), (key, name)
             assert torch.equal(ranks[0][name], expected), (key, name)
         assert any(not torch.equal(v, torch.zeros_like(v)) for v in single.values())
+
+
+def test_sketch_mode_sends_sketches_not_gradients(rank_outputs):
+    """Per layer and pass, sketch mode all-reduces out·l or in·l numbers (l = k + oversample), never out·in."""
+    sent = json.loads((rank_outputs / "sent-rank0.json").read_text())
+    shapes = [(m.out_features, m.in_features) for m in tiny_llama().modules()
+              if isinstance(m, torch.nn.Linear) and m.out_features != tiny_llama().config.vocab_size]
+    assert sorted(n for n in sent["ga-exact"] if n > 1) == sorted(o * i for o, i in shapes)
+    for key in ("ga-sketch", "sb-sketch"):
+        config = CONFIGS[key]
+        k = (2 if config.method == "lora-ga" else 1) * config.rank
+        allowed = {d * min(k + config.oversample, o, i) for o, i in shapes for d in (o, i)}
+        sizes = {n for n in sent[key] if n > 1}  # 1: the example count
+        assert sizes and sizes <= allowed, (key, sizes - allowed)
+        assert max(sizes) < max(o * i for o, i in shapes)
