@@ -208,3 +208,27 @@ def test_a_failing_rank_stops_the_other_with_a_clear_error(tmp_path, failure):
     assert report["message"].startswith("LorakitError: rank 0: the other processes stopped answering while summing gradient statistics"), report
     assert "\n" not in report["message"]
     assert report["seconds"] < 60  # a hang is cut at the timeout, a crash at once
+
+
+# -- the recipe's process context, without processes ----------------------------------------------
+@pytest.mark.parametrize("n,world", [(0, 2), (1, 2), (7, 2), (10, 3), (5, 8)])
+def test_shards_partition_the_items_in_order(n, world):
+    from lorakit.recipes.distributed import Context
+
+    items = list(range(n))
+    shards = [Context(rank=r, world=world).shard(items) for r in range(world)]
+    assert [x for s in shards for x in s] == items
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_a_half_set_launcher_environment_is_a_clear_error(monkeypatch):
+    from lorakit.recipes.distributed import start
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(LorakitError, match="RANK, MASTER_ADDR, MASTER_PORT not set; launch with torchrun --nproc_per_node 2"):
+        start("cpu", 5.0)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(LorakitError, match="WORLD_SIZE='two' is not a number"):
+        start("cpu", 5.0)
