@@ -165,9 +165,11 @@ def test_learning_rate_grid_table_marks_the_chosen_lr(tmp_path):
     figures = quality_figures()
     figures.update(budget="full", lr_search=True, select={"metric": "accuracy", "mode": "max"})
     figures["methods"]["lora"]["lr_grid"] = {"0.0005": 0.71, "0.001": 0.75, "0.002": 0.73}
+    figures["methods"]["pissa"]["lr_grid"] = {"0.001": 0.80, "0.002": 0.78}  # pissa's lr (0.001) is the lowest
     write(results, "quality_minilm_full", figures)
     text = report.write(results, out).read_text()
     assert "| lora | 0.0005: 0.7100, **0.001: 0.7500**, 0.002: 0.7300 |" in text
+    assert "Chosen at an edge of the grid, so a wider grid might find a better rate: pissa (lowest, 0.001)." in text
     assert "validation accuracy after training at each learning rate" in text
 
 
