@@ -255,8 +255,12 @@ def main() -> None:
         earlier_seconds = resume_from(result_name, figures)
     started = time.perf_counter()
 
+    if args.gather:
+        figures["gathered"] = True  # from finished runs, possibly trained by several runners side by side
+
     def save(status: str) -> None:
-        figures["elapsed_seconds"] = earlier_seconds + time.perf_counter() - started
+        # a gathering pass trains nothing: its own seconds say nothing of the experiment's
+        figures["elapsed_seconds"] = None if args.gather else earlier_seconds + time.perf_counter() - started
         write_result(result_name, figures, status=status)
 
     if spec.get("baseline") and figures.get("baseline", {}).get("status") != "ok":

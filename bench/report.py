@@ -194,7 +194,9 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
     rep.add(f"Budget **{f.get('budget')}**: {f.get('budget_description', '')}. Config `{f.get('config')}`; seeds "
             f"{f.get('seeds')}; learning rate " + ("chosen per method on the validation split from the grid in the config"
                                                   if f.get("lr_search") else "fixed per method (no validation search)") + "."
-            + (f" The whole run took {f['elapsed_seconds'] / 60:.0f} minutes." if f.get("elapsed_seconds") else ""))
+            + (f" The whole run took {f['elapsed_seconds'] / 60:.0f} minutes." if f.get("elapsed_seconds") else "")
+            + (" The runs were trained by runner processes side by side and gathered from their run directories "
+               "(`--gather`); their train times below are each run's own." if f.get("gathered") else ""))
     protocol = protocol_budget(f)
     if f.get("budget") != protocol:
         rep.add("", f"These figures come from the **{f.get('budget')}** budget, not the issue's protocol (the "

@@ -82,4 +82,5 @@ def test_gather_reads_finished_runs_and_leaves_unfinished_methods_out(tmp_path, 
     quality.main()
     assert saved["status"] == "partial" and list(saved["figures"]["methods"]) == ["lora"]
     assert saved["figures"]["methods"]["lora"]["mean"] == 0.8
+    assert saved["figures"]["gathered"] is True and saved["figures"]["elapsed_seconds"] is None
     assert "dora: not finished yet" in capsys.readouterr().out
