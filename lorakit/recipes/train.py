@@ -89,7 +89,8 @@ def pick_device(name: str, ctx: dist_ctx.Context | None = None) -> torch.device:
 
 
 def device_kind(name: str) -> str:
-    return "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
+    """'cuda' or 'cpu': which process-group backend ``train.device`` needs."""
+    return pick_device(name).type
 
 
 def cpu_threads(requested: int | None) -> int:
@@ -222,10 +223,9 @@ def evaluate(s: Setup, split: str, progress: bool = True) -> dict[str, float]:
         weight += n
         bar.update(batch["input_ids"].shape[0])
     bar.close()
-    if ctx.active:
-        parts = ctx.gather((total_loss, weight, preds, labels), f"evaluating the {split} split")
-        total_loss, weight = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        preds, labels = [x for p in parts for x in p[2]], [x for p in parts for x in p[3]]
+    parts = ctx.gather((total_loss, weight, preds, labels), f"evaluating the {split} split")  # [ours] on one process
+    total_loss, weight = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    preds, labels = [x for p in parts for x in p[2]], [x for p in parts for x in p[3]]
     mean_loss = total_loss / max(weight, 1)
     if cfg.task == "classification":
         result = {"loss": mean_loss, **M.classification_metrics(preds, labels, s.splits.num_labels)}
@@ -267,15 +267,10 @@ class RunResult:
 def run(cfg: RunConfig | None = None, resume: str | Path | None = None, quiet: bool = False) -> RunResult:
     """Train one model as ``cfg`` says (or resume the run in ``resume``); returns its results.
     Under torchrun every process calls this; all of them return the same results."""
-    if resume is not None:
-        _, _, resumed_cfg = read_run(resume)
-        kind = device_kind(resumed_cfg.train.device)
-        timeout = resumed_cfg.train.dist_timeout
-    else:
-        cfg = cfg or RunConfig()
-        kind, timeout = device_kind(cfg.train.device), cfg.train.dist_timeout
-    with dist_ctx.running(kind, timeout) as ctx:
-        return _run(ctx, cfg, resume, quiet)
+    resumed = read_run(resume) if resume is not None else None
+    cfg = resumed[2] if resumed is not None else cfg or RunConfig()
+    with dist_ctx.running(device_kind(cfg.train.device), cfg.train.dist_timeout) as ctx:
+        return _run(ctx, cfg, resumed, quiet)
 
 
 def _new_run_dir(cfg: RunConfig) -> Path:
@@ -285,9 +280,11 @@ def _new_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def _run(ctx: dist_ctx.Context, cfg: RunConfig | None, resume: str | Path | None, quiet: bool) -> RunResult:
-    if resume is not None:
-        run_dir, info, cfg = read_run(resume)
+def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, Any], RunConfig] | None,
+         quiet: bool) -> RunResult:
+    """``resumed``: read_run() of the run to continue, or None for a new run of ``cfg``."""
+    if resumed is not None:
+        run_dir, info, _ = resumed
         state = ckpt.read_state(run_dir)
         if info.get("status") == "done":
             raise LorakitError(f"{run_dir} already finished; start a new run instead of resuming it")
@@ -463,7 +460,7 @@ def fit(s: Setup, optimizer, scheduler, total: int, position: ckpt.Position, log
             t0 = time.perf_counter()
             group = [local_batch(s, order, i) for i in range(b, min(b + accum, n_batches))]
             local_targets = sum(n for _, n in group)
-            global_targets = ctx.sum([local_targets], "counting the step's loss targets")[0] if ctx.active else local_targets
+            global_targets = ctx.sum([local_targets], "counting the step's loss targets")[0]
             weighted_loss, examples, tokens = 0.0, 0, 0
             for k, (batch, n) in enumerate(group):
                 last = k == len(group) - 1
@@ -476,8 +473,7 @@ def fit(s: Setup, optimizer, scheduler, total: int, position: ckpt.Position, log
                 if n:
                     examples += batch["input_ids"].shape[0]
                     tokens += int(batch["attention_mask"].sum())
-            if ctx.active:
-                weighted_loss, examples, tokens = ctx.sum([weighted_loss, examples, tokens], "summing the step's loss")
+            weighted_loss, examples, tokens = ctx.sum([weighted_loss, examples, tokens], "summing the step's loss")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
