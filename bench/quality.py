@@ -10,7 +10,8 @@ with a quick-budget learning rate and a validation grid, and named budgets (seed
 search the lr, config overrides such as the step budget). For each method:
 
 1. budgets with ``lr_search``: train each grid lr at the first seed and keep the one with the
-   best validation ``select.metric`` (the run's end-of-training validation evaluation);
+   best validation ``select.metric`` (the run's end-of-training validation evaluation); with
+   ``extend_grid: n``, a choice at an edge of the grid tries up to n more lrs past that edge;
 2. train the kept lr at every seed; record test metrics, trainable parameters, init time,
    train time and peak memory (lorakit's recipe measures them: peak RSS, or CUDA peak);
 3. from the per-step training losses, the steps each method needs to reach the reference
@@ -134,6 +135,28 @@ def load(path: Path, budget: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return spec, spec["budgets"][budget]
 
 
+def search_lr(grid: list[float], validation_at: Any, mode: str = "max", extend: int = 0
+              ) -> tuple[float, dict[float, float], list[float]]:
+    """The grid lr with the best validation score. While the best sits at an edge of the grid,
+    up to ``extend`` times, one more lr past that edge (the edge's own ratio) is tried, so a grid
+    that was placed too low or too high does not decide the comparison. Returns the chosen lr,
+    every lr's score (ascending lr) and the lrs added."""
+    better = max if mode == "max" else min
+    scores = {lr: validation_at(lr) for lr in sorted({float(r) for r in grid})}
+    added: list[float] = []
+    for _ in range(extend):
+        rates = list(scores)
+        best = better(rates, key=scores.__getitem__)
+        if len(rates) < 2 or best not in (rates[0], rates[-1]):
+            break
+        edge, inner = (rates[-1], rates[-2]) if best == rates[-1] else (rates[0], rates[1])
+        new = float(f"{edge * edge / inner:.3g}")
+        added.append(new)
+        scores[new] = validation_at(new)
+        scores = dict(sorted(scores.items()))
+    return better(scores, key=scores.__getitem__), scores, added
+
+
 # -- figures ---------------------------------------------------------------------------------
 def trailing_means(losses: list[float], window: int) -> list[float]:
     """Mean of the last ``window`` losses at each step (fewer at the start)."""
@@ -195,8 +218,8 @@ def resume_from(result_name: str, figures: dict[str, Any]) -> float:
         print(f"nothing to resume in {path}; starting afresh", flush=True)
         return 0.0
     earlier = json.loads(path.read_text())["figures"]
-    for key in ("budget", "seeds", "lr_search", "base_config"):
-        if earlier.get(key) != figures[key]:
+    for key in ("budget", "seeds", "lr_search", "extend_grid", "base_config"):
+        if earlier.get(key, 0 if key == "extend_grid" else None) != figures.get(key, 0 if key == "extend_grid" else None):
             raise SystemExit(f"{path} was made with another {key} ({earlier.get(key)!r}); "
                              "rerun without --resume or pass --output to start a new result")
     kept = {n: e for n, e in earlier.get("methods", {}).items() if e.get("status") == "ok"}
@@ -247,6 +270,7 @@ def main() -> None:
     figures: dict[str, Any] = {
         "experiment": spec["name"], "config": str(config_path), "budget": args.budget,
         "budget_description": budget.get("description", ""), "seeds": seeds, "lr_search": bool(budget.get("lr_search")),
+        "extend_grid": int(budget.get("extend_grid", 0)),
         "select": select, "metric": metric, "reference": reference, "smooth_window": window,
         "base_config": base, "workdir": str(workdir), "methods": {},
     }
@@ -283,24 +307,27 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             lr = float(method["lr"])
+            grid_runs: dict[float, dict[str, Any]] = {}
             if budget.get("lr_search"):
-                grid = {}
-                for candidate in method.get("grid") or [lr]:
+                def validation_at(candidate: float) -> float:
                     print(f"== {name} lr {candidate:g} (grid, seed {seeds[0]})", flush=True)
-                    cfg = deep_merge(method_base, {"optim": {"lr": float(candidate)}, "train": {"seed": seeds[0]}})
+                    cfg = deep_merge(method_base, {"optim": {"lr": candidate}, "train": {"seed": seeds[0]}})
                     out = launch("single", cfg, workdir / f"{name}-lr{candidate:g}-seed{seeds[0]}", args.gather)
                     if not out["validation"]:
                         raise RuntimeError("no validation evaluation to choose the lr on; set eval.every_epoch: true")
-                    grid[f"{float(candidate):g}"] = {"validation": out["validation"].get(select["metric"]), "run": out}
-                better = max if select.get("mode", "max") == "max" else min
-                lr = float(better(grid, key=lambda k: grid[k]["validation"]))
-                entry["lr_grid"] = {k: v["validation"] for k, v in grid.items()}
+                    grid_runs[candidate] = out
+                    return out["validation"].get(select["metric"])
+
+                lr, scores, added = search_lr(method.get("grid") or [lr], validation_at, select.get("mode", "max"),
+                                              int(budget.get("extend_grid", 0)))
+                entry["lr_grid"] = {f"{k:g}": v for k, v in scores.items()}
+                if added:
+                    entry["lr_grid_extended"] = [f"{k:g}" for k in added]
             entry["lr"] = lr
             runs = []
             for seed in seeds:
-                key = f"{lr:g}"
-                if budget.get("lr_search") and seed == seeds[0]:
-                    runs.append(grid[key]["run"])  # the grid already trained this (lr, seed)
+                if seed == seeds[0] and lr in grid_runs:
+                    runs.append(grid_runs[lr])  # the grid already trained this (lr, seed)
                     continue
                 print(f"== {name} lr {lr:g} seed {seed}", flush=True)
                 cfg = deep_merge(method_base, {"optim": {"lr": lr}, "train": {"seed": seed}})

@@ -248,13 +248,18 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
         rep.add(table(["method", "validation at each lr"],
                       [[m, ", ".join(f"**{lr}: {fmt(v, 4)}**" if float(lr) == methods[m]["lr"] else f"{lr}: {fmt(v, 4)}"
                                      for lr, v in g.items())] for m, g in grids.items()]), "")
+        widened = {m: e["lr_grid_extended"] for m, e in methods.items() if m in grids and e.get("lr_grid_extended")}
+        if widened:
+            rep.add(f"Grids widened because the best rate sat at an edge (up to {f.get('extend_grid', '?')} more rates past it): "
+                    + ", ".join(f"{m} (added {', '.join(lrs)})" for m, lrs in widened.items()) + ".", "")
         edges = []
         for m, g in grids.items():
             rates = sorted(float(lr) for lr in g)
             if len(rates) > 1 and methods[m]["lr"] in (rates[0], rates[-1]):
                 edges.append(f"{m} ({'lowest' if methods[m]['lr'] == rates[0] else 'highest'}, {methods[m]['lr']:g})")
         if edges:
-            rep.add("Chosen at an edge of the grid, so a wider grid might find a better rate: " + ", ".join(edges) + ".", "")
+            rep.add(f"Chosen at an edge of the {'final ' if widened else ''}grid, so a wider grid might find a better rate: "
+                    + ", ".join(edges) + ".", "")
     window = f.get("smooth_window")
     rep.add(f"Training losses are trailing means over {window} steps; \"steps to {reference}'s final loss\" is the first "
             f"step at which a method's trailing mean is at or below {reference}'s final one (same seed), averaged over seeds. "

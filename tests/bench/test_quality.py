@@ -84,3 +84,54 @@ def test_gather_reads_finished_runs_and_leaves_unfinished_methods_out(tmp_path, 
     assert saved["figures"]["methods"]["lora"]["mean"] == 0.8
     assert saved["figures"]["gathered"] is True and saved["figures"]["elapsed_seconds"] is None
     assert "dora: not finished yet" in capsys.readouterr().out
+
+
+def test_lr_search_widens_the_grid_past_an_edge_until_the_best_is_inside():
+    curve = {2.5e-4: 0.70, 5e-4: 0.74, 1e-3: 0.78, 2e-3: 0.80, 4e-3: 0.79}  # peak at 2e-3, past the grid's top
+    tried = []
+
+    def validation_at(lr):
+        tried.append(lr)
+        return curve[lr]
+
+    lr, scores, added = quality.search_lr([1e-3, 5e-4, 2.5e-4], validation_at, "max", extend=3)
+    assert added == [2e-3, 4e-3] and lr == 2e-3  # stopped once the best (2e-3) had a worse rate past it
+    assert list(scores) == sorted(scores) and len(tried) == len(set(tried)) == 5
+    assert lr == max(scores, key=scores.get)
+    # without extension the edge choice stands; the extension count is a hard limit
+    assert quality.search_lr([2.5e-4, 5e-4, 1e-3], curve.__getitem__, "max", extend=0)[0] == 1e-3
+    assert quality.search_lr([2.5e-4, 5e-4, 1e-3], curve.__getitem__, "max", extend=1)[2] == [2e-3]
+
+
+def test_lr_search_widens_downwards_with_the_lower_edges_ratio_and_minimises_when_asked():
+    losses = {1e-2: 0.30, 2e-2: 0.40, 4e-2: 0.50, 5e-3: 0.35}
+    lr, scores, added = quality.search_lr([1e-2, 2e-2, 4e-2], losses.__getitem__, "min", extend=2)
+    assert added == [5e-3] and lr == 1e-2 and len(scores) == 4
+
+
+def test_an_extended_grid_is_trained_at_the_first_seed_once_and_recorded(tmp_path, monkeypatch):
+    config = tmp_path / "exp.yaml"
+    config.write_text(json.dumps({
+        "name": "exp", "base": {"task": "classification", "train": {}},
+        "budgets": {"b": {"seeds": [0, 1], "lr_search": True, "extend_grid": 2}},
+        "methods": {"lora": {"lr": 1e-3, "grid": [5e-4, 1e-3]}}}))
+    validation = {5e-4: 0.6, 1e-3: 0.7, 2e-3: 0.8, 4e-3: 0.75}
+    launched = []
+
+    def fake_launch(mode, cfg, run_dir, gather=False):
+        lr, seed = cfg["optim"]["lr"], cfg["train"]["seed"]
+        launched.append((lr, seed))
+        return {"test": {"accuracy": validation[lr] + seed / 100}, "validation": {"accuracy": validation[lr]},
+                "trainable_params": 10, "total_params": 100, "init_seconds": 1.0, "train_seconds": 2.0,
+                "peak_memory_mb": 3.0, "steps": 1, "train_loss": [0.5]}
+
+    saved: dict = {}
+    monkeypatch.setattr(quality, "launch", fake_launch)
+    monkeypatch.setattr(quality, "write_result", lambda name, figures, status: saved.update(figures=figures, status=status))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--config", str(config), "--budget", "b", "--workdir", str(tmp_path)])
+    quality.main()
+    entry = saved["figures"]["methods"]["lora"]
+    assert sorted(launched) == [(5e-4, 0), (1e-3, 0), (2e-3, 0), (2e-3, 1), (4e-3, 0)]  # (2e-3, seed 0) reused
+    assert entry["lr"] == 2e-3 and entry["lr_grid_extended"] == ["0.002", "0.004"]
+    assert entry["lr_grid"] == {"0.0005": 0.6, "0.001": 0.7, "0.002": 0.8, "0.004": 0.75}
+    assert entry["test_per_seed"] == [0.8, 0.81] and saved["figures"]["extend_grid"] == 2

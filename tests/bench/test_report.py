@@ -182,3 +182,23 @@ def test_an_unfinished_protocol_run_is_listed_as_a_missed_target(tmp_path):
     write(results, "quality_minilm_full", figures, status="ok")
     missed = report.write(results, out).read_text().split("## Targets missed")[1].split("\n## ")[0]
     assert "MiniLM on Rotten Tomatoes" not in missed
+
+
+def test_a_widened_grid_is_named_and_the_edge_note_speaks_of_the_final_grid(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs"
+    figures = quality_figures()
+    figures.update(budget="full", lr_search=True, extend_grid=2, select={"metric": "accuracy", "mode": "max"})
+    lora, pissa = figures["methods"]["lora"], figures["methods"]["pissa"]
+    lora["lr_grid"] = {"0.0005": 0.71, "0.001": 0.75, "0.002": 0.73}
+    pissa["lr_grid"] = {"0.00025": 0.79, "0.0005": 0.795, "0.001": 0.80, "0.002": 0.78}
+    pissa["lr_grid_extended"] = ["0.00025", "0.0005"]  # widened (as if the grid had begun at 0.001)
+    pissa["lr"] = 0.001
+    write(results, "quality_minilm_full", figures)
+    text = report.write(results, out).read_text()
+    assert "Grids widened because the best rate sat at an edge (up to 2 more rates past it): pissa (added 0.00025, 0.0005)." in text
+    assert "Chosen at an edge" not in text  # 0.001 is inside pissa's final grid
+    pissa["lr_grid"] = {"0.0005": 0.81, "0.001": 0.80, "0.002": 0.78}
+    pissa.update(lr=0.0005, lr_grid_extended=["0.0005"])
+    write(results, "quality_minilm_full", figures)
+    text = report.write(results, out).read_text()
+    assert "Chosen at an edge of the final grid, so a wider grid might find a better rate: pissa (lowest, 0.0005)." in text
