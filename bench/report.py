@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -185,6 +186,28 @@ class Report:
         self.add(f"![{caption}]({name})", "")
 
 
+def label_positions(points: dict[str, tuple[float, float, float]], gap: float) -> dict[str, tuple[float, float, int]]:
+    """Where to write each point's label on a log-x plot: methods with (nearly) the same
+    parameter count share a column of labels at least ``gap`` apart (y units), beside the points
+    on the side away from the nearest other column. Returns label -> (x, y, +1 right / -1 left)."""
+    columns: dict[float, list[str]] = {}
+    for label, (x, _, _) in points.items():
+        columns.setdefault(round(math.log10(x), 1), []).append(label)
+    out = {}
+    for key, members in columns.items():
+        members.sort(key=lambda m: -points[m][1])
+        ys: list[float] = []
+        for m in members:
+            ys.append(points[m][1] if not ys else min(points[m][1], ys[-1] - gap))
+        shift = (sum(points[m][1] for m in members) - sum(ys)) / len(members)  # centre the column on its points
+        right = min((k - key for k in columns if k > key), default=9.0)
+        left = min((key - k for k in columns if k < key), default=9.0)
+        side = 1 if right >= 0.6 or right >= left else -1
+        for m, y in zip(members, ys):
+            out[m] = (points[m][0] * 1.4 ** side, y + shift, side)
+    return out
+
+
 def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
     f = result["figures"]
     where = f"{name}.json"
@@ -296,8 +319,18 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
             colour = colours(list(points))
             for label, (x, y, s) in points.items():
                 ax.errorbar([x], [y], yerr=[s], fmt="o", capsize=3, color=colour[label])
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            bottom, top = ax.get_ylim()
+            placed = label_positions(points, gap=0.06 * (top - bottom))
+            for label, (x, y, side) in placed.items():
+                ax.annotate(label, (points[label][0], points[label][1]), xytext=(x, y), textcoords="data", fontsize=8,
+                            va="center", ha="left" if side > 0 else "right",
+                            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": colour[label]})
             ax.set_xscale("log")
+            xs = [x for x, _, _ in points.values()]
+            ax.set_xlim(min(xs) / 2.5, max(xs) * 4)  # room for the labels beside the outermost points
+            label_ys = [y for _, y, _ in placed.values()]
+            margin = 0.04 * (top - bottom)
+            ax.set_ylim(min(bottom, min(label_ys) - margin), max(top, max(label_ys) + margin))
             ax.set_xlabel("trainable parameters (log)")
             ax.set_ylabel(f"test {metric}")
             ax.set_title(f"{QUALITY.get(f.get('experiment', ''), (name,))[0]} · {f.get('budget')} budget", fontsize=9)

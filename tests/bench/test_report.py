@@ -202,3 +202,15 @@ def test_a_widened_grid_is_named_and_the_edge_note_speaks_of_the_final_grid(tmp_
     write(results, "quality_minilm_full", figures)
     text = report.write(results, out).read_text()
     assert "Chosen at an edge of the final grid, so a wider grid might find a better rate: pissa (lowest, 0.0005)." in text
+
+
+def test_labels_of_methods_with_the_same_parameter_count_do_not_overlap():
+    points = {"lora": (676_610, 0.786, 0.005), "dora": (697_730, 0.787, 0.007), "pissa": (676_610, 0.788, 0.007),
+              "lora+": (676_610, 0.752, 0.07), "lora-fa": (338_690, 0.784, 0.01), "full": (22_713_986, 0.786, 0.003)}
+    placed = report.label_positions(points, gap=0.01)
+    column = sorted(["lora", "dora", "pissa", "lora+"], key=lambda m: -points[m][1])
+    ys = [placed[m][1] for m in column]
+    assert all(a - b >= 0.01 - 1e-12 for a, b in zip(ys, ys[1:]))  # spaced, in the points' own order
+    assert abs(sum(ys) / 4 - sum(points[m][1] for m in column) / 4) < 1e-12  # centred on its points
+    assert placed["lora-fa"][2] == -1 and placed["lora"][2] == 1  # lora-fa's labels go away from the crowded column
+    assert placed["full"][1] == points["full"][1]  # a lone point keeps its own height
