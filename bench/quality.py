@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -135,7 +135,7 @@ def load(path: Path, budget: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return spec, spec["budgets"][budget]
 
 
-def search_lr(grid: list[float], validation_at: Any, mode: str = "max", extend: int = 0
+def search_lr(grid: list[float], validation_at: Callable[[float], float], mode: str = "max", extend: int = 0
               ) -> tuple[float, dict[float, float], list[float]]:
     """The grid lr with the best validation score. While the best sits at an edge of the grid,
     up to ``extend`` times, one more lr past that edge (the edge's own ratio) is tried, so a grid
@@ -218,8 +218,9 @@ def resume_from(result_name: str, figures: dict[str, Any]) -> float:
         print(f"nothing to resume in {path}; starting afresh", flush=True)
         return 0.0
     earlier = json.loads(path.read_text())["figures"]
+    defaults = {"extend_grid": 0}  # results written before the key existed did not widen their grids
     for key in ("budget", "seeds", "lr_search", "extend_grid", "base_config"):
-        if earlier.get(key, 0 if key == "extend_grid" else None) != figures.get(key, 0 if key == "extend_grid" else None):
+        if earlier.get(key, defaults.get(key)) != figures.get(key, defaults.get(key)):
             raise SystemExit(f"{path} was made with another {key} ({earlier.get(key)!r}); "
                              "rerun without --resume or pass --output to start a new result")
     kept = {n: e for n, e in earlier.get("methods", {}).items() if e.get("status") == "ok"}
