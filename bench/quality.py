@@ -60,7 +60,8 @@ def baseline(spec_path: str) -> None:
     """Child process: evaluate the untrained model on the test split (the 'before' row)."""
     from lorakit.recipes.config import from_dict
     from lorakit.recipes.rundir import write_json
-    from lorakit.recipes.train import evaluate, setup
+    from lorakit.recipes.evaluation import evaluate
+    from lorakit.recipes.setup import setup
 
     data = json.loads(Path(spec_path).read_text())
     cfg = from_dict(data)

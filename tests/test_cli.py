@@ -16,6 +16,7 @@ import assets  # noqa: E402
 
 from lorakit.cli import main  # noqa: E402
 from lorakit.recipes import train as train_recipe  # noqa: E402
+from lorakit.recipes.rundir import read_metrics  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_FILES = ["config.yaml", "run.json", "metrics.jsonl", "results.json", "training_curves.png",
@@ -29,7 +30,7 @@ def _train(tmp_path: Path, config: dict, *overrides: str) -> int:
 
 
 def _train_losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in train_recipe.read_metrics(run_dir / "metrics.jsonl") if r["type"] == "train"]
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "train"]
 
 
 def _falls(losses: list[float]) -> bool:
@@ -71,7 +72,7 @@ def test_train_classification_end_to_end(tmp_path):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "training_curves.png").read_bytes()[:8] == PNG_MAGIC
     assert _falls(_train_losses(run_dir))
-    records = train_recipe.read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
     assert all({"loss", "lr", "grad_norm", "examples_per_s", "tokens_per_s"} <= set(r) for r in steps)

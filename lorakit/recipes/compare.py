@@ -31,7 +31,10 @@ from lorakit.io import atomic_file
 from lorakit.recipes import distributed as dist_ctx
 from lorakit.recipes import plots
 from lorakit.recipes.config import RunConfig, apply_overrides, deep_merge, from_dict, read_yaml, suggest
-from lorakit.recipes.train import device_kind, primary_metric, read_metrics, run
+from lorakit.recipes.evaluation import primary_metric
+from lorakit.recipes.rundir import read_metrics
+from lorakit.recipes.runtime import device_kind
+from lorakit.recipes.train import run
 
 COMPARE_KEYS = ("seeds", "methods")
 
