@@ -20,7 +20,8 @@ from torch import nn
 from lorakit.adaptation import CONFIG_ATTR, get_config
 from lorakit.adapters import DoRA
 from lorakit.inject import adapters_of, resolve_modules_to_save, unwrap
-from lorakit.io import atomic_directory, write_json
+from lorakit.files import output_directory, write_json
+from lorakit.io import check_finite
 
 PEFT_PREFIX = "base_model.model."
 
@@ -57,9 +58,12 @@ def peft_alpha(scale: float, rank: int, rslora: bool) -> float:
     return scale * (math.sqrt(rank) if rslora else rank)
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write a PEFT LoRA adapter (merged or not, the factors are the same) (adapter_config.json + adapter_model.safetensors) that
-    ``peft.PeftModel.from_pretrained(<original base model>, directory)`` loads to the same function."""
+def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors; merged or not, the
+    factors are the same) that ``peft.PeftModel.from_pretrained(<original base model>, directory)``
+    loads to the same function. ``directory`` must be new or empty unless ``overwrite`` (then
+    those two files are replaced and every other file is kept)."""
     config = get_config(model)
     adapters = adapters_of(model)
     tensors = {}
@@ -96,7 +100,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    with atomic_directory(directory) as tmp:
+    check_finite(tensors)
+    with output_directory(directory, overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "adapter_config.json", peft_config)
     return Path(directory)

@@ -92,22 +92,22 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def inject(model: nn.Module, config: AdapterConfig, names: list[str] | None = None) -> dict[str, LowRankAdapter]:
-    """Wrap each target layer in a zero-initialised adapter and freeze everything else.
-
-    Returns the adapters by layer name. Initialisation is a separate step (``lorakit.adapt``).
-    """
-    names = find_targets(model, config) if names is None else names
+def build_adapters(model: nn.Module, config: AdapterConfig, names: list[str]) -> dict[str, LowRankAdapter]:
+    """A zero-initialised adapter around each named layer, built beside the model (not yet in it)."""
     cls = ADAPTER_CLASSES[config.adapter_type]
     dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else None
     adapters = {}
     for name in names:
-        base = model.get_submodule(name)
         try:
-            adapter = cls(base, config.rank, config.scale, config.dropout, dtype=dtype)
+            adapters[name] = cls(model.get_submodule(name), config.rank, config.scale, config.dropout, dtype=dtype)
         except LorakitError as exc:
             raise LorakitError(f"layer {name!r}: {exc}") from None
-        adapters[name] = adapter
+    return adapters
+
+
+def install_adapters(model: nn.Module, config: AdapterConfig, adapters: dict[str, LowRankAdapter]) -> None:
+    """Put built adapters in place of their layers; freeze everything but their trainable factors
+    and ``modules_to_save``."""
     for param in model.parameters():
         param.requires_grad_(False)
     for name, adapter in adapters.items():
@@ -116,6 +116,16 @@ def inject(model: nn.Module, config: AdapterConfig, names: list[str] | None = No
     for name in resolve_modules_to_save(model, config):
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
+
+
+def inject(model: nn.Module, config: AdapterConfig, names: list[str] | None = None) -> dict[str, LowRankAdapter]:
+    """Wrap each target layer in a zero-initialised adapter and freeze everything else.
+
+    Returns the adapters by layer name. Initialisation is a separate step (``lorakit.adapt``).
+    """
+    names = find_targets(model, config) if names is None else names
+    adapters = build_adapters(model, config, names)
+    install_adapters(model, config, adapters)
     return adapters
 
 

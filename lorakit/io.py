@@ -8,13 +8,11 @@ its original base weight so loading onto a different model fails loudly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -26,53 +24,29 @@ from lorakit.adaptation import CONFIG_ATTR, get_config
 from lorakit.adapters import LowRankAdapter, is_supported_layer, weight_out_in
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
-from lorakit.inject import adapters_of, inject, resolve_modules_to_save
+from lorakit.files import output_directory, write_json
+from lorakit.inject import adapters_of, build_adapters, install_adapters, resolve_modules_to_save
 from lorakit.linalg import compute_dtype
 
 CONFIG_FILE = "lorakit_adapter.json"
 TENSOR_FILE = "adapter.safetensors"
 FORMAT = "lorakit-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ADAPTER_PREFIX = "adapter."
 MODULE_PREFIX = "module."
-# Relative tolerance on the base-weight norm: loose enough for a bf16 copy of the same model.
-FINGERPRINT_RTOL = 1e-2
+FINGERPRINT_PREFIX = "fingerprint."
+# Base-weight fingerprint: this many values of each target's original weight, at fixed positions.
+FINGERPRINT_SIZE = 64
+# Unit roundoff of each dtype: two copies of one checkpoint in different dtypes differ by at most this, relatively.
+_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-@contextmanager
-def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``directory`` in one rename."""
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path (same suffix); on success it replaces ``path`` in one rename."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def original_base_weight(adapter: LowRankAdapter) -> torch.Tensor:
@@ -89,8 +63,46 @@ def adapter_tensors(adapter: LowRankAdapter) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's adapters (and modules_to_save) to ``directory`` atomically."""
+def fingerprint_positions(numel: int, size: int = FINGERPRINT_SIZE) -> torch.Tensor:
+    """Fixed positions in a flattened weight: evenly spread, first and last included."""
+    return torch.linspace(0, numel - 1, min(size, numel), dtype=torch.float64).round().long()
+
+
+def base_fingerprint(W: torch.Tensor) -> torch.Tensor:
+    """A fixed sample of a base weight's values (float64), to recognise the weights an adapter belongs to."""
+    flat = W.detach().reshape(-1)
+    return flat[fingerprint_positions(flat.numel()).to(flat.device)].to("cpu", torch.float64)
+
+
+def fingerprint_differs(saved: torch.Tensor, saved_dtype: torch.dtype, now: torch.Tensor, now_dtype: torch.dtype) -> float:
+    """How far ``now`` is from ``saved`` beyond the rounding of either dtype (≤ 0: the same weights).
+
+    The same checkpoint loaded in another dtype (fp32 ↔ bf16 ↔ fp16) differs by at most the two
+    roundoffs, relatively; another fine-tune of the same base moves some values by more.
+    """
+    roundoff = _ROUNDOFF.get(saved_dtype, 2.0**-8) + _ROUNDOFF.get(now_dtype, 2.0**-8)
+    scale = saved.abs().max().clamp_min(1e-30)
+    allowed = 2 * roundoff * saved.abs() + 1e-6 * scale  # the absolute floor covers fp16 subnormals
+    return float(((now - saved).abs() - allowed).max() / scale)
+
+
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise LorakitError(
+                f"adapter tensor {key!r} holds NaN or infinite values (training diverged); refusing to save it: "
+                "lower the learning rate, keep max_grad_norm on, or use bfloat16 instead of float16"
+            )
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the model's adapters (and modules_to_save) to ``directory``.
+
+    ``directory`` must be new or empty, unless ``overwrite``: then lorakit's two files in it are
+    replaced and any other file is kept. The write is atomic (see ``lorakit.files``); the JSON
+    holds the tensor file's SHA-256, so a damaged file is refused on load. Non-finite tensors
+    are refused (a diverged run must not ship its adapter).
+    """
     config = get_config(model)
     adapters = adapters_of(model)
     if any(a.merged for a in adapters.values()):
@@ -100,16 +112,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     for name, adapter in adapters.items():
         for key, value in adapter_tensors(adapter).items():
             tensors[f"{ADAPTER_PREFIX}{name}.{key}"] = value.contiguous()
+        tensors[f"{FINGERPRINT_PREFIX}{name}"] = base_fingerprint(original_base_weight(adapter))
         layers[name] = {
             "structure": adapter.structure,
             "shape": [adapter.out_features, adapter.in_features],
-            "base_norm": original_base_weight(adapter).norm().item(),
+            "base_dtype": str(adapter.base_weight.dtype).removeprefix("torch."),
             "has_offset": adapter.has_offset,
         }
     saved_modules = resolve_modules_to_save(model, config)
     for module_name in saved_modules:
         for key, value in model.get_submodule(module_name).state_dict().items():
             tensors[f"{MODULE_PREFIX}{module_name}.{key}"] = value.detach().contiguous()
+    check_finite(tensors)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -119,9 +133,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "layers": layers,
         "modules_to_save": saved_modules,
     }
-    with atomic_directory(directory) as tmp:
+    with output_directory(directory, overwrite) as tmp:
         save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT})
-        write_json(tmp / CONFIG_FILE, meta)
+        write_json(tmp / CONFIG_FILE, {**meta, "tensors_sha256": sha256_of(tmp / TENSOR_FILE)})
     return Path(directory)
 
 
@@ -132,26 +146,32 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LorakitError(f"{path} is corrupt ({exc}); save the adapter again") from None
+        raise LorakitError(f"{path} is corrupt ({exc}); the adapter cannot be loaded") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LorakitError(f"{path} is not a lorakit adapter description; save the adapter again")
+        raise LorakitError(f"{path} is not a lorakit adapter description; pass the directory save_adapter wrote")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise LorakitError(f"{path} was written by a newer lorakit ({meta.get('lorakit_version')}); upgrade lorakit")
+    if not isinstance(meta.get("layers"), dict) or not isinstance(meta.get("config"), dict):
+        raise LorakitError(f"{path} is incomplete (no layers or config); the adapter cannot be loaded")
     return meta
 
 
-def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_tensors(directory: str | os.PathLike, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``directory``'s adapter file, checked against ``sha256`` when given."""
     path = Path(directory) / TENSOR_FILE
     if not path.is_file():
-        raise LorakitError(f"{directory} has no {TENSOR_FILE}; save the adapter again")
+        raise LorakitError(f"{directory} has no {TENSOR_FILE}; the adapter cannot be loaded")
+    if sha256 is not None and sha256_of(path) != sha256:
+        raise LorakitError(f"{path} does not match the checksum in {CONFIG_FILE} (the file changed or was damaged after "
+                           "saving); the adapter cannot be loaded")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for truncated or garbled files
-        raise LorakitError(f"{path} is corrupt or truncated ({type(exc).__name__}); save the adapter again") from None
+        raise LorakitError(f"{path} is corrupt or truncated ({type(exc).__name__}); the adapter cannot be loaded") from None
 
 
-def _check_layers_match(model: nn.Module, meta: dict[str, Any]) -> None:
+def _check_layers_match(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], check_base: bool) -> None:
     modules = dict(model.named_modules())
     for name, layer in meta["layers"].items():
         module = modules.get(name)
@@ -164,45 +184,77 @@ def _check_layers_match(model: nn.Module, meta: dict[str, Any]) -> None:
                 f"adapter does not match the model: layer {name!r} is {tuple(W.shape)} here but "
                 f"{tuple(layer['shape'])} in the adapter; load it onto the model it was trained on"
             )
+        if check_base:
+            _check_base_weight(name, W, layer, tensors.get(f"{FINGERPRINT_PREFIX}{name}"))
+
+
+def _check_base_weight(name: str, W: torch.Tensor, layer: dict[str, Any], fingerprint: torch.Tensor | None) -> None:
+    hint = "load it onto the base model it was trained on (or pass check_base=False if you know better)"
+    if fingerprint is None:  # format 1: the norm of the base weight, within 1 %
         norm = W.to(compute_dtype(W.dtype)).norm().item()
-        if abs(norm - layer["base_norm"]) > FINGERPRINT_RTOL * max(layer["base_norm"], 1e-12):
-            raise LorakitError(
-                f"adapter does not match the model: layer {name!r} has different base weights "
-                f"(norm {norm:.6g} vs {layer['base_norm']:.6g}); load it onto the base model it was trained on"
-            )
+        if abs(norm - layer["base_norm"]) > 1e-2 * max(layer["base_norm"], 1e-12):
+            raise LorakitError(f"adapter does not match the model: layer {name!r} has different base weights "
+                               f"(norm {norm:.6g} vs {layer['base_norm']:.6g}); {hint}")
+        return
+    saved_dtype = getattr(torch, layer.get("base_dtype", "float32"), torch.float32)
+    excess = fingerprint_differs(fingerprint, saved_dtype, base_fingerprint(W), W.dtype)
+    if excess > 0:
+        raise LorakitError(f"adapter does not match the model: layer {name!r} has different base weights (sampled values "
+                           f"differ by up to {excess:.2g} of the weight's scale beyond rounding); {hint}")
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Add the adapters saved in ``directory`` to a fresh copy of their base model (in place)."""
+def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: bool = True) -> nn.Module:
+    """Add the adapters saved in ``directory`` to a fresh copy of their base model (in place).
+
+    Everything is checked before the model is touched (file checksum, layers, shapes, every
+    tensor, the base weights' fingerprint unless ``check_base=False``): a failed load leaves the
+    model exactly as it was.
+    """
     meta = read_adapter_meta(directory)
-    tensors = read_tensors(directory)
+    tensors = read_tensors(directory, meta.get("tensors_sha256"))
     if adapters_of(model):
         raise LorakitError("model already has lorakit adapters; load onto a fresh base model")
-    config = AdapterConfig.from_dict(meta["config"])
-    _check_layers_match(model, meta)
+    try:
+        config = AdapterConfig.from_dict(meta["config"])
+    except (LorakitError, TypeError) as exc:
+        raise LorakitError(f"{Path(directory) / CONFIG_FILE} holds an invalid config ({exc}); the adapter cannot be loaded") from None
+    _check_layers_match(model, meta, tensors, check_base)
+    adapters = build_adapters(model, config, list(meta["layers"]))  # beside the model: nothing changed yet
     expected = {}
-    adapters = inject(model, config, list(meta["layers"]))
     for name, adapter in adapters.items():
-        has_offset = meta["layers"][name]["has_offset"]
-        if has_offset:  # shapes come from the file; checked below against the other factors
+        if meta["layers"][name]["has_offset"]:  # shapes come from the file; checked below against the other factors
             r0 = tensors.get(f"{ADAPTER_PREFIX}{name}.offset_A", torch.empty(0, 0)).shape[0]
             adapter.offset_A = torch.zeros(r0, adapter.in_features, **adapter._factory)
             adapter.offset_B = torch.zeros(adapter.out_features, r0, **adapter._factory)
         for key, value in adapter_tensors(adapter).items():
             expected[f"{ADAPTER_PREFIX}{name}.{key}"] = value
-    for module_name in meta["modules_to_save"]:
-        for key, value in model.get_submodule(module_name).state_dict().items():
+    saved_modules = meta.get("modules_to_save") or []
+    modules = dict(model.named_modules())
+    for module_name in saved_modules:
+        if module_name not in modules:
+            raise LorakitError(f"the adapter trains module {module_name!r}, which this model does not have; load it onto the model it was trained on")
+        for key, value in modules[module_name].state_dict().items():
             expected[f"{MODULE_PREFIX}{module_name}.{key}"] = value
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    stored = {k for k in tensors if not k.startswith(FINGERPRINT_PREFIX)}
+    missing, extra = sorted(set(expected) - stored), sorted(stored - set(expected))
     if missing or extra:
-        raise LorakitError(f"{Path(directory) / TENSOR_FILE} does not match its description ({(missing or extra)[0]!r}); save the adapter again")
+        raise LorakitError(f"{Path(directory) / TENSOR_FILE} does not match its description ({(missing or extra)[0]!r}); "
+                           "the adapter cannot be loaded")
+    for key, target in expected.items():
+        if target.shape != tensors[key].shape:
+            raise LorakitError(f"tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(target.shape)}; "
+                               "the adapter cannot be loaded")
+    # every check passed: now change the model
     with torch.no_grad():
         for key, target in expected.items():
-            if target.shape != tensors[key].shape:
-                raise LorakitError(f"tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(target.shape)}; save the adapter again")
-            target.copy_(tensors[key])
-    for name, adapter in adapters.items():
+            if key.startswith(ADAPTER_PREFIX):
+                target.copy_(tensors[key])
+    install_adapters(model, config, adapters)
+    with torch.no_grad():
+        for key, target in expected.items():
+            if key.startswith(MODULE_PREFIX):
+                target.copy_(tensors[key])
+    for adapter in adapters.values():
         if adapter.has_offset:
             adapter.apply_base_offset()
     setattr(model, CONFIG_ATTR, config)

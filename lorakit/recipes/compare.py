@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.io import atomic_file
+from lorakit.files import atomic_file
 from lorakit.recipes import distributed as dist_ctx
 from lorakit.recipes import plots
 from lorakit.recipes.config import RunConfig, apply_overrides, deep_merge, from_dict, read_yaml, suggest

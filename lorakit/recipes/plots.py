@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
 
-from lorakit.io import atomic_file
+from lorakit.files import atomic_file
 
 
 def _pyplot():
