@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a finished run as a PEFT adapter or a merged model")
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--format", required=True, choices=("peft", "merged"))
-    export.add_argument("--out", help="output directory (default RUN_DIR/peft or RUN_DIR/merged)")
+    export.add_argument("--out", help="output directory (default RUN_DIR/peft or RUN_DIR/merged); must be new or empty")
+    export.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out: replace lorakit's files there, keep every other file")
     evaluate = sub.add_parser("eval", help="evaluate a finished run")
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
     evaluate.add_argument("--split", default="test", choices=("test", "validation"))
@@ -49,8 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as exc:
         print(f"lorakit: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("lorakit: interrupted (resume with `lorakit train --resume RUN_DIR` if checkpoints were on)", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        run_dir = getattr(exc, "run_dir", None)
+        if run_dir is None:
+            print("lorakit: interrupted", file=sys.stderr)
+        else:
+            where = "from its last checkpoint" if getattr(exc, "checkpoint", None) else "from the start (no checkpoint yet)"
+            print(f"lorakit: interrupted; `lorakit train --resume {run_dir}` continues it {where}", file=sys.stderr)
         return 130
 
 
@@ -72,7 +79,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         rows, _ = compare_recipe.compare(compare_recipe.load_compare_config(args.config, args.overrides), quiet=args.quiet)
         return 1 if any(r.error for r in rows) else 0
     if args.command == "export":
-        path = train_recipe.export_run(args.run_dir, args.format, args.out)
+        path = train_recipe.export_run(args.run_dir, args.format, args.out, args.overwrite)
         print(f"wrote {args.format} export to {path}")
         return 0
     train_recipe.evaluate_run(args.run_dir, args.split, quiet=args.quiet)

@@ -11,6 +11,7 @@ exact SVD of the small projected matrix. ``torch.svd_lowrank`` without oversampl
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,25 +47,49 @@ def gaussian(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
 
-@contextmanager
-def one_thread_for(tensor: Tensor, max_side: int | None = None) -> Iterator[None]:
-    """One intra-op thread while decomposing ``tensor`` on the CPU (if its smaller side ≤ ``max_side``).
+_SINGLE_THREAD = {"enabled": False}
+_THREADS_LOCK = threading.RLock()
 
-    LAPACK's QR/SVD take many small parallel steps, each ending at a thread barrier; on shared
-    cores every barrier can wait for a time slice. Measured on a busy 2-core machine: the SVD
-    of a 1536 × 384 matrix took 7.6 s on 2 threads and 0.06 s on one. The decompositions here
-    are thin or small, so one thread costs little on an idle machine. GPU tensors are left alone.
+
+@contextmanager
+def single_thread_decompositions() -> Iterator[None]:
+    """Let ``one_thread_for`` switch the process to one intra-op thread while it decomposes.
+
+    For a caller that owns the process's threading (the ``lorakit`` recipes): torch's thread
+    count is process-wide, so a library call never changes it unless asked to, and other
+    threads of a user's program never see it change behind their back.
     """
-    small = max_side is None or min(tensor.shape) <= max_side
-    if tensor.device.type != "cpu" or not small or torch.get_num_threads() == 1:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    previous = _SINGLE_THREAD["enabled"]
+    _SINGLE_THREAD["enabled"] = True
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        _SINGLE_THREAD["enabled"] = previous
+
+
+@contextmanager
+def one_thread_for(tensor: Tensor, max_side: int | None = None) -> Iterator[None]:
+    """One intra-op thread while decomposing ``tensor`` on the CPU (if its smaller side ≤ ``max_side``),
+    inside ``single_thread_decompositions()`` only.
+
+    LAPACK's QR/SVD take many small parallel steps, each ending at a thread barrier; on shared
+    cores every barrier can wait for a time slice. Measured on a busy 2-core machine: the SVD
+    of a 1536 × 384 matrix took 7.6 s on 2 threads and 0.06 s on one (4.7 s vs 0.26 s on
+    another day). The decompositions here are thin or small, so one thread costs little on an
+    idle machine. GPU tensors are left alone; concurrent callers are serialised so that the
+    count always comes back to what it was.
+    """
+    small = max_side is None or min(tensor.shape) <= max_side
+    if not _SINGLE_THREAD["enabled"] or tensor.device.type != "cpu" or not small:
+        yield
+        return
+    with _THREADS_LOCK:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 def auto_svd_method(shape: tuple[int, ...], k: int, oversample: int) -> str:

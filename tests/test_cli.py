@@ -208,7 +208,9 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path, monkeypatch, method):
     monkeypatch.setattr(torch.optim.AdamW, "step", killed_at_step_12)
     assert _train(tmp_path, config, f"output.dir={tmp_path / 'cut'}") == 130
     monkeypatch.undo()
-    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    from lorakit.recipes import checkpoint as ckpt
+
+    state = json.loads((ckpt.latest(tmp_path / "cut") / "state.json").read_text())
     assert state["position"]["step"] == 10
     assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
 

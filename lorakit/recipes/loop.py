@@ -145,10 +145,26 @@ def local_batch(s: Setup, order: list[int], index: int) -> tuple[dict[str, torch
 
 
 # -- one step, and the loop ----------------------------------------------------------------------
+class Diverged(LorakitError):
+    """The loss or the gradient of a step is not finite: training stops before the step is applied."""
+
+
+def check_finite_step(step: int, loss: float, grad_norm: float) -> None:
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    raise Diverged(
+        f"training diverged at step {step}: the {what} is {loss if what == 'loss' else grad_norm} (the step was not "
+        "applied and no adapter was saved); lower optim.lr, keep optim.max_grad_norm on, or train in bfloat16/float32 "
+        "rather than float16"
+    )
+
+
 def train_step(s: Setup, engine: nn.Module, group: list[tuple[dict[str, torch.Tensor], int]],
-               opt: Optimization, params: list[nn.Parameter], clip: float) -> dict[str, float]:
-    """Forward/backward every micro-batch of the step, clip, step the optimizer and schedule.
-    Returns the step's record (loss, lr, grad_norm, examples, tokens)."""
+               opt: Optimization, params: list[nn.Parameter], clip: float, step: int) -> dict[str, float]:
+    """Forward/backward every micro-batch of step ``step`` (1-based), clip, step the optimizer and
+    schedule. Returns the step's record (loss, lr, grad_norm, examples, tokens); raises
+    ``Diverged`` before touching the weights when the loss or gradient is not finite."""
     ctx = s.ctx
     step_targets = ctx.sum([sum(n for _, n in group)], "counting the step's loss targets")[0]
     weighted_loss, examples, tokens = 0.0, 0, 0
@@ -165,11 +181,13 @@ def train_step(s: Setup, engine: nn.Module, group: list[tuple[dict[str, torch.Te
             tokens += int(batch["attention_mask"].sum())
     weighted_loss, examples, tokens = ctx.sum([weighted_loss, examples, tokens], "summing the step's loss")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    loss_value = weighted_loss / max(step_targets, 1)
+    check_finite_step(step, loss_value, grad_norm)  # the same on every process: loss and gradients are all-reduced
     lr = opt.optimizer.param_groups[0]["lr"]
     opt.optimizer.step()
     opt.scheduler.step()
     opt.optimizer.zero_grad(set_to_none=True)
-    return {"loss": weighted_loss / max(step_targets, 1), "lr": lr, "grad_norm": grad_norm,
+    return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
             "examples": examples, "tokens": tokens}
 
 
@@ -201,7 +219,7 @@ def fit(s: Setup, opt: Optimization, log: Any, *, start: ckpt.Position | None = 
         while b < n_batches and step < total:
             t0 = time.perf_counter()
             group = [local_batch(s, order, i) for i in range(b, min(b + accum, n_batches))]
-            record = train_step(s, engine, group, opt, params, clip)
+            record = train_step(s, engine, group, opt, params, clip, step + 1)
             b += len(group)
             step += 1
             dt = time.perf_counter() - t0

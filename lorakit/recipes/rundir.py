@@ -1,12 +1,15 @@
 """The run directory's files: resolved config, run description, metrics log, peak memory.
 
 ``run.json`` marks a directory as a lorakit run (format, task, method, base model, label
-names, status); every file is written under a temporary name and renamed into place.
+names, status: training / done / failed / interrupted); every file is written under a
+temporary name and renamed into place. A run holds ``.lock`` while it writes, so a second
+process on the same directory is refused instead of interleaving its files.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ import torch
 import yaml
 
 from lorakit.errors import LorakitError
-from lorakit.io import atomic_file
+from lorakit.files import RunLock, atomic_file, json_text, write_json  # noqa: F401  (write_json: the recipes' one)
 from lorakit.recipes.config import RunConfig, from_dict
 
 RUN_FILE = "run.json"
@@ -23,12 +26,28 @@ RUN_FORMAT = "lorakit-run"
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
-    return Path("runs") / f"{cfg.task}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    """runs/<task>-<method>-<date>-<time>-<4 random hex>: two runs started in the same second differ."""
+    return Path("runs") / f"{cfg.task}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
-def write_json(path: Path, data: Any) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+def check_new_run_dir(run_dir: Path) -> Path:
+    """Refuse an output.dir that is a file or holds anything (but the lock file of a run killed before it wrote)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LorakitError(f"output.dir {str(run_dir)!r} is a file; choose a directory path")
+    if run_dir.is_dir() and any(p.name != RunLock.FILE for p in run_dir.iterdir()):
+        raise LorakitError(f"run directory {str(run_dir)!r} already exists; choose another output.dir or resume it with --resume")
+    return run_dir
+
+
+def create_run_dir(run_dir: Path) -> RunLock:
+    """Create (or take an empty) run directory and lock it; refused when another run got there first."""
+    check_new_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock.acquire(run_dir)
+    if any(p.name != RunLock.FILE for p in run_dir.iterdir()):  # another run wrote here between the check and the lock
+        lock.release()
+        check_new_run_dir(run_dir)
+    return lock
 
 
 def write_yaml(path: Path, data: Any) -> None:
@@ -69,7 +88,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record) + "\n")  # strict JSON: a non-finite value is written as null
         if self.writer is not None:
             prefix = record.get("split", "train")
             for key, value in record.items():

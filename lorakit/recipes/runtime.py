@@ -35,11 +35,15 @@ def device_kind(name: str) -> str:
 
 
 def cpu_threads(requested: int | None) -> int:
-    """``train.threads``, or by default the cores not already busy (1-minute load average):
-    on a shared CPU, intra-op threads that wait for a busy core slow every step several-fold."""
+    """``train.threads``, or by default a fixed count for this machine: torch's own default (the
+    physical cores) within the CPUs this process may use, shared by torchrun's local processes.
+
+    Fixed, so the same command gives bit-identical numbers on a given machine however busy it is
+    (a different thread count changes the order of floating-point sums). On a machine shared
+    with other jobs, set ``train.threads`` lower: threads waiting for a busy core slow every step.
+    """
     if requested:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun's processes on this machine
-    return max(1, min(TORCH_THREADS, round(cores - busy) // local_processes, cores // local_processes))
+    return max(1, min(TORCH_THREADS, cores) // local_processes)

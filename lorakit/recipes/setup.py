@@ -15,6 +15,7 @@ from torch import nn
 
 import lorakit
 from lorakit.errors import LorakitError
+from lorakit.linalg import single_thread_decompositions
 from lorakit.recipes import data as D
 from lorakit.recipes import distributed as dist_ctx
 from lorakit.recipes.config import RunConfig
@@ -89,5 +90,6 @@ def attach(s: Setup, warmup: int, progress: bool = True) -> float:
     else:
         config = s.cfg.adapter_config(warmup)
         data = [D.to_device(b, s.device) for b in estimation_batches(s)] if config.needs_data else None
-        lorakit.adapt(s.model, config, data=data, progress=progress)
+        with single_thread_decompositions():  # the recipe owns this process's threads
+            lorakit.adapt(s.model, config, data=data, progress=progress)
     return time.perf_counter() - start

@@ -24,7 +24,7 @@ rank 0 alone writes the run directory.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,15 +33,16 @@ import torch
 
 import lorakit
 from lorakit.errors import LorakitError
-from lorakit.io import atomic_directory
+from lorakit.files import check_output_directory, output_directory
 from lorakit.recipes import checkpoint as ckpt
 from lorakit.recipes import distributed as dist_ctx
 from lorakit.recipes import plots
 from lorakit.recipes.config import RunConfig
 from lorakit.recipes.evaluation import evaluate, primary_metric
 from lorakit.recipes.loop import Budget, Optimization, check_identical, fit
-from lorakit.recipes.rundir import (RUN_FILE, RUN_FORMAT, MetricsLog, default_run_dir, peak_memory_mb, read_metrics,
-                                    read_run, reset_peak_memory, write_json, write_yaml)
+from lorakit.recipes.rundir import (RUN_FILE, RUN_FORMAT, MetricsLog, RunLock, check_new_run_dir, create_run_dir,
+                                    default_run_dir, peak_memory_mb, read_metrics, read_run, reset_peak_memory,
+                                    write_json, write_yaml)
 from lorakit.recipes.runtime import device_kind
 from lorakit.recipes.setup import Setup, attach, setup, unfreeze
 
@@ -61,33 +62,52 @@ def run(cfg: RunConfig | None = None, resume: str | Path | None = None, quiet: b
         return _run(ctx, cfg, resumed, quiet)
 
 
-def _new_run_dir(cfg: RunConfig) -> Path:
-    run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise LorakitError(f"run directory {str(run_dir)!r} already exists; choose another output.dir or resume it with --resume")
-    return run_dir
+@dataclass
+class Opened:
+    """Where a run writes: its directory, the lock rank 0 holds on it, and the checkpoint to resume from."""
+
+    run_dir: Path
+    resuming: bool
+    checkpoint: tuple[Path, dict[str, Any]] | None = None  # (directory, state.json); None: start from step 0
+    lock: RunLock | None = None
+
+    @property
+    def state(self) -> dict[str, Any] | None:
+        return self.checkpoint[1] if self.checkpoint else None
 
 
-def _open(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, Any], RunConfig] | None
-          ) -> tuple[Path, dict[str, Any] | None]:
-    """(run directory, checkpoint state or None for a new run)."""
+def _open(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, Any], RunConfig] | None) -> Opened:
+    """A new run's directory is only checked here (created after setup and init succeed); a resumed
+    run's directory is locked at once and its newest complete checkpoint found (none: start over)."""
     if resumed is None:
-        return ctx.agree(lambda: _new_run_dir(cfg), "choosing the run directory"), None
+        run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
+        return Opened(ctx.agree(lambda: check_new_run_dir(run_dir), "choosing the run directory"), resuming=False)
     run_dir, info, _ = resumed
-    state = ckpt.read_state(run_dir)
     if info.get("status") == "done":
         raise LorakitError(f"{run_dir} already finished; start a new run instead of resuming it")
-    ckpt.check_world_size(state, ctx.world)
-    return run_dir, state
+    lock = _on_main(ctx, lambda: RunLock.acquire(run_dir), "locking the run directory")
+    checkpoint = ckpt.read_state(run_dir)
+    if checkpoint is not None:
+        ckpt.check_world_size(checkpoint[1], ctx.world)
+    return Opened(run_dir, resuming=True, checkpoint=checkpoint, lock=lock)
 
 
-def _initialise(s: Setup, budget: Budget, run_dir: Path, state: dict[str, Any] | None, progress: bool) -> float:
-    """A new run attaches (and estimates); a resumed one loads the checkpoint's weights (the
-    initialised and partly trained adapter: no re-estimation). Returns the init seconds."""
-    if state is not None:
+def _on_main(ctx: dist_ctx.Context, take: Callable[[], RunLock], what: str) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (its error, if any, reaches every process); the
+    others hold nothing."""
+    held: list[RunLock] = []
+    ctx.agree(lambda: held.append(take()), what)
+    return held[0] if held else None
+
+
+def _initialise(s: Setup, budget: Budget, opened: Opened, progress: bool) -> float:
+    """From a checkpoint: its weights (the initialised and partly trained adapter: no
+    re-estimation). Otherwise attach (and estimate). Returns the init seconds."""
+    if opened.checkpoint is not None:
+        directory, state = opened.checkpoint
         if s.cfg.is_full:
             unfreeze(s.model)
-        ckpt.load_model_state(run_dir, s.model, s.cfg.is_full)
+        ckpt.load_model_state(directory, s.model, s.cfg.is_full)
         return state.get("init_seconds", 0.0)
     seconds = attach(s, budget.warmup, progress)
     if s.ctx.active:  # dropout / NEFTune noise: one stream per process (the init above drew the same on all)
@@ -98,40 +118,79 @@ def _initialise(s: Setup, budget: Budget, run_dir: Path, state: dict[str, Any] |
 def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, Any], RunConfig] | None,
          quiet: bool) -> RunResult:
     """``resumed``: read_run() of the run to continue, or None for a new run of ``cfg``."""
-    run_dir, state = _open(ctx, cfg, resumed)
+    opened = _open(ctx, cfg, resumed)
     main = ctx.is_main
     progress = cfg.train.progress and not quiet and main
     say = print if main and not quiet else (lambda *a: None)
+    if opened.resuming and opened.checkpoint is None:
+        say(f"{opened.run_dir} has no complete checkpoint: training it again from the start")
 
-    # setup: every input check happens here, before the run directory exists
+    # setup: every input check happens here, before a new run's directory exists
     s = setup(cfg, ctx=ctx)
     budget = Budget.of(cfg, len(s.features["train"]), ctx.world)
     reset_peak_memory(s.device)
-    init_seconds = _initialise(s, budget, run_dir, state, progress)
+    init_seconds = _initialise(s, budget, opened, progress)
     check_identical(s)
+    opt = Optimization.build(s.model, cfg, budget)
     report = lorakit.parameter_report(s.model)
     say(f"{cfg.method}: {report}" + (f" · {ctx.world} processes × batch {cfg.train.batch_size}" if ctx.active else ""))
+    run_dir = opened.run_dir
     info = {"format": RUN_FORMAT, "lorakit_version": lorakit.__version__, "task": cfg.task, "method": cfg.method,
             "base_model": s.loaded.path, "label_names": s.splits.label_names, "status": "training",
             "init_seconds": init_seconds, "world_size": ctx.world}
+    if not opened.resuming:
+        opened.lock = _on_main(ctx, lambda: create_run_dir(run_dir), "creating the run directory")
     if main:
-        _write_run_files(s, run_dir, info, budget, new=state is None)
+        _write_run_files(s, run_dir, info, budget, new=opened.checkpoint is None)
+    try:
+        results = _fit_evaluate_save(s, opened, opt, info, init_seconds, report, progress)
+    except BaseException as exc:
+        if main:  # the run directory says why it stopped; the last complete checkpoint stays
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            write_json(run_dir / RUN_FILE, {**info, "status": status, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+        if isinstance(exc, KeyboardInterrupt):
+            raise RunInterrupted(run_dir, ckpt.latest(run_dir)) from None
+        raise
+    finally:
+        if opened.lock is not None:
+            opened.lock.release()
+    metric = primary_metric(cfg.task)
+    test = results["test"]
+    say(f"test {metric}: {test.get(metric, float('nan')):.4f}  ({', '.join(f'{k} {v:.4f}' for k, v in test.items())})")
+    say(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, results.json, "
+        + ("model/" if cfg.is_full else "adapter/" + (", peft/" if cfg.output.peft else ""))
+        + (", merged/" if cfg.output.merged and not cfg.is_full else "") + ", training_curves.png)")
+    return RunResult(run_dir, results)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; knows where the run is and whether a checkpoint holds its progress."""
+
+    def __init__(self, run_dir: Path, checkpoint: Path | None) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir, self.checkpoint = run_dir, checkpoint
+
+
+def _fit_evaluate_save(s: Setup, opened: Opened, opt: Optimization, info: dict[str, Any], init_seconds: float,
+                       report: Any, progress: bool) -> dict[str, Any]:
+    cfg, ctx, run_dir = s.cfg, s.ctx, opened.run_dir
+    main = ctx.is_main
 
     # fit
-    opt = Optimization.build(s.model, cfg, budget)
-    start = _restore(s, run_dir, state, opt)
+    start = _restore(s, opened, opt)
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.output.tensorboard else None) if main else NullLog()
 
     def checkpoint(position: ckpt.Position, train_seconds: float) -> None:
-        _checkpoint(s, run_dir, opt, position, init_seconds, train_seconds)
+        _checkpoint(s, run_dir, opt, position, {"init_seconds": init_seconds, "train_seconds": train_seconds})
 
-    train_seconds = fit(s, opt, log, start=start, seconds=(state or {}).get("train_seconds", 0.0), progress=progress,
-                        checkpoint=checkpoint)
-
-    # evaluate
-    test = evaluate(s, "test", progress)
-    log.write({"type": "eval", "split": "test", "step": budget.total, **test})
-    log.close()
+    try:
+        train_seconds = fit(s, opt, log, start=start, seconds=(opened.state or {}).get("train_seconds", 0.0),
+                            progress=progress, checkpoint=checkpoint)
+        # evaluate
+        test = evaluate(s, "test", progress)
+        log.write({"type": "eval", "split": "test", "step": opt.budget.total, **test})
+    finally:
+        log.close()
 
     # save
     peak = peak_memory_mb(s.device)
@@ -139,7 +198,7 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, A
         "method": cfg.method, "task": cfg.task, "test": test,
         "trainable_params": report.trainable, "total_params": report.total,
         "init_seconds": init_seconds, "train_seconds": train_seconds,
-        "peak_memory_mb": ctx.max(peak, "measuring memory") if peak is not None else None, "steps": budget.total,
+        "peak_memory_mb": ctx.max(peak, "measuring memory") if peak is not None else None, "steps": opt.budget.total,
         "seed": cfg.train.seed, "world_size": ctx.world,
     }
     if main:
@@ -150,17 +209,11 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, A
         write_json(run_dir / "results.json", results)
         write_json(run_dir / RUN_FILE, {**info, "status": "done"})
     ctx.barrier("rank 0 saved the outputs")
-    metric = primary_metric(cfg.task)
-    say(f"test {metric}: {test.get(metric, float('nan')):.4f}  ({', '.join(f'{k} {v:.4f}' for k, v in test.items())})")
-    say(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, results.json, "
-        + ("model/" if cfg.is_full else "adapter/" + (", peft/" if cfg.output.peft else ""))
-        + (", merged/" if cfg.output.merged and not cfg.is_full else "") + ", training_curves.png)")
-    return RunResult(run_dir, results)
+    return results
 
 
 def _write_run_files(s: Setup, run_dir: Path, info: dict[str, Any], budget: Budget, new: bool) -> None:
-    """run.json, and for a new run the resolved config.yaml (the adapter options as they were used)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """run.json, and when training starts from step 0 the resolved config.yaml (the adapter options as used)."""
     if new:
         resolved = s.cfg.to_dict()
         if not s.cfg.is_full:
@@ -169,15 +222,16 @@ def _write_run_files(s: Setup, run_dir: Path, info: dict[str, Any], budget: Budg
     write_json(run_dir / RUN_FILE, info)
 
 
-def _restore(s: Setup, run_dir: Path, state: dict[str, Any] | None, opt: Optimization) -> ckpt.Position:
+def _restore(s: Setup, opened: Opened, opt: Optimization) -> ckpt.Position:
     """Where training starts: the checkpoint's position (optimizer, schedule and RNG restored,
     metrics logged after it forgotten), or the beginning with an empty metrics log."""
-    metrics = run_dir / "metrics.jsonl"
-    if state is None:
+    metrics = opened.run_dir / "metrics.jsonl"
+    if opened.checkpoint is None:
         if s.ctx.is_main:
             metrics.write_text("")
         return ckpt.Position(step=0, epoch=0, batch=0, metrics_offset=0)
-    position = ckpt.restore_training_state(run_dir, state, opt.optimizer, opt.scheduler, s.ctx.rank)
+    directory, state = opened.checkpoint
+    position = ckpt.restore_training_state(directory, state, opt.optimizer, opt.scheduler, s.ctx.rank)
     if s.ctx.is_main:
         with open(metrics, "r+b") as f:
             f.truncate(position.metrics_offset)
@@ -197,22 +251,18 @@ class NullLog:
         pass
 
 
-def _checkpoint(s: Setup, run_dir: Path, opt: Optimization, position: ckpt.Position,
-                init_seconds: float, train_seconds: float) -> None:
+def _checkpoint(s: Setup, run_dir: Path, opt: Optimization, position: ckpt.Position, extra: dict[str, Any]) -> None:
     """Rank 0 writes the checkpoint, with every process's random-number state."""
     rng = s.ctx.gather(ckpt.rng_state(), "gathering random states for a checkpoint")
     if s.ctx.is_main:
-        path = ckpt.save_checkpoint(run_dir, s.model, s.cfg.is_full, opt.optimizer, opt.scheduler, position, rng)
-        state = json.loads((path / "state.json").read_text())
-        state.update(init_seconds=init_seconds, train_seconds=train_seconds)
-        write_json(path / "state.json", state)
+        ckpt.save_checkpoint(run_dir, s.model, s.cfg.is_full, opt.optimizer, opt.scheduler, position, rng, extra)
     s.ctx.barrier("rank 0 wrote a checkpoint")
 
 
 def save_outputs(s: Setup, run_dir: Path, cfg: RunConfig) -> None:
     model, tok = s.model, s.loaded.tokenizer
     if cfg.is_full:
-        with atomic_directory(run_dir / "model") as tmp:
+        with output_directory(run_dir / "model") as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
         return
@@ -223,10 +273,11 @@ def save_outputs(s: Setup, run_dir: Path, cfg: RunConfig) -> None:
         export_merged(s, run_dir / "merged")
 
 
-def export_merged(s: Setup, directory: Path) -> None:
+def export_merged(s: Setup, directory: Path, overwrite: bool = False) -> None:
     """Fold the adapters in and write a plain transformers model (the adapters are gone after)."""
+    check_output_directory(directory, overwrite)  # refuse before merging
     model = lorakit.merge(s.model)
-    with atomic_directory(directory) as tmp:
+    with output_directory(directory, overwrite) as tmp:
         model.save_pretrained(tmp)
         s.loaded.tokenizer.save_pretrained(tmp)
 
@@ -235,6 +286,8 @@ def export_merged(s: Setup, directory: Path) -> None:
 def load_run(run_dir: str | Path, quiet: bool = True) -> tuple[Path, Setup]:
     """A finished run's model (base + adapter, or the full model) with its data, ready to evaluate."""
     path, info, cfg = read_run(run_dir)
+    if info.get("status") == "failed":
+        raise LorakitError(f"{path} did not finish: training failed ({info.get('error', 'no reason recorded')})")
     if info.get("status") != "done":
         raise LorakitError(f"{path} has not finished training; resume it with `lorakit train --resume {path}` first")
     if cfg.is_full:
@@ -257,21 +310,25 @@ def evaluate_run(run_dir: str | Path, split: str = "test", quiet: bool = False) 
     return result
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> Path:
-    """Write RUN_DIR/peft or RUN_DIR/merged (or ``out``) from a finished run."""
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write RUN_DIR/peft or RUN_DIR/merged (or ``out``) from a finished run. ``out`` must be new or
+    empty unless ``overwrite`` (then lorakit's files in it are replaced, every other file kept);
+    the default folder inside the run directory is lorakit's own and is refreshed."""
     if fmt not in ("peft", "merged"):
         raise LorakitError(f"--format {fmt!r} is not valid; choose peft or merged")
+    target = Path(out) if out else Path(run_dir) / fmt
+    overwrite = overwrite or out is None
+    check_output_directory(target, overwrite)  # before loading anything
     path, s = load_run(run_dir)
-    target = Path(out) if out else path / fmt
     if s.cfg.is_full:
         if fmt == "peft":
             raise LorakitError("a full fine-tuning run has no adapter to export as PEFT; its model/ folder is the merged model")
-        with atomic_directory(target) as tmp:
+        with output_directory(target, overwrite) as tmp:
             s.model.save_pretrained(tmp)
             s.loaded.tokenizer.save_pretrained(tmp)
         return target
     if fmt == "peft":
-        lorakit.export_peft(s.model, target, base_model_name_or_path=s.loaded.path)
+        lorakit.export_peft(s.model, target, base_model_name_or_path=s.loaded.path, overwrite=overwrite)
     else:
-        export_merged(s, target)
+        export_merged(s, target, overwrite)
     return target

@@ -131,7 +131,9 @@ def _resume_worker(rank: int, world: int, port: int, config: str, root: str) -> 
         finally:
             torch.optim.AdamW.step = real_step
         dist.barrier()
-        state = json.loads(Path(f"{root}/cut/checkpoint/state.json").read_text())
+        from lorakit.recipes import checkpoint as ckpt
+
+        state = json.loads((ckpt.latest(Path(f"{root}/cut")) / "state.json").read_text())
         assert state["world_size"] == 2 and state["position"]["step"] == 6, state
         assert main(["train", "--resume", f"{root}/cut", "--quiet"]) == 0
     finally:
@@ -145,7 +147,9 @@ def test_interrupted_two_process_run_resumes_bit_exactly(tmp_path):
     path = assets.write_yaml(tmp_path / "config.yaml", config)
     mp.spawn(_resume_worker, args=(2, free_port(), str(path), str(tmp_path)), nprocs=2, join=True)
 
-    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    from lorakit.recipes import checkpoint as ckpt
+
+    state = json.loads((ckpt.latest(tmp_path / "cut") / "state.json").read_text())
     whole, resumed = adapter_of(tmp_path / "whole"), adapter_of(tmp_path / "cut")
     assert whole.keys() == resumed.keys()
     for key in whole:
@@ -156,8 +160,6 @@ def test_interrupted_two_process_run_resumes_bit_exactly(tmp_path):
 
     # resuming with another number of processes is refused with the right command
     with pytest.raises(LorakitError, match="resume with torchrun --nproc_per_node 2"):
-        from lorakit.recipes import checkpoint as ckpt
-
         ckpt.check_world_size(state, 1)
 
 
