@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.io import atomic_file
+from lorakit.files import write_json
 from lorakit.recipes.config import ModelSection
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,8 +88,7 @@ def _drop_gguf_quantization_config(config_file: Path) -> None:
     if (config.get("quantization_config") or {}).get("quant_method") != "gguf":
         return
     del config["quantization_config"]
-    with atomic_file(config_file) as tmp:
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(config_file, config)
 
 
 def resolve(name: str, task: str) -> str:
