@@ -9,7 +9,6 @@ from torch import nn
 
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
-from lorakit.init import INITIALISERS
 from lorakit.inject import adapters_of, find_targets, inject
 from lorakit.linalg import layer_generator
 
@@ -47,9 +46,9 @@ def adapt(
         if missing:
             raise LorakitError(f"the gradient statistics have no entry for layer {missing[0]!r}; re-run lorakit.estimate for these targets")
     adapters = inject(model, config, names)
-    initialise = INITIALISERS[config.init_method]
+    init = config.initialisation
     for name, adapter in adapters.items():
-        initialise(adapter, config, layer_generator(config.seed, name), stats[name] if config.needs_data else None)
+        init.initialise(adapter, config, layer_generator(config.seed, name), stats[name] if config.needs_data else None)
         adapter.finish_init()
         if estimated_here:
             del stats[name]  # free each layer's G once used: init then never holds all of them

@@ -4,13 +4,13 @@
     lorakit.save_stats(stats, "grads.safetensors")          # reuse across runs and methods
     lorakit.adapt(model, config, stats=lorakit.load_stats("grads.safetensors"))
 
-G is the gradient of the mean per-example loss over ``config.num_samples`` examples (see
+G is the gradient of the mean per-example loss over ``config.estimation.num_samples`` examples (see
 ``lorakit.estimate.loss`` for the per-example loss of each model kind) w.r.t. every target
 weight, computed from hooks on the target layers with all weights frozen (no ``.grad``).
 The model runs in eval mode (dropout off) unless ``estimate_dropout``; its modes and
 ``requires_grad`` flags are restored afterwards.
 
-Estimators (``config.estimator``):
+Estimators (``config.estimation.estimator``):
 - ``"exact"``: G per layer (out × in, float32; float64 for float64 models), on
   ``estimate_device`` if given. With ``memory_budget``, layers are split into consecutive
   groups whose G fit the budget, one pass per group.
@@ -59,21 +59,17 @@ __all__ = [
 
 
 def needed_rank(config: AdapterConfig) -> int:
-    """Singular directions of G the init uses: 2r for lora-ga, r for lora-sb."""
-    return 2 * config.rank if config.init_method == "lora-ga" else config.rank
-
-
-def needs_full_gradient(config: AdapterConfig) -> bool:
-    return config.init_method == "lora-sb" and config.update == "sign"
+    """Singular directions of G the init uses (2r for lora-ga, r for lora-sb: its ``directions``)."""
+    return config.initialisation.directions(config)
 
 
 def choose_estimator(config: AdapterConfig, layers: dict[str, nn.Module]) -> tuple[str, list[list[str]]]:
     """(estimator, layer groups) by the rule in the module doc; groups are one pass each (exact)."""
-    budget = config.memory_budget_bytes
-    estimator = config.estimator
+    budget = config.estimation.memory_budget_bytes
+    estimator = config.estimation.estimator
     if estimator == "auto":
         fits = budget is None or sum(gradient_bytes(m) for m in layers.values()) <= budget
-        estimator = "exact" if fits or needs_full_gradient(config) else "sketch"
+        estimator = "exact" if fits or config.initialisation.needs_exact_gradient(config) else "sketch"
     if estimator == "sketch":
         return "sketch", [list(layers)]
     return "exact", plan_groups(layers, budget)
@@ -97,7 +93,7 @@ def _target_layers(model: nn.Module, config: AdapterConfig, targets: list[str] |
         if k > min(layer_shape(layer)):
             raise LorakitError(
                 f"{config.init_method} needs {k} singular directions of G but layer {name!r} is "
-                f"{' × '.join(map(str, layer_shape(layer)))}; lower rank to at most {min(layer_shape(layer)) // (k // config.rank)} "
+                f"{' × '.join(map(str, layer_shape(layer)))}; lower rank to at most {min(layer_shape(layer)) * config.rank // k} "
                 "or leave the layer out of targets"
             )
     return layers
@@ -122,16 +118,17 @@ def estimate(
     start = time.perf_counter()
     layers = _target_layers(model, config, targets)
     rank, world = rank_and_world()
-    if config.num_samples < world:
-        raise LorakitError(f"num_samples={config.num_samples} is smaller than the {world} ranks; use num_samples ≥ {world}")
-    batches = collect_batches(data, local_share(config.num_samples, rank, world), require_labels=loss_fn is None)
+    options = config.estimation
+    if options.num_samples < world:
+        raise LorakitError(f"num_samples={options.num_samples} is smaller than the {world} ranks; use num_samples ≥ {world}")
+    batches = collect_batches(data, local_share(options.num_samples, rank, world), require_labels=loss_fn is None)
     loss_fn = loss_fn or example_loss_fn(model)
     estimator, groups = choose_estimator(config, layers)
     k = needed_rank(config)
-    passes = len(groups) if estimator == "exact" else 2 * config.power_iters + 2
-    if estimator == "sketch" and config.memory_budget_bytes is not None:
-        need = sum(sketch_bytes(m, k, config.oversample) for m in layers.values())
-        if need > config.memory_budget_bytes:
+    passes = len(groups) if estimator == "exact" else 2 * options.power_iters + 2
+    if estimator == "sketch" and options.memory_budget_bytes is not None:
+        need = sum(sketch_bytes(m, k, options.oversample) for m in layers.values())
+        if need > options.memory_budget_bytes:
             logger.warning("lorakit: the sketches need about %s bytes, more than memory_budget", f"{need:,}")
 
     stats = GradientStatistics()
@@ -146,14 +143,14 @@ def estimate(
         samples = run_pass(model, batches, layers, accumulators, loss_fn, bar)
 
     try:
-        with estimation_mode(model, config.estimate_dropout):
+        with estimation_mode(model, options.dropout):
             if estimator == "exact":
                 for group in groups:
-                    accumulators = {n: GradientAccumulator(layers[n], config.estimate_device) for n in group}
+                    accumulators = {n: GradientAccumulator(layers[n], options.device) for n in group}
                     one_pass(accumulators)
                     stats.update({n: LayerStats(grad=acc.G) for n, acc in accumulators.items()})
             else:
-                svds = sketch_svd(layers, k, config.oversample, config.power_iters, config.seed, one_pass)
+                svds = sketch_svd(layers, k, options.oversample, options.power_iters, config.seed, one_pass)
                 stats.update({n: LayerStats(svd=svd, rank=k) for n, svd in svds.items()})
     finally:
         bar.close()

@@ -1,34 +1,79 @@
-"""Initialisations, registered by name in one table.
+"""Initialisations: one small strategy class each, registered by name in one table.
 
-An initialiser is ``fn(adapter, config, generator, stats) -> None``: it fills the adapter's
-factors (and may set a base offset) for one layer. ``stats`` is the layer's entry of the
-estimated gradient statistics for data-driven methods, None otherwise.
+An ``Initialisation`` states its facts — which adapter structures it initialises, whether it
+needs gradient statistics from training data and how many singular directions of G, whether
+it replaces the base weight W by W − s·B₀A₀, its rsLoRA default, which option groups of
+``AdapterConfig`` it reads, and what it refuses — and fills one adapter's factors in
+``initialise(adapter, config, generator, stats)``. Nothing outside this package compares
+method names: adding a method is one class here plus, for a named preset, one line of
+``lorakit.config.METHODS``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import torch
 
+from lorakit import defaults
 from lorakit.adapters import LowRankAdapter
+from lorakit.errors import LorakitError
 
-Initialiser = Callable[[LowRankAdapter, Any, torch.Generator, Any], None]
-INITIALISERS: dict[str, Initialiser] = {}
+
+def suggest(name: str, valid: Any) -> str:
+    """' (did you mean X?)' when a close match exists, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class Initialisation:
+    """The interface and the defaults of every initialisation (see the module doc)."""
+
+    name: ClassVar[str]
+    structures: ClassVar[tuple[str, ...]]  # adapter structures it can initialise
+    data_driven: ClassVar[bool] = False  # initialises from gradient statistics (lorakit.estimate)
+    changes_base: ClassVar[bool] = False  # sets W ← W − s·B₀A₀ (so export is relative to the original W)
+    rslora: ClassVar[bool] = False  # the default of use_rslora (s = α/√r)
+    uses_training_lr: ClassVar[bool] = False  # its start depends on the training lr and warm-up
+    option_groups: ClassVar[tuple[str, ...]] = ()  # AdapterConfig option groups it reads
+    training_lr: ClassVar[float] = defaults.LR  # the learning rate lorakit train uses when optim.lr is not set
+
+    def directions(self, config: Any) -> int:
+        """Singular directions of G a data-driven init uses (its estimator needs that many)."""
+        return config.rank
+
+    def needs_exact_gradient(self, config: Any) -> bool:
+        """True when it needs G itself, which the sketch estimator never forms."""
+        return False
+
+    def check(self, config: Any) -> None:
+        """Raise LorakitError for option combinations it cannot honour."""
+
+    def initialise(self, adapter: LowRankAdapter, config: Any, generator: torch.Generator, stats: Any) -> None:
+        raise NotImplementedError
+
+
+INITIALISATIONS: dict[str, Initialisation] = {}
+
+
+def register(cls: type[Initialisation]) -> type[Initialisation]:
+    INITIALISATIONS[cls.name] = cls()
+    return cls
+
+
+def initialisation(name: str) -> Initialisation:
+    try:
+        return INITIALISATIONS[name]
+    except KeyError:
+        raise LorakitError(f"unknown init {name!r}{suggest(name, INITIALISATIONS)}; valid: {', '.join(INITIALISATIONS)}") from None
 
 
 def set_factor(param: torch.Tensor, value: torch.Tensor) -> None:
     """Copy an initial value into an adapter tensor (its device and dtype, no autograd)."""
     with torch.no_grad():
         param.copy_(value.to(device=param.device, dtype=param.dtype))
-
-
-def register(name: str) -> Callable[[Initialiser], Initialiser]:
-    def add(fn: Initialiser) -> Initialiser:
-        INITIALISERS[name] = fn
-        return fn
-
-    return add
 
 
 from lorakit.init import data_free  # noqa: E402,F401  (fills the table)

@@ -81,8 +81,10 @@ def _training_steps(trainer: Any, dataloader: Any) -> int:
 
 
 def _with_training_lr(config: AdapterConfig, trainer: Any, dataloader: Any) -> AdapterConfig:
-    """lora-sb's η (first-step size) from the Trainer's learning rate and warm-up, unless set in the config."""
-    if config.init_method != "lora-sb" or config.eta is not None or config.lr is not None:
+    """An init that starts from the training step (lora-sb's η) takes the Trainer's learning rate and
+    warm-up, unless the config sets them."""
+    sb = config.lora_sb
+    if not config.initialisation.uses_training_lr or sb.eta is not None or sb.lr is not None:
         return config
     warmup = trainer.args.get_warmup_steps(_training_steps(trainer, dataloader))
     return config.replace(lr=trainer.args.learning_rate, warmup_steps=int(warmup))
@@ -128,7 +130,7 @@ def prepare(
     """Adapt ``trainer.model`` with ``config`` and install a lorakit optimizer; returns the trainer.
 
     Data-driven inits (lora-ga, lora-sb) estimate on ``data`` if given, else on the Trainer's
-    train dataloader (``config.num_samples`` examples). lora-sb's η defaults to the Trainer's
+    train dataloader (``config.estimation.num_samples`` examples). lora-sb's η defaults to the Trainer's
     learning rate over its warm-up steps. ``config=None`` keeps a model adapted earlier.
     ``neftune_alpha`` adds NEFTune noise during ``train()`` (instead of the Trainer's own
     ``neftune_noise_alpha``; setting both is an error). Every option is checked before the

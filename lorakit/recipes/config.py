@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from lorakit.config import AdapterConfig, config_keys, suggest
+from lorakit import defaults
+from lorakit.config import FLAT, GROUPS, AdapterConfig, config_keys, suggest
 from lorakit.errors import LorakitError
 
 TASKS = ("classification", "causal-lm")
@@ -71,10 +72,12 @@ class DataSection:
 @dataclass
 class OptimSection:
     """``name``: adamw | sgd; ``schedule``: linear | cosine | constant, after ``warmup_steps``
-    of linear warm-up (or ``warmup_ratio`` of the total steps)."""
+    of linear warm-up (or ``warmup_ratio`` of the total steps). ``lr`` null (the default): the
+    method's own rate (its initialisation's ``training_lr``: 1e-2 for lora-xs / lora-sb, 1e-4
+    for lora-ga, ``lorakit.defaults.LR`` = 1e-3 otherwise; 5e-5 for full fine-tuning)."""
 
     name: str = "adamw"
-    lr: float = 1e-2
+    lr: float | None = None
     weight_decay: float = 0.0
     schedule: str = "linear"
     warmup_steps: int | None = None
@@ -124,7 +127,8 @@ class OutputSection:
 
 
 def _default_adapter() -> dict[str, Any]:
-    return {"method": "lora-sb", "rank": 16}
+    """The main job's adapter: LoRA-SB at lorakit's default rank (16)."""
+    return {"method": "lora-sb"}
 
 
 @dataclass
@@ -159,14 +163,19 @@ class RunConfig:
         if not 0 <= self.data.validation_fraction < 1 or not 0 < self.data.test_fraction < 1 or \
                 self.data.validation_fraction + self.data.test_fraction >= 1:
             raise LorakitError("data.validation_fraction and data.test_fraction must be in [0, 1) and sum below 1")
-        if not self.optim.lr > 0:
-            raise LorakitError(f"optim.lr must be positive, got {self.optim.lr!r}")
+        if self.train.threads is not None and self.train.threads < 1:
+            raise LorakitError(f"train.threads must be >= 1 or null (a fixed count per machine), got {self.train.threads!r}")
+        _check_device(self.train.device)
         if not 0 <= self.optim.warmup_ratio < 1:
             raise LorakitError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio!r}")
         if "{prompt}" not in self.data.template:
             raise LorakitError("data.template must contain '{prompt}' where the prompt goes")
         self.adapter = dict(self.adapter)
-        self.adapter.setdefault("method", "lora")
+        self.adapter.setdefault("method", _default_adapter()["method"])
+        self.lr_is_default = self.optim.lr is None
+        if self.optim.lr is None:  # the method's own rate (its initialisation says which)
+            self.optim.lr = defaults.FULL_FINETUNING_LR if self.is_full else self.adapter_config().initialisation.training_lr
+        _check_optimizer(self.optim)
         if not self.is_full:
             self.adapter_config()  # validates every adapter option now, before any work
 
@@ -179,24 +188,47 @@ class RunConfig:
         return str(self.adapter["method"])
 
     def adapter_config(self, warmup_steps: int = 0) -> AdapterConfig:
-        """The AdapterConfig; lora-sb's first-step size η defaults to the optimizer's (lr, warm-up)."""
+        """The AdapterConfig; an init that starts from the training step (lora-sb's η) takes the
+        optimizer's lr and warm-up unless the adapter section sets them."""
         if self.is_full:
             raise LorakitError("adapter.method is 'full' (full fine-tuning): there is no adapter config")
         options = dict(self.adapter)
-        if "seed" not in options:
-            options["seed"] = self.train.seed
-        if options.get("eta") is None and options.get("lr") is None:
-            options["lr"] = self.optim.lr
-            options.setdefault("warmup_steps", warmup_steps)
+        options.setdefault("seed", self.train.seed)
         try:
-            return AdapterConfig(**options)
-        except TypeError as exc:
-            raise LorakitError(f"adapter: {exc}") from None
+            config = AdapterConfig(**options)
+            sb = config.lora_sb
+            if config.initialisation.uses_training_lr and sb.eta is None and sb.lr is None and self.optim.lr is not None:
+                config = config.replace(lr=self.optim.lr, warmup_steps=sb.warmup_steps or warmup_steps)
+            return config
         except LorakitError as exc:
             raise LorakitError(f"adapter: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_device(name: str) -> None:
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LorakitError(f"train.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LorakitError(f"train.device={name!r} but this machine (or this torch build) has no CUDA; use train.device=cpu or auto")
+
+
+def _check_optimizer(optim: OptimSection) -> None:
+    """The optimizer's options, checked without a model (lr=inf, negative weight decay, ...)."""
+    from lorakit.optim.factory import optimizer_options
+
+    try:
+        optimizer_options(optim.name, optim.lr, optim.weight_decay, loraplus_ratio=optim.loraplus_ratio,
+                          preconditioner=optim.preconditioner, damping=optim.damping)
+    except LorakitError as exc:
+        raise LorakitError(f"optim: {exc}") from None
 
 
 def _get(cfg: RunConfig, dotted: str) -> Any:
@@ -218,6 +250,7 @@ SECTIONS: dict[str, type] = {
 def all_keys() -> list[str]:
     """Every valid dotted key, for suggestions."""
     keys = ["task"] + [f"adapter.{k}" for k in config_keys()]
+    keys += [f"adapter.{g}.{f.name}" for g, cls in GROUPS.items() for f in dataclasses.fields(cls)]
     for name, cls in SECTIONS.items():
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
     return keys
@@ -269,19 +302,34 @@ def _build_section(name: str, cls: type, data: Any) -> Any:
     return cls(**values)
 
 
+def _numeric(value: Any, hint: Any) -> Any:
+    """A number YAML read as a string ('1e-3') becomes a float where the field is a float."""
+    if isinstance(value, str) and float in typing.get_args(hint) + (hint,):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _coerce_adapter(data: dict[str, Any]) -> dict[str, Any]:
+    """The adapter section: core options, option groups (mappings) and flat group options."""
     out = {}
-    valid = config_keys()
     hints = typing.get_type_hints(AdapterConfig)
     for key, value in data.items():
-        if key not in valid:
+        if key not in config_keys():
             raise _unknown_key(f"adapter.{key}")
-        # numbers YAML read as strings ('1e-3') become floats where the field is numeric
-        if isinstance(value, str) and key in hints and float in typing.get_args(hints[key]) + (hints[key],):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        if key in GROUPS and isinstance(value, dict):
+            group_hints = typing.get_type_hints(GROUPS[key])
+            for option in value:
+                if option not in group_hints:
+                    raise _unknown_key(f"adapter.{key}.{option}")
+            value = {k: _numeric(v, group_hints[k]) for k, v in value.items()}
+        elif key in FLAT:
+            group, option = FLAT[key]
+            value = _numeric(value, typing.get_type_hints(GROUPS[group])[option])
+        elif key in hints:
+            value = _numeric(value, hints[key])
         out[key] = value
     return out
 
@@ -313,6 +361,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise LorakitError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise LorakitError(f"config file {str(path)!r} is not UTF-8 text; save it as UTF-8 YAML") from None
+    if data is not None and not isinstance(data, dict):
+        raise LorakitError(f"config file {str(path)!r} holds a YAML {type(data).__name__}, not a mapping of sections "
+                           "(task, model, data, adapter, optim, train, eval, output)")
     return data or {}
 
 
@@ -323,12 +376,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise LorakitError(f"override {item!r} is not key=value; write e.g. optim.lr=1e-3")
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as exc:
+            raise LorakitError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); quote it, "
+                               "e.g. adapter.targets='[query, value]'") from None
         path = key.strip().split(".")
         if len(path) == 1:
             if path[0] != "task":
                 raise _unknown_key(path[0])
             data["task"] = value
+            continue
+        if len(path) == 3 and path[0] == "adapter" and path[1] in GROUPS:  # adapter.estimation.num_samples=32
+            group = data.setdefault("adapter", {}) or {}
+            data["adapter"] = group
+            group[path[1]] = {**(group.get(path[1]) or {}), path[2]: value}
             continue
         if len(path) != 2:
             raise _unknown_key(key)
@@ -338,6 +400,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         target = data.setdefault(section, {})
         if target is None:
             target = data[section] = {}
+        if not isinstance(target, dict):
+            raise LorakitError(f"config section {section!r} must be a mapping of options, got {type(target).__name__}")
         target[option] = value
     return data
 

@@ -70,7 +70,7 @@ def setup(cfg: RunConfig, label_names: list[str] | None = None, ctx: dist_ctx.Co
 def estimation_batches(s: Setup) -> list[dict[str, torch.Tensor]]:
     """The first examples of the epoch-0 order: the data lora-ga / lora-sb estimate from (each
     process takes its contiguous share; lorakit.estimate sums the statistics over processes)."""
-    n = s.cfg.adapter_config().num_samples
+    n = s.cfg.adapter_config().estimation.num_samples
     order = s.ctx.shard(D.epoch_order(len(s.features["train"]), s.cfg.train.seed, 0)[:n])
     return list(D.batches(s.features["train"], s.cfg.train.batch_size, s.pad_id, order))
 

@@ -116,7 +116,7 @@ def test_sketch_mode_sends_sketches_not_gradients(rank_outputs):
     for key in ("ga-sketch", "sb-sketch"):
         config = CONFIGS[key]
         k = (2 if config.method == "lora-ga" else 1) * config.rank
-        allowed = {d * min(k + config.oversample, o, i) for o, i in shapes for d in (o, i)}
+        allowed = {d * min(k + config.estimation.oversample, o, i) for o, i in shapes for d in (o, i)}
         sizes = {n for n in sent[key] if n > 1}  # 1: the example count
         assert sizes and sizes <= allowed, (key, sizes - allowed)
         assert max(sizes) < max(o * i for o, i in shapes)

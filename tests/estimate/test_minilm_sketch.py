@@ -78,7 +78,7 @@ def test_sketch_captures_the_top_subspaces_of_real_gradients(minilm_and_batches)
     reference = {name: (layer.grad, *full_svd(layer.grad)) for name, layer in exact.items()}
     for rank in (8, 16):
         config = AdapterConfig(method="lora-sb", rank=rank, update="gradient", estimator="sketch", **options)
-        assert config.power_iters == 1  # the default
+        assert config.estimation.power_iters == 1  # the default
         sketch = estimate(model, config, batches, progress=False)
         assert (sketch.report.passes, sketch.report.samples) == (4, SAMPLES)
         energies, cosines = [], []

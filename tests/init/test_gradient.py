@@ -158,12 +158,13 @@ def test_lora_sb_equivalent_gradient_is_the_projected_gradient(model_kind):
 
 
 def test_lora_sb_default_step_size_is_documented_and_overridable(caplog):
-    from lorakit.init.gradient import DEFAULT_LR, first_step_size
+    from lorakit.defaults import LR
+    from lorakit.init.gradient import first_step_size
 
-    assert first_step_size(AdapterConfig(method="lora-sb", eta=0.5, lr=1.0)) == 0.5
-    assert first_step_size(AdapterConfig(method="lora-sb", lr=1e-2, warmup_steps=10)) == pytest.approx(1e-3)
+    assert first_step_size(AdapterConfig(method="lora-sb", eta=0.5, lr=1.0).lora_sb) == 0.5
+    assert first_step_size(AdapterConfig(method="lora-sb", lr=1e-2, warmup_steps=10).lora_sb) == pytest.approx(1e-3)
     with caplog.at_level("WARNING", logger="lorakit"):
-        assert first_step_size(AdapterConfig(method="lora-sb", warmup_steps=7)) == pytest.approx(DEFAULT_LR / 7)
+        assert first_step_size(AdapterConfig(method="lora-sb", warmup_steps=7).lora_sb) == pytest.approx(LR / 7)
     assert "defaults to lr=" in caplog.text
 
 

@@ -69,7 +69,7 @@ def test_lora_sb_first_step_size_comes_from_the_trainer(tmp_path):
     trainer = make_trainer(tmp_path, learning_rate=2e-3, warmup_steps=4)
     prepare(trainer, AdapterConfig(method="lora-sb", rank=4, num_samples=8))
     config = lorakit.get_config(trainer.model)
-    assert config.lr == 2e-3 and config.warmup_steps == 4
+    assert config.lora_sb.lr == 2e-3 and config.lora_sb.warmup_steps == 4
     assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {
         id(a.R) for a in lorakit.adapters_of(trainer.model).values()
     } | {id(p) for p in trainer.model.classifier.parameters()}

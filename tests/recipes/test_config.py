@@ -65,8 +65,22 @@ def test_overrides_apply_with_types(tmp_path):
     assert (adapter.method, adapter.rank, adapter.targets) == ("dora", 4, ["query", "value"])
     # lora-sb's first step η follows the optimizer unless set
     sb = load_config(None, ["adapter.method=lora-sb", "optim.lr=3e-3"]).adapter_config(warmup_steps=5)
-    assert (sb.lr, sb.warmup_steps) == (pytest.approx(3e-3), 5)
-    assert load_config(None, ["adapter.eta=0.1"]).adapter_config().lr is None
+    assert (sb.lora_sb.lr, sb.lora_sb.warmup_steps) == (pytest.approx(3e-3), 5)
+    assert load_config(None, ["adapter.eta=0.1"]).adapter_config().lora_sb.lr is None
+    # option groups: nested in YAML, three-part overrides, or the flat names
+    grouped = load_config(None, ["adapter.estimation.num_samples=8", "adapter.lora_sb.update=gradient"]).adapter_config()
+    assert (grouped.estimation.num_samples, grouped.lora_sb.update) == (8, "gradient")
+    assert load_config(None, ["adapter.num_samples=8"]).adapter_config().estimation.num_samples == 8
+
+
+def test_the_learning_rate_defaults_to_the_methods_own():
+    from lorakit import defaults
+
+    assert RunConfig().optim.lr == 1e-2  # the main job: lora-sb
+    assert load_config(None, ["adapter.method=lora"]).optim.lr == defaults.LR
+    assert load_config(None, ["adapter.method=lora-ga"]).optim.lr == 1e-4
+    assert load_config(None, ["adapter.method=full"]).optim.lr == defaults.FULL_FINETUNING_LR
+    assert load_config(None, ["adapter.method=lora", "optim.lr=3e-3"]).optim.lr == 3e-3
 
 
 def test_resolved_config_round_trips():
@@ -102,7 +116,15 @@ def test_every_key_is_reachable_by_override():
         if option in ("method", "name", "source", "task", "dir") or not option:
             continue
         config = RunConfig()
-        value = getattr(config.adapter_config(), option) if section == "adapter" else getattr(getattr(config, section), option)
+        if section == "adapter":
+            from lorakit.config import FLAT, GROUPS
+
+            adapter = config.adapter_config()
+            if option in GROUPS or "." in option:
+                continue  # groups: reached through their options
+            value = getattr(getattr(adapter, FLAT[option][0]), FLAT[option][1]) if option in FLAT else getattr(adapter, option)
+        else:
+            value = getattr(getattr(config, section), option)
         if value is None:
             continue
         load_config(None, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"])
