@@ -66,12 +66,25 @@ def get_config(model: nn.Module) -> AdapterConfig:
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: ``with lorakit.adapters_disabled(model): base_logits = model(x)``."""
-    adapters = adapters_of(model).values()
-    for adapter in adapters:
-        adapter.set_enabled(False)
+    """Run the original base model: ``with lorakit.adapters_disabled(model): ref = model(x)``.
+
+    Inside, every adapter computes its base layer's ORIGINAL function, also for
+    initialisations that moved the base weight (pissa, svd-fa, lora-ga, lora-sb with
+    ``preserve_init``): their stored offset is added back on the fly (y = base(x) + s·(x A₀ᵀ) B₀ᵀ),
+    no weight is touched. On exit each adapter gets back the enabled state it had before,
+    also when the body raises. Merged adapters cannot be disabled: unmerge them first.
+    ``modules_to_save`` (e.g. a classifier head trained fully) are not adapters and keep
+    their trained weights.
+    """
+    adapters = list(adapters_of(model).values())
+    merged = [a for a in adapters if a.merged]
+    if merged:
+        raise LorakitError("cannot disable merged adapters; call unmerge() on them first")
+    previous = [a.enabled for a in adapters]
     try:
+        for adapter in adapters:
+            adapter.set_enabled(False)
         yield model
     finally:
-        for adapter in adapters:
-            adapter.set_enabled(True)
+        for adapter, enabled in zip(adapters, previous):
+            adapter.enabled = enabled

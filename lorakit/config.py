@@ -141,7 +141,8 @@ class AdapterConfig:
     instead of α/r; default: the init's, on for lora-ga as in its paper), ``dropout`` on the
     adapter input, ``modules_to_save`` (modules trained fully, e.g. a classifier head; default
     the head of a sequence-classification model), ``seed`` for random initialisations,
-    ``adapter_dtype`` (default: the base layer's; 'float32' keeps bf16 models' adapters in fp32),
+    ``adapter_dtype``, the dtype the factors are stored and updated in (default: float32 on a
+    bf16/fp16 base, else the base layer's; the low-rank matmuls run in the layer's compute dtype),
     ``adapter`` / ``init`` to override either half of the method.
 
     Option groups (see the module doc): ``svd``, ``estimation``, ``lora_xs``, ``lora_ga``,
@@ -226,7 +227,7 @@ class AdapterConfig:
             raise LorakitError(f"seed must be an integer, got {self.seed!r}")
         self._validate_targets()
         if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise LorakitError(f"adapter_dtype={self.adapter_dtype!r} is not valid; choose None (the base layer's) or one of "
+            raise LorakitError(f"adapter_dtype={self.adapter_dtype!r} is not valid; choose None (float32 on a half-precision base, else the base layer's) or one of "
                                f"{', '.join(ADAPTER_DTYPES[1:])}")
         init.check(self)
 

@@ -224,8 +224,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: boo
     for name, adapter in adapters.items():
         if meta["layers"][name]["has_offset"]:  # shapes come from the file; checked below against the other factors
             r0 = tensors.get(f"{ADAPTER_PREFIX}{name}.offset_A", torch.empty(0, 0)).shape[0]
-            adapter.offset_A = torch.zeros(r0, adapter.in_features, **adapter._factory)
-            adapter.offset_B = torch.zeros(adapter.out_features, r0, **adapter._factory)
+            adapter.offset_A = torch.zeros(r0, adapter.in_features, **adapter.tensor_options())
+            adapter.offset_B = torch.zeros(adapter.out_features, r0, **adapter.tensor_options())
         for key, value in adapter_tensors(adapter).items():
             expected[f"{ADAPTER_PREFIX}{name}.{key}"] = value
     saved_modules = meta.get("modules_to_save") or []

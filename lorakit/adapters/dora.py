@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters.base import as_dtype
 from lorakit.adapters.lora import LoRA
 from lorakit.linalg import compute_dtype
 
@@ -13,7 +14,9 @@ class DoRA(LoRA):
     """DoRA (Liu et al., 2024, arXiv 2402.09353): W' = m ⊙ V / ‖V‖, V = W + s·B·A.
 
     ``magnitude`` m (out,) starts at the row norms ‖W + s·BA‖₂ (over the input dimension),
-    so the function is unchanged at init. The norm is detached in backward, as in the paper.
+    so the function is unchanged at init. The norm is detached in backward, as in the paper,
+    and computed in one place (``direction``) in float32+ for the forward, the init and the
+    merge alike, so merged and unmerged outputs agree to the rounding of the weight dtype.
     Bias is not rescaled: y = b + (m / ‖V‖) ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ).
     Shapes: A (r × in), B (out × r), magnitude (out,); all three train.
     """
@@ -27,40 +30,45 @@ class DoRA(LoRA):
         self.magnitude = self._zeros(self.out_features)
         self.register_buffer("_merge_norm", None, persistent=False)
 
-    def direction_norm(self) -> Tensor:
-        """‖W + s·BA‖₂ per output row, in float32+."""
-        W = self.base_weight
-        V = W.to(compute_dtype(W.dtype)) + self.delta_weight().to(W.device)
-        return torch.linalg.vector_norm(V, dim=1)
+    def direction(self, W: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """V = W + s·BA (out × in) and its row norms ‖V‖₂ (out,), in float32+, without gradient.
+
+        ``W`` defaults to the (unmerged) base weight."""
+        with torch.no_grad():
+            W = self.base_weight if W is None else W
+            delta = self.delta_weight()
+            cdtype = torch.promote_types(compute_dtype(W.dtype), delta.dtype)
+            V = W.to(cdtype) + delta.to(device=W.device, dtype=cdtype)
+            return V, torch.linalg.vector_norm(V, dim=1)
 
     def finish_init(self) -> None:
         with torch.no_grad():
-            self.magnitude.copy_(self.direction_norm())
+            self.magnitude.copy_(self.direction()[1])
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        if self.merged or not self.enabled:
+        if self.merged:
             return out
+        if not self.enabled:
+            return self.without_adapter(x, out)
+        low = self.scale * self.low_rank_output(self.dropout(x))
+        ratio = self.magnitude / self.direction()[1]  # float32+; gradient reaches m only
         bias = self.base_layer.bias
+        base_out = as_dtype(out, ratio.dtype)
         if bias is not None:
-            out = out - bias
-        low = self.scale * self.low_rank_output(self.dropout(x.to(self.adapter_dtype)))
-        # ‖V‖ is built from the live B, A (for autograd) but detached, as in the paper
-        W = self.base_weight.to(self.adapter_dtype)
-        norm = torch.linalg.vector_norm(W + self.scale * (self.B @ self.A), dim=1).detach()
-        ratio = self.magnitude / norm
-        result = ratio * (out.to(self.adapter_dtype) + low)
+            base_out = base_out - bias
+        result = ratio * (base_out + low)
         if bias is not None:
-            result = result + bias.to(result.dtype)
-        return result.to(out.dtype)
+            result = result + bias
+        return as_dtype(result, out.dtype)
 
     def merged_weight(self, W: Tensor) -> Tensor:
-        V = W + self.delta_weight().to(W.dtype)
-        norm = torch.linalg.vector_norm(V, dim=1)
+        V, norm = self.direction(W)
         self._merge_norm = norm
-        return (self.magnitude.to(W.dtype) / norm)[:, None] * V
+        return (self.magnitude.to(V.dtype) / norm)[:, None] * V
 
     def unmerged_weight(self, W: Tensor) -> Tensor:
-        V = W * (self._merge_norm / self.magnitude.to(W.dtype))[:, None]
+        norm = self._merge_norm.to(W.dtype)
+        V = W * (norm / self.magnitude.to(W.dtype))[:, None]
         self._merge_norm = None
         return V - self.delta_weight().to(W.dtype)

@@ -25,7 +25,7 @@ class LoRA(LowRankAdapter):
         self.B = self._zeros(self.out_features, rank)
 
     def low_rank_output(self, x: Tensor) -> Tensor:
-        return (x @ self.A.T) @ self.B.T
+        return (x @ self.factor_as("A", x.dtype).T) @ self.factor_as("B", x.dtype).T
 
     def delta_weight(self) -> Tensor:
         cdtype = compute_dtype(self.A.dtype)

@@ -28,7 +28,8 @@ class LoRAXS(LowRankAdapter):
         self.R = self._zeros(rank, rank)
 
     def low_rank_output(self, x: Tensor) -> Tensor:
-        return ((x @ self.A.T) @ self.R.T) @ self.B.T
+        A, R, B = (self.factor_as(n, x.dtype) for n in ("A", "R", "B"))
+        return ((x @ A.T) @ R.T) @ B.T
 
     def delta_weight(self) -> Tensor:
         cdtype = compute_dtype(self.R.dtype)
