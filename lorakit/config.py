@@ -87,9 +87,11 @@ ESTIMATORS = ("auto", "exact", "sketch")
 class EstimationOptions:
     """Gradient statistics for the data-driven inits: ``num_samples`` examples, ``estimator``
     (auto / exact / sketch), ``memory_budget`` (bytes or '2GB'), the sketch's ``power_iters`` and
-    ``oversample``, ``device`` (where exact gradients accumulate, e.g. 'cpu') and ``dropout``
-    (keep dropout on while estimating). Flat names: num_samples, estimator, memory_budget,
-    power_iters, oversample, estimate_device, estimate_dropout."""
+    ``oversample``, ``device`` (where exact gradients accumulate, e.g. 'cpu'), ``dropout``
+    (keep dropout on while estimating) and ``weighting`` of a sequence model's tokens: 'token'
+    (G of the mean over all supervised tokens — the loss transformers' LMs and lorakit's recipe
+    train on) or 'example' (every example weighs the same). Flat names: num_samples, estimator,
+    memory_budget, power_iters, oversample, estimate_device, estimate_dropout, estimate_weighting."""
 
     num_samples: int = 64
     estimator: str = "auto"
@@ -98,6 +100,7 @@ class EstimationOptions:
     oversample: int = 16
     device: str | None = None
     dropout: bool = False
+    weighting: str = "token"
 
     def __post_init__(self) -> None:
         _count("estimation", "num_samples", self.num_samples, 1)
@@ -107,6 +110,8 @@ class EstimationOptions:
         _count("estimation", "power_iters", self.power_iters, 0)
         _count("estimation", "oversample", self.oversample, 8, " (randomized SVD needs oversampling)")
         parse_bytes(self.memory_budget)
+        if self.weighting not in ("token", "example"):
+            raise LorakitError(f"estimation.weighting={self.weighting!r} is not valid; choose 'token' (the training loss) or 'example'")
 
     @property
     def memory_budget_bytes(self) -> int | None:
@@ -121,7 +126,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "num_samples": ("estimation", "num_samples"), "estimator": ("estimation", "estimator"),
     "memory_budget": ("estimation", "memory_budget"), "power_iters": ("estimation", "power_iters"),
     "oversample": ("estimation", "oversample"), "estimate_device": ("estimation", "device"),
-    "estimate_dropout": ("estimation", "dropout"),
+    "estimate_dropout": ("estimation", "dropout"), "estimate_weighting": ("estimation", "weighting"),
     "xs_init_std": ("lora_xs", "init_std"),
     "direction": ("lora_ga", "direction"), "ga_scale": ("lora_ga", "scale"), "stable_gamma": ("lora_ga", "stable_gamma"),
     "update": ("lora_sb", "update"), "lr": ("lora_sb", "lr"), "warmup_steps": ("lora_sb", "warmup_steps"),

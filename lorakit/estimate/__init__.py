@@ -4,9 +4,10 @@
     lorakit.save_stats(stats, "grads.safetensors")          # reuse across runs and methods
     lorakit.adapt(model, config, stats=lorakit.load_stats("grads.safetensors"))
 
-G is the gradient of the mean per-example loss over ``config.estimation.num_samples`` examples (see
-``lorakit.estimate.loss`` for the per-example loss of each model kind) w.r.t. every target
-weight, computed from hooks on the target layers with all weights frozen (no ``.grad``).
+G is the gradient of the training loss over ``config.estimation.num_samples`` examples — for a
+causal LM by default the mean over all their supervised tokens, the objective transformers'
+LMs and lorakit's recipe train (``estimation.weighting``; see ``lorakit.estimate.loss``) — w.r.t.
+every target weight, computed from hooks on the target layers with all weights frozen (no ``.grad``).
 The model runs in eval mode (dropout off) unless ``estimate_dropout``; its modes and
 ``requires_grad`` flags are restored afterwards.
 
@@ -112,8 +113,8 @@ def estimate(
 
     ``data``: a DataLoader, an iterable of batches or a list of examples, with ``labels``
     (see ``lorakit.estimate.data``). ``targets``: layer names (default: ``config.targets``).
-    ``loss_fn(outputs, batch) -> (per-example losses (b,), valid (b,) bool)`` overrides the
-    default per-example loss. Returns layer name -> ``LayerStats``, with ``.report``.
+    ``loss_fn(outputs, batch) -> (per-example loss terms ℓ (b,), weights w (b,))`` overrides the
+    default (G = ∇Σℓ / Σw; a bool second value marks valid examples whose ℓ are their means). Returns layer name -> ``LayerStats``, with ``.report``.
     """
     start = time.perf_counter()
     layers = _target_layers(model, config, targets)
@@ -122,7 +123,7 @@ def estimate(
     if options.num_samples < world:
         raise LorakitError(f"num_samples={options.num_samples} is smaller than the {world} ranks; use num_samples ≥ {world}")
     batches = collect_batches(data, local_share(options.num_samples, rank, world), require_labels=loss_fn is None)
-    loss_fn = loss_fn or example_loss_fn(model)
+    loss_fn = loss_fn or example_loss_fn(model, options.weighting)
     estimator, groups = choose_estimator(config, layers)
     k = needed_rank(config)
     passes = len(groups) if estimator == "exact" else 2 * options.power_iters + 2

@@ -1,9 +1,9 @@
-"""One pass over the kept examples: forward, per-example loss, backward through the taps.
+"""One pass over the kept examples: forward, per-example loss terms, backward through the taps.
 
-Weighting: batch b contributes ``Σᵢ∈b ℓᵢ / n`` (n = examples this rank holds), so batch
-sizes do not matter; after the pass the accumulators are turned back into raw sums (× n),
-summed over ranks with the valid-example counts, and divided by the global count N:
-G = (1/N) Σᵢ ∇ℓᵢ exactly, on one rank or many.
+Weighting (see ``lorakit.estimate.loss``): batch b contributes ``Σᵢ∈b ℓᵢ / n`` (n = examples
+this rank holds), so batch sizes do not matter; after the pass the accumulators are turned
+back into raw sums (× n), summed over ranks with the weights wᵢ, and divided by the global
+weight W = Σᵢ wᵢ: G = ∇ (Σᵢ ℓᵢ) / W exactly, on one rank or many.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from lorakit.errors import LorakitError
 from lorakit.estimate.data import Batch, batch_size, move
 from lorakit.estimate.distributed import all_reduce_sum, is_distributed
 from lorakit.estimate.hooks import tap_gradients
-from lorakit.estimate.loss import LossFn
+from lorakit.estimate.loss import LossFn, terms_and_weights
 
 
 NO_LABELS = "no estimation example has a supervised label (all labels are -100); pass labelled examples"
@@ -77,10 +77,11 @@ def run_pass(
     loss_fn: LossFn,
     progress: Any = None,
 ) -> int:
-    """Feed every batch through the model, accumulate, reduce over ranks; returns the global example count."""
+    """Feed every batch through the model, accumulate, reduce over ranks; returns the global count of
+    examples that carry weight."""
     device = _model_device(model)
     held = sum(batch_size(b) for b in batches)
-    valid_count = 0
+    weight, examples = 0.0, 0
 
     def sink(name: str, x: Tensor, delta: Tensor) -> None:
         accumulators[name].add(x, delta)
@@ -90,17 +91,18 @@ def run_pass(
         for index, batch in enumerate(batches):
             on_device = move(batch, device)
             outputs = model(**_forward_kwargs(model, on_device))
-            losses, valid = loss_fn(outputs, on_device)
+            losses, weights = terms_and_weights(*loss_fn(outputs, on_device))
             del outputs  # the logits need not outlive the loss (its graph keeps what backward needs)
-            total = (losses * valid).sum() / held
+            total = losses.sum() / held
             if not torch.isfinite(total.detach()).all():
                 raise LorakitError(
                     f"the loss of estimation batch {index} is not finite ({total.item()}); check the model "
                     "and the labels (e.g. out-of-range class ids), or load the model in float32"
                 )
-            if valid.any() and total.requires_grad:
+            if bool((weights > 0).any()) and total.requires_grad:
                 total.backward()
-            valid_count += int(valid.sum().item())
+            weight += float(weights.sum())
+            examples += int((weights > 0).sum())
             del total, losses  # release this batch's graph before the next forward
             if progress is not None:
                 progress.update(1)
@@ -111,21 +113,22 @@ def run_pass(
             f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}; it is unused by the forward pass "
             "or does not affect the loss: leave it out of targets"
         )
-    return _finish(accumulators, held, valid_count)
+    return _finish(accumulators, held, weight, examples)
 
 
-def _finish(accumulators: dict[str, Accumulator], held: int, valid_count: int) -> int:
+def _finish(accumulators: dict[str, Accumulator], held: int, weight: float, examples: int) -> int:
+    """Turn the accumulators (Σℓ's gradient / held) into G = ∇Σℓ / W over every rank; returns the examples counted."""
     tensors = [t for acc in accumulators.values() for t in acc.tensors()]
     if not is_distributed():
-        if valid_count == 0:
+        if weight == 0:
             raise LorakitError(NO_LABELS)
-        if held != valid_count:
+        if held != weight:
             for t in tensors:
-                t.mul_(held / valid_count)
-        return valid_count
-    count = torch.tensor([float(valid_count)], dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
-    all_reduce_sum([count])
-    total = int(count.item())
+                t.mul_(held / weight)
+        return examples
+    counts = torch.tensor([weight, float(examples)], dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
+    all_reduce_sum([counts])
+    total, examples = float(counts[0]), int(counts[1])
     if total == 0:
         raise LorakitError(NO_LABELS)
     for t in tensors:
@@ -133,4 +136,4 @@ def _finish(accumulators: dict[str, Accumulator], held: int, valid_count: int) -
     all_reduce_sum(tensors)
     for t in tensors:
         t.div_(total)
-    return total
+    return examples

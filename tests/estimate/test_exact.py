@@ -1,4 +1,5 @@
-"""The exact estimators against autograd: G = ∇_W of the mean per-example loss, in float64."""
+"""The exact estimators against autograd, in float64: G = ∇_W of the training loss (the mean over
+supervised tokens for decoders; the mean over examples with estimation.weighting='example')."""
 
 from __future__ import annotations
 
@@ -32,26 +33,33 @@ def single_examples(batches: list[dict]) -> list[dict]:
     return [{k: v[i : i + 1] for k, v in b.items()} for b in batches for i in range(b["input_ids"].shape[0])]
 
 
-def example_loss(model: nn.Module, kind: str, example: dict) -> torch.Tensor | None:
-    """One example's loss written independently of lorakit: class CE, or mean next-token CE over labels ≠ -100."""
+def example_loss(model: nn.Module, kind: str, example: dict) -> tuple[torch.Tensor, int] | None:
+    """One example's summed loss and its number of terms, written independently of lorakit: class CE
+    (one term), or next-token CE summed over the labels ≠ -100."""
     logits = model(**{k: v for k, v in example.items() if k != "labels"}).logits
     if kind == "bert":
-        return F.cross_entropy(logits, example["labels"])
+        return F.cross_entropy(logits, example["labels"]), 1
     predicted, wanted = logits[0, :-1], example["labels"][0, 1:]
     keep = wanted != -100
-    return F.cross_entropy(predicted[keep], wanted[keep]) if keep.any() else None
+    return (F.cross_entropy(predicted[keep], wanted[keep], reduction="sum"), int(keep.sum())) if keep.any() else None
 
 
-def autograd_gradients(model: nn.Module, kind: str, batches: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
-    """∇_W (out × in) of the mean over examples of their loss, each example run alone."""
+def autograd_gradients(model: nn.Module, kind: str, batches: list[dict], names: list[str],
+                       weighting: str = "token") -> dict[str, torch.Tensor]:
+    """∇_W (out × in), each example run alone, of Σ losses / Σ terms ('token': every supervised token
+    weighs the same, as in training) or of the mean of the per-example means ('example')."""
     layers = {n: model.get_submodule(n) for n in names}
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in layers.values():
         layer.weight.requires_grad_(True)
-    losses = [loss for e in single_examples(batches) if (loss := example_loss(model, kind, e)) is not None]
-    grads = torch.autograd.grad(torch.stack(losses).mean(), [m.weight for m in layers.values()])
+    terms = [t for e in single_examples(batches) if (t := example_loss(model, kind, e)) is not None]
+    if weighting == "token":
+        objective = sum(loss for loss, _ in terms) / sum(n for _, n in terms)
+    else:
+        objective = torch.stack([loss / n for loss, n in terms]).mean()
+    grads = torch.autograd.grad(objective, [m.weight for m in layers.values()])
     for p, flag in flags.items():
         p.requires_grad_(flag)
     return {n: g.T if isinstance(layers[n], Conv1D) else g for n, g in zip(names, grads)}
@@ -61,17 +69,23 @@ def max_rel_error(stats, reference) -> float:
     return max(((stats[n].grad - g).norm() / g.norm()).item() for n, g in reference.items())
 
 
+@pytest.mark.parametrize("weighting", ["token", "example"])
 @pytest.mark.parametrize("budgeted", [False, True], ids=["one-pass", "memory-budget"])
-def test_exact_gradient_equals_autograd(model_kind, budgeted):
+def test_exact_gradient_equals_autograd(model_kind, budgeted, weighting):
     model = MODELS[model_kind]()
-    batches = ragged_batches(model_kind)
+    batches = ragged_batches(model_kind)  # examples of different lengths, some tokens masked, one padded
     largest = max(gradient_bytes(m) for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)))
-    config = AdapterConfig(
-        method="lora-ga", rank=2, estimator="exact", num_samples=6, memory_budget=largest if budgeted else None
-    )
+    config = AdapterConfig(method="lora-ga", rank=2, estimator="exact", num_samples=6,
+                           memory_budget=largest if budgeted else None, estimate_weighting=weighting)
     stats = estimate(model, config, batches, progress=False)
-    reference = autograd_gradients(model, model_kind, batches, list(stats))
-    assert max_rel_error(stats, reference) <= 1e-8
+    reference = autograd_gradients(model, model_kind, batches, list(stats), weighting)
+    # Llama's RMSNorm computes in float32 even in a float64 model: its backward rounds δ to float32, at
+    # a scale that differs between the two computations when they normalise differently (token weighting)
+    tolerance = 1e-6 if model_kind == "llama" and weighting == "token" else 1e-8
+    assert max_rel_error(stats, reference) <= tolerance
+    if model_kind != "bert":  # on decoders the two objectives differ: the test tells them apart
+        other = autograd_gradients(model, model_kind, batches, list(stats), "example" if weighting == "token" else "token")
+        assert max_rel_error(stats, other) > 1e-3
     report = stats.report
     assert (report.estimator, report.samples) == ("exact", 6)
     assert report.passes == report.groups and (report.groups > 1) == budgeted
@@ -79,10 +93,11 @@ def test_exact_gradient_equals_autograd(model_kind, budgeted):
         assert any(isinstance(model.get_submodule(n), Conv1D) for n in stats)
 
 
-def test_examples_weigh_equally_whatever_the_batching():
+@pytest.mark.parametrize("weighting", ["token", "example"])
+def test_the_batching_does_not_change_g(weighting):
     model = MODELS["llama"]()
     batches = ragged_batches("llama")
-    config = AdapterConfig(method="lora-ga", rank=2, estimator="exact", num_samples=6)
+    config = AdapterConfig(method="lora-ga", rank=2, estimator="exact", num_samples=6, estimate_weighting=weighting)
     together = estimate(model, config, batches, progress=False)
     one_by_one = estimate(model, config, single_examples(batches), progress=False)  # six batches of one
     for name in together:

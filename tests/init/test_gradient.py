@@ -21,15 +21,15 @@ def data_for(kind: str) -> list[dict]:
 
 
 def mean_loss(model, kind: str, batches: list[dict]) -> torch.Tensor:
-    """Mean over examples of the per-example loss (class CE, or mean next-token CE), written here."""
+    """The training loss, written here: the mean class CE over examples, or the mean next-token CE
+    over every token of every example (estimation's default 'token' weighting)."""
     losses = []
     for b in batches:
         out = model(input_ids=b["input_ids"]).logits
         if kind == "bert":
             losses.append(F.cross_entropy(out, b["labels"], reduction="none"))
         else:
-            token = F.cross_entropy(out[:, :-1].transpose(1, 2), b["labels"][:, 1:], reduction="none")
-            losses.append(token.mean(dim=1))
+            losses.append(F.cross_entropy(out[:, :-1].transpose(1, 2), b["labels"][:, 1:], reduction="none").reshape(-1))
     return torch.cat(losses).mean()
 
 
@@ -154,7 +154,9 @@ def test_lora_sb_equivalent_gradient_is_the_projected_gradient(model_kind):
         s, A, B = adapter.scale, adapter.A.detach(), adapter.B.detach()
         equivalent = s * B @ grad_R @ A
         assert rel(equivalent, s**2 * B @ B.T @ grad_W @ A.T @ A) <= 1e-10
-        assert rel(equivalent, s**2 * B @ B.T @ stats[name].grad @ A.T @ A) <= 1e-8
+        # Llama's RMSNorm rounds to float32 even in a float64 model, at a scale that differs between
+        # estimation (sum, rescaled after) and this loss (mean): 1e-6 there
+        assert rel(equivalent, s**2 * B @ B.T @ stats[name].grad @ A.T @ A) <= (1e-6 if model_kind == "llama" else 1e-8)
 
 
 def test_lora_sb_default_step_size_is_documented_and_overridable(caplog):
