@@ -75,17 +75,52 @@ class Schedule:
         return 1.0
 
 
+def loss_scaler(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """float16 models train with loss scaling (torch.amp's GradScaler), so that small gradients do
+    not underflow in fp16 activations; the tensors that train must then be float32 (lorakit's
+    default adapter factors on a half-precision base), since fp16 parameters lose small updates."""
+    if cfg.model.dtype != "float16":
+        return None
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if half:
+        what = "full fine-tuning" if cfg.is_full else f"adapter.adapter_dtype={cfg.adapter.get('adapter_dtype')}"
+        raise LorakitError(
+            f"float16 training of float16 parameters ({what}: {half[0]!r}, ...) loses small updates; use "
+            "model.dtype=bfloat16 (or float32), or keep the adapter factors in float32 (the default)"
+        )
+    return torch.amp.GradScaler(device.type)
+
+
 @dataclass
 class Optimization:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     budget: Budget
+    scaler: torch.amp.GradScaler | None = None  # float16 models: loss scaling
 
     @classmethod
-    def build(cls, model: nn.Module, cfg: RunConfig, budget: Budget) -> "Optimization":
+    def build(cls, model: nn.Module, cfg: RunConfig, budget: Budget, device: torch.device | None = None) -> "Optimization":
+        scaler = loss_scaler(model, cfg, device or torch.device("cpu"))
         optimizer = make_optimizer(model, cfg)
         schedule = Schedule(cfg.optim.schedule, budget.warmup, budget.total)
-        return cls(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), budget)
+        return cls(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), budget, scaler)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+
+    def step(self) -> None:
+        """The optimizer step (skipped by the loss scaler when a scaled gradient overflowed), then the schedule."""
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 # -- several processes ---------------------------------------------------------------------------
@@ -174,19 +209,20 @@ def train_step(s: Setup, engine: nn.Module, group: list[tuple[dict[str, torch.Te
             out = engine(**batch)
             # a micro-batch without targets (an empty shard) still runs backward, weighted 0
             loss = out.loss if n else out.logits.sum() * 0.0
-            (loss * loss_weight(n, step_targets, ctx.world)).backward()
+            opt.backward(loss * loss_weight(n, step_targets, ctx.world))
         weighted_loss += float(loss.detach()) * n
         if n:
             examples += batch["input_ids"].shape[0]
             tokens += int(batch["attention_mask"].sum())
     weighted_loss, examples, tokens = ctx.sum([weighted_loss, examples, tokens], "summing the step's loss")
+    opt.unscale()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     loss_value = weighted_loss / max(step_targets, 1)
-    check_finite_step(step, loss_value, grad_norm)  # the same on every process: loss and gradients are all-reduced
+    # the same on every process (loss and gradients are all-reduced); under loss scaling an overflowed
+    # gradient is the scaler's business (it skips the step and lowers the scale), a non-finite loss is not
+    check_finite_step(step, loss_value, grad_norm if opt.scaler is None else 0.0)
     lr = opt.optimizer.param_groups[0]["lr"]
-    opt.optimizer.step()
-    opt.scheduler.step()
-    opt.optimizer.zero_grad(set_to_none=True)
+    opt.step()
     return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
             "examples": examples, "tokens": tokens}
 

@@ -131,7 +131,7 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, A
     reset_peak_memory(s.device)
     init_seconds = _initialise(s, budget, opened, progress)
     check_identical(s)
-    opt = Optimization.build(s.model, cfg, budget)
+    opt = Optimization.build(s.model, cfg, budget, s.device)
     report = lorakit.parameter_report(s.model)
     say(f"{cfg.method}: {report}" + (f" · {ctx.world} processes × batch {cfg.train.batch_size}" if ctx.active else ""))
     run_dir = opened.run_dir
@@ -181,7 +181,10 @@ def _fit_evaluate_save(s: Setup, opened: Opened, opt: Optimization, info: dict[s
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.output.tensorboard else None) if main else NullLog()
 
     def checkpoint(position: ckpt.Position, train_seconds: float) -> None:
-        _checkpoint(s, run_dir, opt, position, {"init_seconds": init_seconds, "train_seconds": train_seconds})
+        extra = {"init_seconds": init_seconds, "train_seconds": train_seconds}
+        if opt.scaler is not None:
+            extra["grad_scaler"] = opt.scaler.state_dict()
+        _checkpoint(s, run_dir, opt, position, extra)
 
     try:
         train_seconds = fit(s, opt, log, start=start, seconds=(opened.state or {}).get("train_seconds", 0.0),
@@ -232,6 +235,8 @@ def _restore(s: Setup, opened: Opened, opt: Optimization) -> ckpt.Position:
         return ckpt.Position(step=0, epoch=0, batch=0, metrics_offset=0)
     directory, state = opened.checkpoint
     position = ckpt.restore_training_state(directory, state, opt.optimizer, opt.scheduler, s.ctx.rank)
+    if opt.scaler is not None and "grad_scaler" in state:
+        opt.scaler.load_state_dict(state["grad_scaler"])
     if s.ctx.is_main:
         with open(metrics, "r+b") as f:
             f.truncate(position.metrics_offset)

@@ -237,3 +237,28 @@ def test_cpu_threads_do_not_follow_the_machine_load(monkeypatch):
         counts.add(runtime.cpu_threads(None))
     assert len(counts) == 1
     assert runtime.cpu_threads(3) == 3
+
+
+# -- float16 ---------------------------------------------------------------------------------------
+def test_float16_trains_with_loss_scaling_and_fp32_factors(tmp_path):
+    from lorakit.recipes import loop
+    from lorakit.recipes.config import load_config
+    from lorakit.recipes.setup import attach, setup
+
+    config = assets.causal_config(tmp_path, adapter={"method": "lora"}, model={"dtype": "float16"})
+    cfg = load_config(assets.write_yaml(tmp_path / "c.yaml", config))
+    s = setup(cfg)
+    attach(s, 0, progress=False)
+    opt = loop.Optimization.build(s.model, cfg, loop.Budget(4, 0), s.device)
+    assert isinstance(opt.scaler, torch.amp.GradScaler)
+    assert all(p.dtype == torch.float32 for p in s.model.parameters() if p.requires_grad)
+    assert _train(tmp_path, config, f"output.dir={tmp_path / 'fp16'}", "train.checkpoint_every=2") == 0
+    losses = [r["loss"] for r in read_metrics(tmp_path / "fp16" / "metrics.jsonl") if r["type"] == "train"]
+    assert all(l == l and abs(l) < 1e4 for l in losses) and losses[-1] < losses[0]
+
+
+def test_float16_full_finetuning_is_refused_before_anything_is_written(tmp_path, capsys):
+    config = assets.causal_config(tmp_path, adapter={"method": "full"}, model={"dtype": "float16"})
+    assert _train(tmp_path, config) == 2
+    assert "model.dtype=bfloat16" in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
