@@ -142,7 +142,7 @@ def load_model(section: ModelSection, task: str, num_labels: int | None = None) 
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a missing, truncated or foreign checkpoint: one line, whichever library raised
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LorakitError(f"could not load model {section.name!r} ({first}); give 'minilm', 'smollm2', a local folder, "
                            "or a hub name with the hub reachable") from None

@@ -1,0 +1,179 @@
+"""Every bad input a user tried is one line on stderr, exit status 2, and leaves no run directory.
+
+The table below is the contract; ``python tests/test_bad_input.py`` runs it and rewrites
+docs/bad-input.md with the message each input gets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "recipes"))
+import assets  # noqa: E402
+
+from lorakit.cli import main  # noqa: E402
+
+
+@dataclass
+class Case:
+    name: str  # what the user did
+    pattern: str  # a regex the one-line message must match
+    argv: Callable[[Path], list[str]]  # the command, given a scratch directory with a tiny model and data
+    writes_run: bool = False  # the case resumes / exports an existing run (which must stay as it was)
+
+
+def _config(tmp: Path, **sections) -> str:
+    return str(assets.write_yaml(tmp / "c.yaml", assets.classification_config(tmp, **sections)))
+
+
+def _train(tmp: Path, *overrides: str, **sections) -> list[str]:
+    return ["train", "--config", _config(tmp, **sections), "--quiet", *overrides]
+
+
+def _yaml_list(tmp: Path) -> list[str]:
+    (tmp / "list.yaml").write_text("- task: classification\n- adapter: {method: lora}\n")
+    return ["train", "--config", str(tmp / "list.yaml")]
+
+
+def _truncated_model(tmp: Path) -> list[str]:
+    folder = assets.bert_folder(tmp / "broken")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return _train(tmp, f"model.name={folder}")
+
+
+def _checkpointed_run(tmp: Path) -> Path:
+    """A run killed after its first checkpoint (steps 1-2 done, checkpoint at 2)."""
+    config = assets.classification_config(tmp, train={"max_steps": 4, "checkpoint_every": 2}, output={"plot": False})
+    import torch
+
+    real, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def stop_at_3(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = stop_at_3
+    try:
+        assert main(["train", "--config", str(assets.write_yaml(tmp / "k.yaml", config)), "--quiet"]) == 130
+    finally:
+        torch.optim.AdamW.step = real
+    from lorakit.recipes import checkpoint as ckpt
+
+    return ckpt.latest(tmp / "run")
+
+
+def _resume_with(damage: Callable[[Path], None]) -> Callable[[Path], list[str]]:
+    def argv(tmp: Path) -> list[str]:
+        damage(_checkpointed_run(tmp))
+        return ["train", "--resume", str(tmp / "run"), "--quiet"]
+
+    return argv
+
+
+def _truncate(name: str) -> Callable[[Path], None]:
+    return lambda d: (d / name).write_bytes((d / name).read_bytes()[:40])
+
+
+def _drop_position(directory: Path) -> None:
+    state = json.loads((directory / "state.json").read_text())
+    del state["position"]
+    (directory / "state.json").write_text(json.dumps(state))
+
+
+def _foreign_pickle(directory: Path) -> None:
+    import pickle
+
+    (directory / "optimizer.pt").write_bytes(pickle.dumps({"state": {}, "param_groups": []}))
+
+
+def _adapter_damage(directory: Path) -> None:
+    path = directory / "adapter" / "adapter.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+CASES = [
+    Case("a YAML config whose top level is a list", r"holds a YAML list, not a mapping of sections", _yaml_list),
+    Case("an override value that is not valid YAML", r"override 'adapter.targets=\[query': the value is not valid YAML",
+         lambda t: _train(t, "adapter.targets=[query")),
+    Case("a non-integer adapter.seed", r"adapter: seed must be an integer, got 'x'", lambda t: _train(t, "adapter.seed=x")),
+    Case("train.threads = 0", r"train.threads must be >= 1", lambda t: _train(t, "train.threads=0")),
+    Case("train.device=cuda without CUDA", r"has no CUDA; use train.device=cpu", lambda t: _train(t, "train.device=cuda")),
+    Case("truncated model weights", r"could not load model .*broken", _truncated_model),
+    Case("an invalid target regex", r"target regex '\(\*' is not a valid regular expression", lambda t: _train(t, "adapter.targets=(*")),
+    Case("adapter.dropout=abc", r"adapter: dropout must be a number in \[0, 1\), got 'abc'", lambda t: _train(t, "adapter.dropout=abc")),
+    Case("optim.lr=inf", r"optim: lr must be a finite number > 0, got inf", lambda t: _train(t, "optim.lr=.inf")),
+    Case("negative weight decay", r"optim: weight_decay must be a finite number >= 0", lambda t: _train(t, "optim.weight_decay=-0.1")),
+    Case("resume with a truncated rng.safetensors", r"checkpoint .*step-00000002 is damaged \(rng.safetensors",
+         _resume_with(_truncate("rng.safetensors")), writes_run=True),
+    Case("resume with a state.json missing 'position'", r"checkpoint .*step-00000002 is damaged \(state.json's position",
+         _resume_with(_drop_position), writes_run=True),
+    Case("resume with a foreign pickle as optimizer.pt", r"optimizer.pt is missing or was not written by lorakit",
+         _resume_with(_foreign_pickle), writes_run=True),
+    Case("eval of a run that has not finished", r"has not finished training; resume it with `lorakit train --resume .*run`",
+         lambda t: (_checkpointed_run(t), ["eval", str(t / "run")])[1], writes_run=True),
+    Case("resume with a damaged checkpoint adapter", r"checkpoint .*step-00000002 is damaged \(.*checksum",
+         _resume_with(_adapter_damage), writes_run=True),
+]
+
+
+def _run(case: Case, tmp: Path, capsys) -> str:
+    argv = case.argv(tmp)
+    capsys.readouterr()
+    before = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (code, err)
+    assert err.count("\n") == 0 and err.startswith("lorakit: error: "), err
+    assert "Traceback" not in err and "weights_only" not in err, err
+    after = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
+    if not case.writes_run:
+        assert not (tmp / "run").exists() and not (tmp / "runs").exists(), after
+    assert [p for p in after if p not in before and not str(p).startswith("run")] == []
+    return err.removeprefix("lorakit: error: ")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case):
+    message = _run(case, tmp_path, capsys)
+    assert re.search(case.pattern, message), message
+
+
+if __name__ == "__main__":  # rewrite docs/bad-input.md from the table (messages as they are now)
+    import tempfile
+
+    class _Capture:
+        def readouterr(self):
+            out = self.buffer.getvalue()
+            self.buffer.seek(0)
+            self.buffer.truncate()
+            return type("Captured", (), {"err": out, "out": ""})()
+
+    import contextlib
+    import io
+
+    rows = []
+    for case in CASES:
+        capture = _Capture()
+        capture.buffer = io.StringIO()
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(capture.buffer):
+            message = _run(case, Path(tmp), capture)
+        shown = message.replace("|", "\\|").replace(tmp, "…")
+        rows.append(f"| {case.name} | `{shown}` |")
+    doc = Path(__file__).parents[1] / "docs" / "bad-input.md"
+    doc.write_text("# Bad input: what lorakit says\n\nEach row is a case of `tests/test_bad_input.py`: exit status 2, "
+                   "this one line on stderr, and no run directory left behind (resume cases leave the run as it was). "
+                   "Regenerate with `python tests/test_bad_input.py`.\n\n| input | message |\n| --- | --- |\n"
+                   + "\n".join(rows) + "\n")
+    print(f"wrote {doc}")
