@@ -119,11 +119,10 @@ def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 # -- the config ------------------------------------------------------------------------------
-def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in (changes or {}).items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+def deep_merge(base: dict[str, Any], changes: dict[str, Any] | None) -> dict[str, Any]:
+    from lorakit.recipes.config import deep_merge as merge
+
+    return merge(base, changes or {})
 
 
 def load(path: Path, budget: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -25,6 +25,7 @@ from lorakit.errors import LorakitError
 from lorakit.init import INITIALISATIONS, Initialisation, initialisation, suggest
 from lorakit.init.data_free import XSOptions
 from lorakit.init.gradient import GAOptions, SBOptions
+from lorakit.linalg import DTYPES
 
 # method -> (adapter structure, initialisation)
 METHODS: dict[str, tuple[str, str]] = {
@@ -39,7 +40,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "lora-sb": ("xs", "lora-sb"),
 }
 ADAPTERS = ("lora", "lora-fa", "xs", "dora")
-ADAPTER_DTYPES = (None, "float32", "float64", "bfloat16", "float16")
+ADAPTER_DTYPES = (None, *DTYPES)
 __all__ = ["AdapterConfig", "EstimationOptions", "GAOptions", "METHODS", "SBOptions", "SVDOptions", "XSOptions", "suggest"]
 
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from lorakit.adapters import ADAPTER_CLASSES, LowRankAdapter, is_supported_layer
 from lorakit.config import AdapterConfig, suggest
 from lorakit.errors import LorakitError
+from lorakit.linalg import DTYPES
 
 # Sequence-classification heads trained fully unless modules_to_save says otherwise.
 CLASSIFIER_HEADS = ("classifier", "score")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _matches_suffix(name: str, suffix: str) -> bool:
@@ -43,6 +42,18 @@ def resolve_modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str
 
 def _leaf_names(names: list[str]) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n in names})
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding module (transformers' get_input_embeddings), or None."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        embeddings = getter()
+    except (NotImplementedError, AttributeError):
+        return None
+    return embeddings if isinstance(embeddings, nn.Module) else None
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -95,7 +106,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def build_adapters(model: nn.Module, config: AdapterConfig, names: list[str]) -> dict[str, LowRankAdapter]:
     """A zero-initialised adapter around each named layer, built beside the model (not yet in it)."""
     cls = ADAPTER_CLASSES[config.adapter_type]
-    dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else None
+    dtype = DTYPES[config.adapter_dtype] if config.adapter_dtype else None
     adapters = {}
     for name in names:
         try:

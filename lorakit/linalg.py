@@ -32,6 +32,11 @@ class TopSVD(NamedTuple):
     V: Tensor
 
 
+# the floating dtypes lorakit accepts by name (configs, recipes): one table
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                                  "float64": torch.float64}
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (bf16, fp16, fp32) computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

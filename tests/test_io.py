@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import MODELS, batch_for, logits, perturb_trainables, rel
+from conftest import MODELS, batch_for, logits, perturb_trainables
 
 import lorakit
 from lorakit.io import CONFIG_FILE, TENSOR_FILE

@@ -19,18 +19,10 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from lorakit.inject import input_embeddings
+
 # (layer name, x (..., in), δ (..., out)) -> None
 Sink = Callable[[str, Tensor, Tensor], None]
-
-
-def _input_embeddings(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_input_embeddings", None)
-    if getter is None:
-        return None
-    try:
-        return getter()
-    except (NotImplementedError, AttributeError):
-        return None
 
 
 def _embeddings_require_grad(module: nn.Module, args, output) -> None:
@@ -72,7 +64,7 @@ def tap_gradients(model: nn.Module, layers: dict[str, nn.Module], sink: Sink) ->
         return forward_hook
 
     try:
-        embeddings = _input_embeddings(model)
+        embeddings = input_embeddings(model)
         if embeddings is not None:
             handles.append(embeddings.register_forward_hook(_embeddings_require_grad))
         for name, layer in layers.items():

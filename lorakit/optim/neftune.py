@@ -18,17 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
+from lorakit.inject import input_embeddings
 
 # embedding modules that currently carry a NEFTune hook (to refuse stacking two)
 _ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def _input_embeddings(model: nn.Module) -> nn.Module:
-    if isinstance(model, nn.Embedding):
-        return model
-    get = getattr(model, "get_input_embeddings", None)
-    embeddings = get() if callable(get) else None
-    if not isinstance(embeddings, nn.Module):
+    embeddings = model if isinstance(model, nn.Embedding) else input_embeddings(model)
+    if embeddings is None:
         raise LorakitError(
             f"cannot find the input embeddings of a {type(model).__name__}: pass a transformers model "
             "(with get_input_embeddings()) or the nn.Embedding itself"

@@ -27,10 +27,11 @@ import yaml
 from lorakit import defaults
 from lorakit.config import FLAT, GROUPS, AdapterConfig, config_keys, suggest
 from lorakit.errors import LorakitError
+from lorakit.linalg import DTYPES as TORCH_DTYPES
 
 TASKS = ("classification", "causal-lm")
 FULL = "full"  # the adapter method meaning "no adapters, every parameter trains"
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+DTYPES = tuple(TORCH_DTYPES)
 
 
 @dataclass

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.linalg import DTYPES
 from lorakit.files import write_json
 from lorakit.recipes.config import ModelSection
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclass
