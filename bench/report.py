@@ -209,11 +209,32 @@ def label_positions(points: dict[str, tuple[float, float, float]], gap: float) -
 
 
 def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
+    """One quality experiment: its setup, the results table, before/after, the lr search, notes,
+    the papers' convergence claims, two plots, and its headline."""
     f = result["figures"]
-    where = f"{name}.json"
-    metric = need(f, "metric", where=where)
-    methods = need(f, "methods", where=where)
+    metric = need(f, "metric", where=f"{name}.json")
+    methods = need(f, "methods", where=f"{name}.json")
     reference = f.get("reference", "lora")
+    ok = {m: e for m, e in methods.items() if e.get("status") == "ok"}
+    _quality_setup(rep, f, result)
+    points = _quality_table(rep, f, metric, methods, reference)
+    _quality_before_after(rep, f, metric, ok)
+    _quality_lr_search(rep, f, methods, ok)
+    _quality_notes(rep, f, reference, ok)
+    _quality_convergence_claims(rep, reference, methods)
+    rep.add("")
+    if points:
+        _quality_plots(rep, name, f, metric, reference, points, ok)
+    if ok:
+        parts = [f"{m} {e['mean']:.3f}" for m, e in ok.items()]
+        rep.headlines.append(f"{QUALITY.get(f.get('experiment', ''), (name,))[0]} ({f.get('budget')} budget, {len(f.get('seeds', []))} "
+                             f"seed(s)), test {metric}: " + ", ".join(parts) + ".")
+    failed = [m for m in methods if m not in ok]
+    if failed:
+        rep.missed.append(f"{name}: methods that failed to run: {', '.join(failed)} (errors in the table).")
+
+
+def _quality_setup(rep: Report, f: dict[str, Any], result: dict[str, Any]) -> None:
     rep.add(f"Budget **{f.get('budget')}**: {f.get('budget_description', '')}. Config `{f.get('config')}`; seeds "
             f"{f.get('seeds')}; learning rate " + ("chosen per method on the validation split from the grid in the config"
                                                   if f.get("lr_search") else "fixed per method (no validation search)") + "."
@@ -228,6 +249,11 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
     if result["status"] == "partial":
         rep.add("", "**This run had not finished when the report was generated: only the methods below are in it.**")
     rep.add("", environment(result), "")
+
+
+def _quality_table(rep: Report, f: dict[str, Any], metric: str, methods: dict[str, Any], reference: str
+                   ) -> dict[str, tuple[float, float, float]]:
+    """The results table; returns (trainable params, mean, std) per finished method, for the plot."""
     rows, points = [], {}
     if "baseline" in f:
         base = f["baseline"]
@@ -250,53 +276,66 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
         points[method] = (e["trainable_params"], e["mean"], e["std"])
     rep.add(table(["method", f"test {metric} (mean ± std)", "trainable params", "of full", "lr", "init (s)", "train (s)",
                    "peak mem (MB)", f"steps to {reference}'s final loss", "final train loss", "test loss"], rows), "")
-    if "baseline" in f and f["baseline"].get("status") == "ok":
-        before = f["baseline"]["test"][metric]
-        ok = [(m, e["mean"]) for m, e in methods.items() if e.get("status") == "ok"]
-        if ok:
-            rep.add(f"Test {metric} before training: {before:.4f}; after: " + ", ".join(f"{m} {v:.4f}" for m, v in ok) + ".", "")
-            if all(v == before for _, v in ok):
-                rep.add(f"Every row, before and after training, has the same test {metric} ({before:.4f}): at this budget "
-                        f"{metric} does not separate the methods; the test loss below does.", "")
-            loss_before = f["baseline"]["test"].get("loss")
-            losses = [(m, (e.get("test_other_mean") or {}).get("loss")) for m, e in methods.items() if e.get("status") == "ok"]
-            if loss_before is not None and all(v is not None for _, v in losses):
-                rep.add(f"Test loss (answer tokens) before training: {loss_before:.4f}; after: "
-                        + ", ".join(f"{m} {v:.4f}" for m, v in losses) + ".", "")
-    grids = {m: e["lr_grid"] for m, e in methods.items() if e.get("status") == "ok" and e.get("lr_grid")}
-    if grids:
-        select = f.get("select") or {}
-        rep.add(f"Learning-rate search (seed {f.get('seeds', [0])[0]}): validation {select.get('metric', '?')} after "
-                f"training at each learning rate of the method's grid; the chosen one (bold) was then trained on every seed.", "")
-        rep.add(table(["method", "validation at each lr"],
-                      [[m, ", ".join(f"**{lr}: {fmt(v, 4)}**" if float(lr) == methods[m]["lr"] else f"{lr}: {fmt(v, 4)}"
-                                     for lr, v in g.items())] for m, g in grids.items()]), "")
-        widened = {m: e["lr_grid_extended"] for m, e in methods.items() if m in grids and e.get("lr_grid_extended")}
-        if widened:
-            rep.add(f"Grids widened because the best rate sat at an edge (up to {f.get('extend_grid', '?')} more rates past it): "
-                    + ", ".join(f"{m} (added {', '.join(lrs)})" for m, lrs in widened.items()) + ".", "")
-        edges = []
-        for m, g in grids.items():
-            rates = sorted(float(lr) for lr in g)
-            if len(rates) > 1 and methods[m]["lr"] in (rates[0], rates[-1]):
-                edges.append(f"{m} ({'lowest' if methods[m]['lr'] == rates[0] else 'highest'}, {methods[m]['lr']:g})")
-        if edges:
-            rep.add(f"Chosen at an edge of the {'final ' if widened else ''}grid, so a wider grid might find a better rate: "
-                    + ", ".join(edges) + ".", "")
-    window = f.get("smooth_window")
-    rep.add(f"Training losses are trailing means over {window} steps; \"steps to {reference}'s final loss\" is the first "
+    return points
+
+
+def _quality_before_after(rep: Report, f: dict[str, Any], metric: str, ok: dict[str, Any]) -> None:
+    if "baseline" not in f or f["baseline"].get("status") != "ok" or not ok:
+        return
+    before = f["baseline"]["test"][metric]
+    rep.add(f"Test {metric} before training: {before:.4f}; after: " + ", ".join(f"{m} {e['mean']:.4f}" for m, e in ok.items()) + ".", "")
+    if all(e["mean"] == before for e in ok.values()):
+        rep.add(f"Every row, before and after training, has the same test {metric} ({before:.4f}): at this budget "
+                f"{metric} does not separate the methods; the test loss below does.", "")
+    loss_before = f["baseline"]["test"].get("loss")
+    losses = [(m, (e.get("test_other_mean") or {}).get("loss")) for m, e in ok.items()]
+    if loss_before is not None and all(v is not None for _, v in losses):
+        rep.add(f"Test loss (answer tokens) before training: {loss_before:.4f}; after: "
+                + ", ".join(f"{m} {v:.4f}" for m, v in losses) + ".", "")
+
+
+def _quality_lr_search(rep: Report, f: dict[str, Any], methods: dict[str, Any], ok: dict[str, Any]) -> None:
+    grids = {m: e["lr_grid"] for m, e in ok.items() if e.get("lr_grid")}
+    if not grids:
+        return
+    select = f.get("select") or {}
+    rep.add(f"Learning-rate search (seed {f.get('seeds', [0])[0]}): validation {select.get('metric', '?')} after "
+            f"training at each learning rate of the method's grid; the chosen one (bold) was then trained on every seed.", "")
+    rep.add(table(["method", "validation at each lr"],
+                  [[m, ", ".join(f"**{lr}: {fmt(v, 4)}**" if float(lr) == methods[m]["lr"] else f"{lr}: {fmt(v, 4)}"
+                                 for lr, v in g.items())] for m, g in grids.items()]), "")
+    widened = {m: e["lr_grid_extended"] for m, e in methods.items() if m in grids and e.get("lr_grid_extended")}
+    if widened:
+        rep.add(f"Grids widened because the best rate sat at an edge (up to {f.get('extend_grid', '?')} more rates past it): "
+                + ", ".join(f"{m} (added {', '.join(lrs)})" for m, lrs in widened.items()) + ".", "")
+    edges = []
+    for m, g in grids.items():
+        rates = sorted(float(lr) for lr in g)
+        if len(rates) > 1 and methods[m]["lr"] in (rates[0], rates[-1]):
+            edges.append(f"{m} ({'lowest' if methods[m]['lr'] == rates[0] else 'highest'}, {methods[m]['lr']:g})")
+    if edges:
+        rep.add(f"Chosen at an edge of the {'final ' if widened else ''}grid, so a wider grid might find a better rate: "
+                + ", ".join(edges) + ".", "")
+
+
+def _quality_notes(rep: Report, f: dict[str, Any], reference: str, ok: dict[str, Any]) -> None:
+    rep.add(f"Training losses are trailing means over {f.get('smooth_window')} steps; \"steps to {reference}'s final loss\" is the first "
             f"step at which a method's trailing mean is at or below {reference}'s final one (same seed), averaged over seeds. "
             "Peak memory is the run's peak resident memory (CPU) or peak CUDA allocation, each run in a fresh process; "
             "on CPU it includes the interpreter, the data and the evaluation batches, so it differs little between methods. "
             "Init and train times are wall-clock seconds on the machine below while other jobs shared it; use the "
             "training-step benchmark for speed comparisons.", "")
-    stuck = [m for m, e in methods.items() if e.get("status") == "ok" and (e.get("test_other_mean") or {}).get("mcc", 1.0) < 0.1]
+    stuck = [m for m, e in ok.items() if (e.get("test_other_mean") or {}).get("mcc", 1.0) < 0.1]
     if stuck:
         rep.add(f"Near-constant predictions (test MCC below 0.1) at this budget and learning rate: {', '.join(stuck)}. "
                 "These methods had not learned the task yet; their accuracy is the majority-class rate, not a verdict "
                 "on the method (a learning-rate search, as in the full budget, is what would settle it).", "")
+
+
+def _quality_convergence_claims(rep: Report, reference: str, methods: dict[str, Any]) -> None:
+    """The faster-convergence claims of the PiSSA and LoRA-GA papers, against the reference's own first step there."""
     ref = methods.get(reference, {})
-    for claim in ("pissa", "lora-ga"):  # the convergence claims of the PiSSA and LoRA-GA papers
+    for claim in ("pissa", "lora-ga"):
         e = methods.get(claim)
         if not e or e.get("status") != "ok" or ref.get("status") != "ok":
             continue
@@ -306,59 +345,59 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
             rep.add(f"- {claim} did **not** reach {reference}'s final training loss within {e['steps']} steps "
                     f"({conv.get('reached_in')}): the faster-convergence claim is not reproduced at this budget and "
                     "learning rate.")
-        else:
-            own = (ref.get("steps_to_reference_loss") or {}).get("mean") or ref["steps"]
-            rep.add(f"- {claim} first reached {reference}'s final training loss at step {steps:.1f} of {e['steps']}; "
-                    f"{reference} itself first got there at step {own:.1f}"
-                    + (f": {own / steps:.2f}× fewer steps for {claim}, consistent with the paper's faster-convergence claim."
-                       if steps < own else f": {claim} needed no fewer steps, the faster-convergence claim is not "
-                       "reproduced at this budget and learning rate."))
-    rep.add("")
-    if points:
-        def draw_points(ax):
-            colour = colours(list(points))
-            for label, (x, y, s) in points.items():
-                ax.errorbar([x], [y], yerr=[s], fmt="o", capsize=3, color=colour[label])
-            bottom, top = ax.get_ylim()
-            placed = label_positions(points, gap=0.06 * (top - bottom))
-            for label, (x, y, side) in placed.items():
-                ax.annotate(label, (points[label][0], points[label][1]), xytext=(x, y), textcoords="data", fontsize=8,
-                            va="center", ha="left" if side > 0 else "right",
-                            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": colour[label]})
-            ax.set_xscale("log")
-            xs = [x for x, _, _ in points.values()]
-            ax.set_xlim(min(xs) / 2.5, max(xs) * 4)  # room for the labels beside the outermost points
-            label_ys = [y for _, y, _ in placed.values()]
-            margin = 0.04 * (top - bottom)
-            ax.set_ylim(min(bottom, min(label_ys) - margin), max(top, max(label_ys) + margin))
-            ax.set_xlabel("trainable parameters (log)")
-            ax.set_ylabel(f"test {metric}")
-            ax.set_title(f"{QUALITY.get(f.get('experiment', ''), (name,))[0]} · {f.get('budget')} budget", fontsize=9)
-            ax.grid(alpha=0.3)
-        rep.plot(f"{name}_metric_vs_params.png", draw_points, f"test {metric} against trainable parameters")
-        curves = {m: e["train_loss"] for m, e in methods.items() if e.get("status") == "ok" and e.get("train_loss")}
-        if curves and window:
-            def draw_curves(ax):
-                colour = colours(list(curves))
-                for label, per_seed in curves.items():
-                    losses = next(iter(per_seed.values()))
-                    means = [statistics.fmean(losses[max(0, i + 1 - window): i + 1]) for i in range(len(losses))]
-                    ax.plot(range(1, len(means) + 1), means, label=label, color=colour[label],
-                            linewidth=2.2 if label == reference else 1.0)
-                ax.set_xlabel("step")
-                ax.set_ylabel(f"training loss (trailing mean of {window})")
-                ax.set_title("training loss, first seed", fontsize=9)
-                ax.legend(fontsize=7, ncol=2)
-                ax.grid(alpha=0.3)
-            rep.plot(f"{name}_loss_curves.png", draw_curves, "training loss per step, first seed", (7.0, 4.5))
-    best = max(((m, e["mean"]) for m, e in methods.items() if e.get("status") == "ok"), key=lambda t: t[1], default=None)
-    if best:
-        parts = [f"{m} {e['mean']:.3f}" for m, e in methods.items() if e.get("status") == "ok"]
-        rep.headlines.append(f"{QUALITY.get(f.get('experiment', ''), (name,))[0]} ({f.get('budget')} budget, {len(f.get('seeds', []))} "
-                             f"seed(s)), test {metric}: " + ", ".join(parts) + ".")
-    failed = [m for m, e in methods.items() if e.get("status") != "ok"]
-    if failed:
-        rep.missed.append(f"{name}: methods that failed to run: {', '.join(failed)} (errors in the table).")
+            continue
+        own = (ref.get("steps_to_reference_loss") or {}).get("mean") or ref["steps"]
+        rep.add(f"- {claim} first reached {reference}'s final training loss at step {steps:.1f} of {e['steps']}; "
+                f"{reference} itself first got there at step {own:.1f}"
+                + (f": {own / steps:.2f}× fewer steps for {claim}, consistent with the paper's faster-convergence claim."
+                   if steps < own else f": {claim} needed no fewer steps, the faster-convergence claim is not "
+                   "reproduced at this budget and learning rate."))
+
+
+def _quality_plots(rep: Report, name: str, f: dict[str, Any], metric: str, reference: str,
+                   points: dict[str, tuple[float, float, float]], ok: dict[str, Any]) -> None:
+    """Test metric against trainable parameters, and the first seed's training-loss curves."""
+    def draw_points(ax):
+        colour = colours(list(points))
+        for label, (x, y, s) in points.items():
+            ax.errorbar([x], [y], yerr=[s], fmt="o", capsize=3, color=colour[label])
+        bottom, top = ax.get_ylim()
+        placed = label_positions(points, gap=0.06 * (top - bottom))
+        for label, (x, y, side) in placed.items():
+            ax.annotate(label, (points[label][0], points[label][1]), xytext=(x, y), textcoords="data", fontsize=8,
+                        va="center", ha="left" if side > 0 else "right",
+                        arrowprops={"arrowstyle": "-", "lw": 0.5, "color": colour[label]})
+        ax.set_xscale("log")
+        xs = [x for x, _, _ in points.values()]
+        ax.set_xlim(min(xs) / 2.5, max(xs) * 4)  # room for the labels beside the outermost points
+        label_ys = [y for _, y, _ in placed.values()]
+        margin = 0.04 * (top - bottom)
+        ax.set_ylim(min(bottom, min(label_ys) - margin), max(top, max(label_ys) + margin))
+        ax.set_xlabel("trainable parameters (log)")
+        ax.set_ylabel(f"test {metric}")
+        ax.set_title(f"{QUALITY.get(f.get('experiment', ''), (name,))[0]} · {f.get('budget')} budget", fontsize=9)
+        ax.grid(alpha=0.3)
+
+    rep.plot(f"{name}_metric_vs_params.png", draw_points, f"test {metric} against trainable parameters")
+    window = f.get("smooth_window")
+    curves = {m: e["train_loss"] for m, e in ok.items() if e.get("train_loss")}
+    if not curves or not window:
+        return
+
+    def draw_curves(ax):
+        colour = colours(list(curves))
+        for label, per_seed in curves.items():
+            losses = next(iter(per_seed.values()))
+            means = [statistics.fmean(losses[max(0, i + 1 - window): i + 1]) for i in range(len(losses))]
+            ax.plot(range(1, len(means) + 1), means, label=label, color=colour[label],
+                    linewidth=2.2 if label == reference else 1.0)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"training loss (trailing mean of {window})")
+        ax.set_title("training loss, first seed", fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+
+    rep.plot(f"{name}_loss_curves.png", draw_curves, "training loss per step, first seed", (7.0, 4.5))
 
 
 def param_section(rep: Report, result: dict[str, Any]) -> None:
