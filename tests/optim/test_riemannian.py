@@ -158,11 +158,12 @@ def test_identity_fallback_when_the_inverse_fails():
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 @pytest.mark.parametrize("loraplus_ratio", [None, True])
-def test_bf16_steps_stay_finite_from_b_zero(name, loraplus_ratio):
+@pytest.mark.parametrize("adapter_dtype, factor_dtype", [(None, torch.float32), ("bfloat16", torch.bfloat16)])
+def test_bf16_steps_stay_finite_from_b_zero(name, loraplus_ratio, adapter_dtype, factor_dtype):
     model = MODELS["llama"](dtype=torch.bfloat16)
-    lorakit.adapt(model, lorakit.AdapterConfig(method="lora", rank=4))  # B = 0 at init
+    lorakit.adapt(model, lorakit.AdapterConfig(method="lora", rank=4, adapter_dtype=adapter_dtype))  # B = 0 at init
     adapters = lorakit.adapters_of(model).values()
-    assert all(a.B.dtype == torch.bfloat16 and not a.B.any() for a in adapters)
+    assert all(a.B.dtype == factor_dtype and not a.B.any() for a in adapters)
     opt = lorakit.make_optimizer(model, name, lr=1e-3, preconditioner="riemannian", loraplus_ratio=loraplus_ratio)
     model.train()
     for step in range(3):
