@@ -95,7 +95,8 @@ class TrainSection:
     """``max_steps`` is the step budget (default: the main job's 125 steps of 32 examples);
     null lets ``epochs`` decide. ``threads``: CPU threads (default: the cores not already busy).
     Under torchrun, ``batch_size`` is per process and ``dist_timeout`` (seconds) bounds every
-    wait for the other processes."""
+    wait for the other processes; ``parallel``: ddp (a full model per process) or fsdp (the
+    model sharded over the processes with FSDP2, see lorakit/recipes/fsdp.py)."""
 
     epochs: int = 1
     max_steps: int | None = 125
@@ -107,6 +108,7 @@ class TrainSection:
     threads: int | None = None
     progress: bool = True
     dist_timeout: float = 1800.0
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -148,6 +150,7 @@ class RunConfig:
         _check_choice("model.dtype", self.model.dtype, DTYPES)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
         _check_choice("optim.schedule", self.optim.schedule, ("linear", "cosine", "constant"))
+        _check_choice("train.parallel", self.train.parallel, ("ddp", "fsdp"))
         if self.optim.preconditioner is not None:
             _check_choice("optim.preconditioner", self.optim.preconditioner, ("riemannian",))
         for key in ("model.max_length", "train.epochs", "train.batch_size", "train.grad_accum", "eval.batch_size",

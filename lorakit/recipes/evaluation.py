@@ -4,7 +4,8 @@
     generate(s, "test")     greedy continuations of the split's prompts
 
 Under torchrun each process evaluates its contiguous share and the results are gathered, so
-every process returns the metrics of the whole split.
+every process returns the metrics of the whole split (under train.parallel=fsdp every process
+evaluates the whole split with the sharded model, the forwards in step).
 """
 
 from __future__ import annotations
@@ -13,8 +14,16 @@ import torch
 from tqdm.auto import tqdm
 
 from lorakit.recipes import data as D
+from lorakit.recipes import distributed as dist_ctx
 from lorakit.recipes import metrics as M
+from lorakit.recipes.fsdp import is_sharded
 from lorakit.recipes.setup import Setup
+
+
+def evaluation_context(s: Setup) -> dist_ctx.Context:
+    """The processes that split the evaluation: all of them, or none for a model sharded with FSDP2,
+    whose every forward needs every process (each then evaluates the whole split, in step)."""
+    return dist_ctx.Context() if is_sharded(s.model) else s.ctx
 
 
 def primary_metric(task: str) -> str:
@@ -32,7 +41,7 @@ def loss_targets(task: str, batch: dict[str, torch.Tensor]) -> int:
 def evaluate(s: Setup, split: str, progress: bool = True) -> dict[str, float]:
     """Classification: loss, accuracy, F1, MCC. Causal-LM: loss, perplexity, and exact match of
     the final number of greedy generations."""
-    model, cfg, ctx = s.model, s.cfg, s.ctx
+    model, cfg, ctx = s.model, s.cfg, evaluation_context(s)
     if not s.features[split]:
         return {}
     features = ctx.shard(s.features[split])
@@ -68,13 +77,13 @@ def evaluate(s: Setup, split: str, progress: bool = True) -> dict[str, float]:
 @torch.no_grad()
 def generate(s: Setup, split: str, progress: bool = True) -> list[str]:
     """Greedy continuations of the split's prompts (left-padded batches)."""
-    tok, out, ctx = s.loaded.tokenizer, [], s.ctx
+    tok, out, ctx = s.loaded.tokenizer, [], evaluation_context(s)
     prompts = ctx.shard(s.prompts[split])
     bar = tqdm(total=len(prompts), desc=f"generate {split}", disable=not (progress and ctx.is_main), leave=False, unit="ex")
     for batch in D.batches(prompts, s.cfg.eval.batch_size, s.pad_id, left_pad=True):
         batch = D.to_device(batch, s.device)
         ids = s.model.generate(**batch, max_new_tokens=s.cfg.eval.max_new_tokens, do_sample=False,
-                               pad_token_id=s.pad_id, eos_token_id=tok.eos_token_id)
+                               pad_token_id=s.pad_id, eos_token_id=tok.eos_token_id, synced_gpus=is_sharded(s.model))
         out += tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         bar.update(len(ids))
     bar.close()

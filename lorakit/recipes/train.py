@@ -36,6 +36,7 @@ from lorakit.errors import LorakitError
 from lorakit.files import check_output_directory, output_directory
 from lorakit.recipes import checkpoint as ckpt
 from lorakit.recipes import distributed as dist_ctx
+from lorakit.recipes import fsdp
 from lorakit.recipes import plots
 from lorakit.recipes.config import RunConfig
 from lorakit.recipes.evaluation import evaluate, primary_metric
@@ -109,7 +110,7 @@ def _initialise(s: Setup, budget: Budget, opened: Opened, progress: bool) -> flo
             unfreeze(s.model)
         ckpt.load_model_state(directory, s.model, s.cfg.is_full)
         return state.get("init_seconds", 0.0)
-    seconds = attach(s, budget.warmup, progress)
+    seconds = (fsdp.attach if fsdp.enabled(s) else attach)(s, budget.warmup, progress)
     if s.ctx.active:  # dropout / NEFTune noise: one stream per process (the init above drew the same on all)
         torch.manual_seed(s.cfg.train.seed + 7919 * s.ctx.rank)
     return seconds
@@ -118,6 +119,7 @@ def _initialise(s: Setup, budget: Budget, opened: Opened, progress: bool) -> flo
 def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, Any], RunConfig] | None,
          quiet: bool) -> RunResult:
     """``resumed``: read_run() of the run to continue, or None for a new run of ``cfg``."""
+    fsdp.check_config(cfg, ctx)
     opened = _open(ctx, cfg, resumed)
     main = ctx.is_main
     progress = cfg.train.progress and not quiet and main
@@ -204,8 +206,11 @@ def _fit_evaluate_save(s: Setup, opened: Opened, opt: Optimization, info: dict[s
         "peak_memory_mb": ctx.max(peak, "measuring memory") if peak is not None else None, "steps": opt.budget.total,
         "seed": cfg.train.seed, "world_size": ctx.world,
     }
-    if main:
+    if fsdp.enabled(s):  # every process gathers its shards, rank 0 writes
+        fsdp.save_outputs(s, run_dir)
+    elif main:
         save_outputs(s, run_dir, cfg)
+    if main:
         if cfg.output.plot:
             plots.training_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training_curves.png",
                                   f"{cfg.method} · {cfg.task}")
