@@ -44,9 +44,6 @@ from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import adapters_of, find_targets, inject, resolve_modules_to_save
 
-BASE = ".base_layer"
-
-
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -133,9 +130,8 @@ def adapt_sharded(model: nn.Module, config: AdapterConfig, data: Any, mesh: Any,
             raise LorakitError(f"method {config.method!r} initialises from gradients: it needs estimation data")
         from lorakit.estimate import estimate
 
-        # the taps sit on the base layers: with zero factors their x and ∂L/∂y are the plain model's
-        found = estimate(model, config, data, targets=[n + BASE for n in names], progress=progress)
-        stats = {n: found[n + BASE] for n in names}
+        # the taps sit on the adapters' base layers: with zero factors their x and ∂L/∂y are the plain model's
+        stats = estimate(model, config, data, targets=names, progress=progress)
     by_unit: dict[str, list[str]] = {}
     for name in names:
         by_unit.setdefault(_owner(name, units), []).append(name)
