@@ -223,9 +223,6 @@ def check_config(cfg: Any, ctx: Any) -> None:
         return
     if cfg.is_full:
         raise LorakitError("train.parallel=fsdp trains adapters; full fine-tuning (adapter.method=full) runs with train.parallel=ddp")
-    if cfg.train.checkpoint_every:
-        raise LorakitError("train.checkpoint_every is not supported with train.parallel=fsdp yet; set train.checkpoint_every=0 "
-                           "or use train.parallel=ddp")
     if cfg.optim.preconditioner is not None:
         raise LorakitError("optim.preconditioner=riemannian is not supported with train.parallel=fsdp (its r × r "
                            "preconditioners need whole factors); use train.parallel=ddp or drop the preconditioner")
@@ -238,3 +235,24 @@ def save_outputs(s: Any, run_dir: Path) -> None:
     if s.ctx.is_main and (s.cfg.output.peft or s.cfg.output.merged):
         print(f"train.parallel=fsdp wrote adapter/ only: export with `lorakit export {run_dir} --format peft` "
               "(or --format merged) in one process")
+
+
+# -- checkpoints: the small adapter and optimizer state, gathered to rank 0 --------------------------
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, is_main: bool) -> dict[str, Any]:
+    """``save_checkpoint``'s ``entries`` and ``optimizer_state``: the adapter and the optimizer state
+    (keyed by parameter name, torch.distributed.checkpoint's full state dict) gathered to rank 0's CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    entries = adapter_entries(model, is_main)
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"entries": entries, "optimizer_state": state} if is_main else {}
+
+
+def optimizer_loader(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """How a checkpoint's full optimizer state enters the sharded optimizer: each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    def load(state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    return load

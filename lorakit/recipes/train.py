@@ -109,6 +109,8 @@ def _initialise(s: Setup, budget: Budget, opened: Opened, progress: bool) -> flo
         if s.cfg.is_full:
             unfreeze(s.model)
         ckpt.load_model_state(directory, s.model, s.cfg.is_full)
+        if fsdp.enabled(s):  # loaded whole, then sharded as a new run is after its init
+            fsdp.shard(s.model, lorakit.get_config(s.model), fsdp.mesh_of(s))
         return state.get("init_seconds", 0.0)
     seconds = (fsdp.attach if fsdp.enabled(s) else attach)(s, budget.warmup, progress)
     if s.ctx.active:  # dropout / NEFTune noise: one stream per process (the init above drew the same on all)
@@ -239,7 +241,8 @@ def _restore(s: Setup, opened: Opened, opt: Optimization) -> ckpt.Position:
             metrics.write_text("")
         return ckpt.Position(step=0, epoch=0, batch=0, metrics_offset=0)
     directory, state = opened.checkpoint
-    position = ckpt.restore_training_state(directory, state, opt.optimizer, opt.scheduler, s.ctx.rank)
+    load = fsdp.optimizer_loader(s.model, opt.optimizer) if fsdp.enabled(s) else None
+    position = ckpt.restore_training_state(directory, state, opt.optimizer, opt.scheduler, s.ctx.rank, load)
     if opt.scaler is not None and "grad_scaler" in state:
         opt.scaler.load_state_dict(state["grad_scaler"])
     if s.ctx.is_main:
@@ -264,8 +267,9 @@ class NullLog:
 def _checkpoint(s: Setup, run_dir: Path, opt: Optimization, position: ckpt.Position, extra: dict[str, Any]) -> None:
     """Rank 0 writes the checkpoint, with every process's random-number state."""
     rng = s.ctx.gather(ckpt.rng_state(), "gathering random states for a checkpoint")
+    gathered = fsdp.checkpoint_state(s.model, opt.optimizer, s.ctx.is_main) if fsdp.enabled(s) else {}
     if s.ctx.is_main:
-        ckpt.save_checkpoint(run_dir, s.model, s.cfg.is_full, opt.optimizer, opt.scheduler, position, rng, extra)
+        ckpt.save_checkpoint(run_dir, s.model, s.cfg.is_full, opt.optimizer, opt.scheduler, position, rng, extra, **gathered)
     s.ctx.barrier("rank 0 wrote a checkpoint")
 
 

@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
-from test_distributed_train import adapter_of, max_relative_error, torchrun, train_records  # noqa: E402
+from conftest import free_port  # noqa: E402
+from test_distributed_train import _resume_worker, adapter_of, max_relative_error, torchrun, train_records  # noqa: E402
 
 from lorakit.cli import main  # noqa: E402
 
@@ -43,3 +46,18 @@ def test_fsdp_two_processes_equal_one_process_on_the_doubled_batch(tmp_path, met
     for a, b in zip(steps_two, steps_one):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_interrupted_fsdp_run_resumes_bit_exactly(tmp_path):
+    """Both processes stop at step 7 (the checkpoint of step 6 survives) and resume sharded."""
+    config = assets.classification_config(tmp_path, train={"epochs": 2, "batch_size": 4, "checkpoint_every": 3,
+                                                           "parallel": "fsdp"},
+                                          output={"peft": False, "plot": False})
+    path = assets.write_yaml(tmp_path / "config.yaml", config)
+    mp.spawn(_resume_worker, args=(2, free_port(), str(path), str(tmp_path)), nprocs=2, join=True)
+
+    whole, resumed = adapter_of(tmp_path / "whole"), adapter_of(tmp_path / "cut")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    assert [r["loss"] for r in train_records(tmp_path / "whole")] == [r["loss"] for r in train_records(tmp_path / "cut")]
