@@ -42,11 +42,32 @@ def collective_errors(what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
-        rank = dist.get_rank() if is_distributed() else 0
-        raise LorakitError(
-            f"rank {rank}: the other processes stopped answering while {what} ({_backend_reason(exc)}); "
-            "one of them failed or timed out: see its own error above"
-        ) from None
+        raise _peer_failure(what, exc) from None
+
+
+# what gloo / NCCL / c10d say when a peer is gone or silent (their errors are plain RuntimeErrors)
+_PEER_FAILURE = re.compile(r"gloo|nccl|connection (?:closed|reset|refused)|timed out|timeout|broken pipe", re.IGNORECASE)
+
+
+@contextmanager
+def peer_errors(what: str) -> Iterator[None]:
+    """Like ``collective_errors`` around code that communicates only now and then (e.g. FSDP's
+    all-gathers inside forward and backward): a failed collective becomes the one-line error, any
+    other RuntimeError (a bug, out of memory) stays what it is."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not is_distributed() or not (isinstance(exc, getattr(dist, "DistError", ())) or _PEER_FAILURE.search(str(exc))):
+            raise
+        raise _peer_failure(what, exc) from None
+
+
+def _peer_failure(what: str, exc: Exception) -> LorakitError:
+    rank = dist.get_rank() if is_distributed() else 0
+    return LorakitError(
+        f"rank {rank}: the other processes stopped answering while {what} ({_backend_reason(exc)}); "
+        "one of them failed or timed out: see its own error above"
+    )
 
 
 def _backend_reason(exc: Exception) -> str:

@@ -42,6 +42,7 @@ from lorakit.adaptation import CONFIG_ATTR, initialise_adapter
 from lorakit.adapters import LowRankAdapter
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
+from lorakit.estimate.distributed import peer_errors
 from lorakit.inject import adapters_of, find_targets, inject, resolve_modules_to_save
 
 def is_sharded(model: nn.Module) -> bool:
@@ -131,14 +132,15 @@ def adapt_sharded(model: nn.Module, config: AdapterConfig, data: Any, mesh: Any,
         from lorakit.estimate import estimate
 
         # the taps sit on the adapters' base layers: with zero factors their x and ∂L/∂y are the plain model's
-        stats = estimate(model, config, data, targets=names, progress=progress)
+        with peer_errors("estimating on the sharded model"):
+            stats = estimate(model, config, data, targets=names, progress=progress)
     by_unit: dict[str, list[str]] = {}
     for name in names:
         by_unit.setdefault(_owner(name, units), []).append(name)
     for unit_name in units:
         unit = model.get_submodule(unit_name)
         sharded = dict(unit.named_parameters())
-        with unsharded(unit):
+        with peer_errors("initialising the sharded adapters"), unsharded(unit):
             for name in by_unit.get(unit_name, []):
                 initialise_adapter(adapters[name], name, config, stats.pop(name) if stats is not None else None)
             _write_shards(unit, sharded)

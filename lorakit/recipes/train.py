@@ -33,6 +33,7 @@ import torch
 
 import lorakit
 from lorakit.errors import LorakitError
+from lorakit.estimate.distributed import peer_errors
 from lorakit.files import check_output_directory, output_directory
 from lorakit.recipes import checkpoint as ckpt
 from lorakit.recipes import distributed as dist_ctx
@@ -147,7 +148,8 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, A
     if main:
         _write_run_files(s, run_dir, info, budget, new=opened.checkpoint is None)
     try:
-        results = _fit_evaluate_save(s, opened, opt, info, init_seconds, report, progress)
+        with peer_errors("training"):  # a process lost in a forward, backward or save: one line, not a hang
+            results = _fit_evaluate_save(s, opened, opt, info, init_seconds, report, progress)
     except BaseException as exc:
         if main:  # the run directory says why it stopped; the last complete checkpoint stays
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"

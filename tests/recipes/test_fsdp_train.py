@@ -61,3 +61,75 @@ def test_interrupted_fsdp_run_resumes_bit_exactly(tmp_path):
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
     assert [r["loss"] for r in train_records(tmp_path / "whole")] == [r["loss"] for r in train_records(tmp_path / "cut")]
+
+
+# -- a rank killed (SIGKILL) mid-run: the survivor stops with one line instead of waiting ------------
+def _killed_rank_worker(rank: int, port: int, config: str, stage: str, timeout: float, out: str) -> None:
+    import contextlib
+    import io
+    import json
+    import os
+    import signal
+    import time
+    from datetime import timedelta
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=timeout))
+    if rank == 1:
+        estimation = sys.modules["lorakit.estimate"]  # (lorakit.estimate is also the function's name)
+
+        def die(*_args, **_kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        if stage == "estimation":
+            estimation.run_pass = die  # the first pass over the estimation examples
+        else:  # the second step's backward, where FSDP2 reduce-scatters the gradients
+            from lorakit.recipes.loop import Optimization
+
+            calls = {"n": 0}
+            real_backward = Optimization.backward
+
+            def backward(self, loss):
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    die()
+                return real_backward(self, loss)
+
+            Optimization.backward = backward
+    err, start = io.StringIO(), time.perf_counter()
+    with contextlib.redirect_stderr(err):
+        code = main(["train", "--config", config, "--quiet"])
+    Path(out).write_text(json.dumps({"code": code, "stderr": err.getvalue(), "seconds": time.perf_counter() - start}))
+    os._exit(0)  # do not wait for the dead peer in the process group's teardown
+
+
+@pytest.mark.parametrize("stage", ["estimation", "training"])
+def test_a_killed_rank_stops_the_other_with_one_line(tmp_path, stage):
+    import json
+
+    timeout = 10.0
+    config = assets.causal_config(tmp_path, adapter={"method": "lora-sb", "rank": 2, "num_samples": 4},
+                                  data={"train_size": 24}, train={"max_steps": 4, "batch_size": 4, "parallel": "fsdp",
+                                                                  "dist_timeout": timeout},
+                                  output={"peft": False, "plot": False})
+    path = assets.write_yaml(tmp_path / "config.yaml", config)
+    ctx = mp.get_context("spawn")
+    port, out = free_port(), tmp_path / "rank0.json"
+    ranks = [ctx.Process(target=_killed_rank_worker, args=(r, port, str(path), stage, timeout, str(tmp_path / f"rank{r}.json")))
+             for r in range(2)]
+    for p in ranks:
+        p.start()
+    ranks[0].join(timeout=timeout + 60)
+    for p in ranks:
+        if p.is_alive():
+            p.terminate()
+        p.join()
+    report = json.loads(out.read_text())
+    assert report["code"] == 2
+    lines = report["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lorakit: error: rank 0: the other processes stopped answering while "), lines
+    assert ("estimating" if stage == "estimation" else "training") in lines[0]
+    assert report["seconds"] < timeout + 30
+    assert not (tmp_path / "run" / "adapter").exists()  # nothing half written
