@@ -21,7 +21,7 @@ from conftest import batch_for, free_port, tiny_llama  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.inject import adapters_of  # noqa: E402
-from lorakit.io import ADAPTER_PREFIX, adapter_tensors  # noqa: E402
+from lorakit.io import ADAPTER_PREFIX, FINGERPRINT_PREFIX, adapter_tensors, base_fingerprint, original_base_weight  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -99,6 +99,13 @@ def test_sharded_estimation_gives_the_factors_of_one_unsharded_process(sharded, 
         rows = key.rsplit(".", 1)[-1].endswith("A")  # A: r × in (its row space), B: out × r (its columns)
         assert smallest_cosine(two.T if rows else two, one.T if rows else one) >= 0.9999, key
         assert two.norm() == pytest.approx(float(one.norm()), rel=1e-6), key
+    # the base weights the shards were left with: W − s·B₀A₀ written back to every rank's rows, so
+    # the original W they imply (each layer's saved fingerprint) is the unsharded model's
+    for name, adapter in adapters_of(model).items():
+        assert torch.allclose(sharded[f"{FINGERPRINT_PREFIX}{name}"], base_fingerprint(original_base_weight(adapter)),
+                              rtol=1e-12, atol=1e-14), name
+    if CASES[case]["method"] == "lora-ga":  # which moves W: the fingerprints see the write-back
+        assert any(adapter.has_offset for adapter in adapters_of(model).values())
     # lora-sb's R: the same up to the bases' signs and order within equal singular values
     for key in single:
         if key.endswith(".R"):
