@@ -29,6 +29,7 @@ process reads the full checkpoint (``from_pretrained``) before sharding it.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -221,6 +222,9 @@ def enabled(s: Any) -> bool:
 
 def check_config(cfg: Any, ctx: Any) -> None:
     """What train.parallel=fsdp does not do yet, refused before any work."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and cfg.train.parallel != "fsdp":
+        raise LorakitError("accelerate launch was given an FSDP config but train.parallel is "
+                           f"{cfg.train.parallel}; add train.parallel=fsdp (lorakit shards with FSDP2 itself)")
     if cfg.train.parallel != "fsdp" or not ctx.active:
         return
     if cfg.is_full:

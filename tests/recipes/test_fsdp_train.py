@@ -138,3 +138,16 @@ def test_a_killed_rank_stops_the_other_with_one_line(tmp_path, stage):
     assert ("estimating" if stage == "estimation" else "training") in lines[0]
     assert report["seconds"] < timeout + 30
     assert not (tmp_path / "run" / "adapter").exists()  # nothing half written
+
+
+def test_an_accelerate_fsdp_config_without_train_parallel_fsdp_is_one_line(tmp_path, monkeypatch, capsys):
+    # `accelerate launch --use_fsdp` (or an FSDP config file) sets ACCELERATE_USE_FSDP; lorakit's own loop
+    # shards only with train.parallel=fsdp, so the mismatch is refused before any work
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    path = assets.write_yaml(tmp_path / "config.yaml", assets.classification_config(tmp_path))
+    capsys.readouterr()  # the tiny model's save_pretrained progress bar
+    assert main(["train", "--config", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lorakit: error: accelerate launch was given an FSDP config but train.parallel is ddp; "
+                   "add train.parallel=fsdp (lorakit shards with FSDP2 itself)"]
+    assert not (tmp_path / "run").exists()
