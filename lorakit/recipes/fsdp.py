@@ -7,8 +7,8 @@
 
 Units (one FSDP parameter group each, all-gathered for their forward and backward): every
 ``modules_to_save`` module, every transformer block (the classes transformers lists in the model's
-``_no_split_modules``, the blocks accelerate's FSDP auto-wrap shards too), then the root (embeddings,
-head, anything left). Frozen base weights and trainable factors share a unit: FSDP2 only needs the
+``_no_split_modules``, the blocks accelerate's FSDP auto-wrap shards too), the input embeddings and
+the output head (unless tied), then the root (anything left, e.g. the final norm). Frozen base weights and trainable factors share a unit: FSDP2 only needs the
 *trainable* parameters of a unit to have one dtype (the factors' ``adapter_dtype``; a classifier head
 trained in the model's dtype is a unit of its own). No MixedPrecisionPolicy: every tensor computes in
 the dtype it is stored in, as in one process, so N sharded processes match one unsharded process.
@@ -20,8 +20,9 @@ rank, one unit at a time with that unit all-gathered, and each rank keeps its ow
 
 What each rank holds at peak (N ranks, P parameters of the base): its shard P/N of every weight
 (and of the factors, their gradients and AdamW moments), plus the all-gathered units in flight —
-the root (embeddings and head) and one or two blocks (FSDP2 prefetches the next) — plus one
-micro-batch's activations. Estimation adds the statistics of every target (sketch: O((out + in)·k)
+one or two blocks (FSDP2 prefetches the next), the embeddings at the start of the forward, the head
+at its end (both throughout it when tied), the root's few small tensors — plus one micro-batch's
+activations. Estimation adds the statistics of every target (sketch: O((out + in)·k)
 per layer; exact: out × in per layer of the current ``memory_budget`` group). The initialisation and
 the final save all-gather one unit at a time. Loading the base model is not sharded here: each
 process reads the full checkpoint (``from_pretrained``) before sharding it.
@@ -44,7 +45,7 @@ from lorakit.adapters import LowRankAdapter
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.estimate.distributed import peer_errors
-from lorakit.inject import adapters_of, find_targets, inject, resolve_modules_to_save
+from lorakit.inject import adapters_of, find_targets, inject, input_embeddings, resolve_modules_to_save
 
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
@@ -65,13 +66,31 @@ def block_names(model: nn.Module) -> list[str]:
 def _units(model: nn.Module, config: AdapterConfig) -> list[str]:
     """The units to shard, innermost first ("" is the root)."""
     saved = resolve_modules_to_save(model, config)
-    blocks = [b for b in block_names(model) if not any(b == s or b.startswith(s + ".") for s in saved)]
-    return sorted(saved + blocks, key=lambda n: -n.count(".")) + [""]
+    blocks = [b for b in block_names(model) if not any(_within(b, s) for s in saved)]
+    taken = saved + blocks
+    return sorted(taken + _embedding_units(model, taken), key=lambda n: -n.count(".")) + [""]
+
+
+def _within(name: str, unit: str) -> bool:
+    return name == unit or name.startswith(unit + ".")
+
+
+def _embedding_units(model: nn.Module, taken: list[str]) -> list[str]:
+    """The input embeddings and the output head, each a unit of its own (all-gathered only at the
+    start / end of the forward rather than throughout it as the root is), unless tied (one weight
+    in two modules stays in the root) or inside another unit already."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    modules = [m for m in (input_embeddings(model), head) if m is not None]
+    weights = [getattr(m, "weight", None) for m in modules]
+    if len(weights) == 2 and weights[0] is weights[1]:
+        return []
+    names = [n for n, m in model.named_modules() if n and any(m is x for x in modules)]
+    return [n for n in names if not any(_within(n, t) for t in taken)]
 
 
 def _owner(name: str, units: list[str]) -> str:
     """The innermost unit holding module ``name``."""
-    return max((u for u in units if u == "" or name == u or name.startswith(u + ".")), key=len)
+    return max((u for u in units if u == "" or _within(name, u)), key=len)
 
 
 def _check_trainable_dtypes(model: nn.Module, units: list[str]) -> None:
