@@ -32,10 +32,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def torchrun(nproc: int, config: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N -m lorakit train ...`, as a user would type it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return launch(nproc, ["train", "--config", str(config), "--quiet", *overrides])
+
+
+def launch(nproc: int, args: list[str], program: tuple[str, ...] = ("-m", "lorakit"),
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N <program> <args>` on loopback, one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "lorakit", "train", "--config", str(config), "--quiet", *overrides]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *program, *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 

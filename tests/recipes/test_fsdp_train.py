@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
 from conftest import free_port  # noqa: E402
-from test_distributed_train import _resume_worker, adapter_of, max_relative_error, torchrun, train_records  # noqa: E402
+from test_distributed_train import _resume_worker, adapter_of, launch, max_relative_error, torchrun, train_records  # noqa: E402
 
 from lorakit.cli import main  # noqa: E402
 
@@ -65,6 +65,31 @@ def test_interrupted_fsdp_run_resumes_bit_exactly(tmp_path):
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+    assert [r["loss"] for r in train_records(tmp_path / "whole")] == [r["loss"] for r in train_records(tmp_path / "cut")]
+
+
+def test_fsdp_run_resumes_bit_exactly_after_kill_9_of_one_rank(tmp_path):
+    """Rank 1 is SIGKILLed at step 8 (after the checkpoint of step 6); torchrun stops the run; the
+    resumed run ends with the adapter and the losses of an uninterrupted run (one thread per process)."""
+    # adapter dropout on: each rank's random stream must come back from the checkpoint
+    config = assets.causal_config(tmp_path, adapter={"method": "lora-sb", "rank": 2, "num_samples": 4, "dropout": 0.1},
+                                  data={"train_size": 40}, eval={"max_new_tokens": 2},
+                                  train={"max_steps": 10, "batch_size": 2, "checkpoint_every": 3, "parallel": "fsdp"},
+                                  output={"peft": False, "plot": False})
+    path = assets.write_yaml(tmp_path / "config.yaml", config)
+    worker = ("tests/recipes/fsdp_kill_worker.py",)
+    whole = launch(2, ["train", "--config", str(path), "--quiet", f"output.dir={tmp_path / 'whole'}"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = launch(2, ["train", "--config", str(path), "--quiet", f"output.dir={tmp_path / 'cut'}"], worker,
+                 env={"KILL_RANK": "1", "KILL_AT_STEP": "8"})
+    assert cut.returncode != 0
+    from lorakit.recipes import checkpoint as ckpt
+
+    assert ckpt.latest(tmp_path / "cut").name == "step-00000006"
+    resumed = launch(2, ["train", "--resume", str(tmp_path / "cut"), "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = adapter_of(tmp_path / "whole"), adapter_of(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in train_records(tmp_path / "whole")] == [r["loss"] for r in train_records(tmp_path / "cut")]
 
 
