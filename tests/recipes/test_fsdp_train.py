@@ -4,6 +4,7 @@ unsharded process on batch N·b."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -51,6 +52,11 @@ def test_fsdp_two_processes_equal_one_process_on_the_doubled_batch(tmp_path, met
     for a, b in zip(steps_two, steps_one):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    # evaluation with the sharded model (every process runs the whole split, generation in step)
+    results_one, results_two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert results_two["world_size"] == 2 and set(results_two["test"]) == set(results_one["test"])
+    for key, value in results_one["test"].items():
+        assert results_two["test"][key] == pytest.approx(value, rel=1e-5, abs=1e-12), key
 
 
 def test_interrupted_fsdp_run_resumes_bit_exactly(tmp_path):
@@ -137,8 +143,6 @@ def _killed_rank_worker(rank: int, port: int, config: str, stage: str, timeout: 
 
 @pytest.mark.parametrize("stage", ["estimation", "training"])
 def test_a_killed_rank_stops_the_other_with_one_line(tmp_path, stage):
-    import json
-
     timeout = 10.0
     config = assets.causal_config(tmp_path, adapter={"method": "lora-sb", "rank": 2, "num_samples": 4},
                                   data={"train_size": 24}, train={"max_steps": 4, "batch_size": 4, "parallel": "fsdp",
@@ -176,3 +180,19 @@ def test_an_accelerate_fsdp_config_without_train_parallel_fsdp_is_one_line(tmp_p
     assert err == ["lorakit: error: accelerate launch was given an FSDP config but train.parallel is ddp; "
                    "add train.parallel=fsdp (lorakit shards with FSDP2 itself)"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"adapter": {"method": "full"}}, "train.parallel=fsdp trains adapters; full fine-tuning"),
+    ({"optim": {"preconditioner": "riemannian"}}, "optim.preconditioner=riemannian is not supported with train.parallel=fsdp"),
+])
+def test_what_fsdp_does_not_do_is_refused_before_any_work(tmp_path, override, message):
+    from lorakit.errors import LorakitError
+    from lorakit.recipes.config import deep_merge, from_dict
+    from lorakit.recipes.distributed import Context
+    from lorakit.recipes.fsdp import check_config
+
+    cfg = from_dict(deep_merge(assets.classification_config(tmp_path, train={"parallel": "fsdp"}), override))
+    check_config(cfg, Context())  # one process: nothing to shard, nothing refused
+    with pytest.raises(LorakitError, match=message):
+        check_config(cfg, Context(rank=0, world=2))
