@@ -2,16 +2,19 @@
 
     adapt_sharded(model, config, data, mesh)   zero adapters in place → fully_shard → estimate on the
                                                sharded model (lora-ga / lora-sb) → initialise unit by unit
+    shard(model, config, mesh)                 fully_shard an adapted model's units (a resumed run's)
     adapter_entries(model, is_main)            the full adapter tensors, gathered unit by unit (rank 0 keeps them)
-    is_sharded(model)                          whether fully_shard wrapped this model
+    checkpoint_state / optimizer_loader        a checkpoint's gathered adapter and optimizer state, and its way back
+    attach / save_outputs / check_config       the recipe's steps under train.parallel=fsdp
 
 Units (one FSDP parameter group each, all-gathered for their forward and backward): every
 ``modules_to_save`` module, every transformer block (the classes transformers lists in the model's
 ``_no_split_modules``, the blocks accelerate's FSDP auto-wrap shards too), the input embeddings and
-the output head (unless tied), then the root (anything left, e.g. the final norm). Frozen base weights and trainable factors share a unit: FSDP2 only needs the
-*trainable* parameters of a unit to have one dtype (the factors' ``adapter_dtype``; a classifier head
-trained in the model's dtype is a unit of its own). No MixedPrecisionPolicy: every tensor computes in
-the dtype it is stored in, as in one process, so N sharded processes match one unsharded process.
+the output head (unless tied), then the root (anything left, e.g. the final norm). Frozen base
+weights and trainable factors share a unit: FSDP2 only needs the *trainable* parameters of a unit to
+have one dtype (the factors' ``adapter_dtype``; a classifier head trained in the model's dtype is a
+unit of its own). No MixedPrecisionPolicy: every tensor computes in the dtype it is stored in, as in
+one process, so N sharded processes match one unsharded process.
 
 Order: the adapters are installed zero-initialised *before* sharding (a zero low-rank path leaves the
 model's function and every layer's input and output gradient unchanged), so estimation runs on the
@@ -22,8 +25,8 @@ What each rank holds at peak (N ranks, P parameters of the base): its shard P/N 
 (and of the factors, their gradients and AdamW moments), plus the all-gathered units in flight —
 one or two blocks (FSDP2 prefetches the next), the embeddings at the start of the forward, the head
 at its end (both throughout it when tied), the root's few small tensors — plus one micro-batch's
-activations. Estimation adds the statistics of every target (sketch: O((out + in)·k)
-per layer; exact: out × in per layer of the current ``memory_budget`` group). The initialisation and
+activations. Estimation adds the statistics of every target (sketch: O((out + in)·k) per layer;
+exact: out × in per layer of the current ``memory_budget`` group). The initialisation and
 the final save all-gather one unit at a time. Loading the base model is not sharded here: each
 process reads the full checkpoint (``from_pretrained``) before sharding it.
 """
@@ -46,6 +49,7 @@ from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.estimate.distributed import peer_errors
 from lorakit.inject import adapters_of, find_targets, inject, input_embeddings, resolve_modules_to_save
+
 
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
