@@ -227,7 +227,7 @@ def _check_optimizer(optim: OptimSection) -> None:
 
     try:
         optimizer_options(optim.name, optim.lr, optim.weight_decay, loraplus_ratio=optim.loraplus_ratio,
-                          preconditioner=optim.preconditioner, damping=optim.damping)
+                          preconditioner=optim.preconditioner, damping=optim.damping, max_grad_norm=optim.max_grad_norm)
     except LorakitError as exc:
         raise LorakitError(f"optim: {exc}") from None
 
