@@ -53,6 +53,9 @@ class ClippedStep:
     def __init__(self, params: Any, max_grad_norm: float | None = None, **kwargs: Any) -> None:
         self.max_grad_norm = max_grad_norm
         super().__init__(params, **kwargs)  # type: ignore[call-arg]
+        # a GradScaler then unscales before step() and skips the step on overflow (as for torch's
+        # unfused optimizers) rather than leaving both to a fused kernel, so clipping sees true gradients
+        self._step_supports_amp_scaling = False
 
     def applied_gradients(self) -> list[tuple[nn.Parameter, Tensor]]:
         """(parameter, gradient to apply) for tensors whose applied gradient is not ``p.grad``."""

