@@ -159,6 +159,15 @@ def wrap_for_training(s: Setup) -> nn.Module:
     return DistributedDataParallel(s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None, **options)
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests use "aot_eager" (same capture and autograd, no C++ build)
+
+
+def compiled(engine: nn.Module, cfg: RunConfig) -> nn.Module:
+    """The module the training step calls: ``torch.compile(engine)`` under train.compile, sharing its
+    parameters (checkpoints, evaluation and saving use the uncompiled model)."""
+    return torch.compile(engine, backend=COMPILE_BACKEND) if cfg.train.compile else engine
+
+
 def loss_weight(targets: int, step_targets: int, world: int) -> float:
     """The factor on one micro-batch's mean loss before its backward.
 
@@ -249,7 +258,7 @@ def fit(s: Setup, opt: Optimization, log: Any, *, start: ckpt.Position | None = 
     Returns the training seconds: ``seconds`` spent before a resume plus this call's."""
     cfg, model, ctx = s.cfg, s.model, s.ctx
     total = opt.budget.total
-    engine = wrap_for_training(s)
+    engine = compiled(wrap_for_training(s), cfg)
     features = s.features["train"]
     accum = cfg.train.grad_accum
     n_batches = math.ceil(len(features) / (cfg.train.batch_size * ctx.world))
