@@ -77,7 +77,8 @@ def optimizer_options(
 def _fused_runs_on(params: list[nn.Parameter]) -> bool | None:
     """torch's fused AdamW (4× faster than its per-tensor loop on CPU for adapter factors) where its
     kernel runs; None (torch's own choice) elsewhere."""
-    ok = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    # plain tensors only: sharded (DTensor) parameters are left to torch's own choice
+    ok = all(p.device.type in FUSED_DEVICES and p.is_floating_point() and type(p.data) is torch.Tensor for p in params)
     return True if ok else None
 
 
