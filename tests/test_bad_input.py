@@ -115,6 +115,8 @@ CASES = [
     Case("adapter.dropout=abc", r"adapter: dropout must be a number in \[0, 1\), got 'abc'", lambda t: _train(t, "adapter.dropout=abc")),
     Case("optim.lr=inf", r"optim: lr must be a finite number > 0, got inf", lambda t: _train(t, "optim.lr=.inf")),
     Case("negative weight decay", r"optim: weight_decay must be a finite number >= 0", lambda t: _train(t, "optim.weight_decay=-0.1")),
+    Case("negative max_grad_norm", r"optim: max_grad_norm must be a finite number > 0, got -1.* \(or None / null: no clipping\)",
+         lambda t: _train(t, "optim.max_grad_norm=-1")),
     Case("resume with a truncated rng.safetensors", r"checkpoint .*step-00000002 is damaged \(rng.safetensors",
          _resume_with(_truncate("rng.safetensors")), writes_run=True),
     Case("resume with a state.json missing 'position'", r"checkpoint .*step-00000002 is damaged \(state.json's position",

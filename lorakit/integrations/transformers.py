@@ -10,7 +10,9 @@ inside ``train()`` and skips that when ``trainer.optimizer`` is already set, so 
 runs between construction and ``train()``: it estimates on the Trainer's own train
 dataloader (same collator, batch size, device), adapts the model in place, then installs
 ``make_optimizer`` built from the TrainingArguments (learning_rate, weight_decay,
-adam_beta1/2, adam_epsilon); the Trainer still builds its LR scheduler around it.
+adam_beta1/2, adam_epsilon); the Trainer still builds its LR scheduler around it. With a
+preconditioner, ``max_grad_norm`` moves from the Trainer (which would clip the raw gradient)
+into the optimizer, which clips the preconditioned gradient it applies.
 ``prepare`` is a function, not a Trainer subclass, so it works on any Trainer subclass
 (e.g. TRL's SFTTrainer). FSDP and DeepSpeed create their optimizers themselves, so they
 are refused.
@@ -41,9 +43,15 @@ def optimizer_from_args(model: nn.Module, args: Any, name: str = "adamw", **opti
     """``make_optimizer`` with lr, weight decay, betas and ε read from ``TrainingArguments``.
 
     For models adapted by hand: ``Trainer(..., optimizers=(optimizer_from_args(model, args,
-    preconditioner="riemannian"), None))``. ``options`` go to ``make_optimizer``.
+    preconditioner="riemannian"), None))``. ``options`` go to ``make_optimizer``. With a
+    preconditioner the optimizer clips to ``args.max_grad_norm`` after preconditioning and
+    ``args.max_grad_norm`` is set to 0, so that the Trainer does not clip the raw gradient too.
     """
-    return make_optimizer(model, name, **_optimizer_settings(args, name, options))
+    settings = _optimizer_settings(args, name, options)
+    optimizer = make_optimizer(model, name, **settings)
+    if settings.get("preconditioner") is not None:
+        args.max_grad_norm = 0.0  # the Trainer's clip_grad_norm_ is off; the optimizer clips what it applies
+    return optimizer
 
 
 def _optimizer_settings(args: Any, name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +59,8 @@ def _optimizer_settings(args: Any, name: str, options: dict[str, Any]) -> dict[s
     settings: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
     if name == "adamw":
         settings.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    if options.get("preconditioner") is not None and args.max_grad_norm and args.max_grad_norm > 0:
+        settings["max_grad_norm"] = args.max_grad_norm
     settings.update(options)
     optimizer_options(name, **settings)
     return settings

@@ -95,7 +95,8 @@ class TrainSection:
     """``max_steps`` is the step budget (default: the main job's 125 steps of 32 examples);
     null lets ``epochs`` decide. ``threads``: CPU threads (default: the cores not already busy).
     Under torchrun, ``batch_size`` is per process and ``dist_timeout`` (seconds) bounds every
-    wait for the other processes."""
+    wait for the other processes. ``compile``: train through ``torch.compile(model)`` (the first
+    steps compile: minutes on a CPU; see bench/floor.py --compile for what it gains)."""
 
     epochs: int = 1
     max_steps: int | None = 125
@@ -107,6 +108,7 @@ class TrainSection:
     threads: int | None = None
     progress: bool = True
     dist_timeout: float = 1800.0
+    compile: bool = False
 
 
 @dataclass
@@ -227,7 +229,7 @@ def _check_optimizer(optim: OptimSection) -> None:
 
     try:
         optimizer_options(optim.name, optim.lr, optim.weight_decay, loraplus_ratio=optim.loraplus_ratio,
-                          preconditioner=optim.preconditioner, damping=optim.damping)
+                          preconditioner=optim.preconditioner, damping=optim.damping, max_grad_norm=optim.max_grad_norm)
     except LorakitError as exc:
         raise LorakitError(f"optim: {exc}") from None
 
