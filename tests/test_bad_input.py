@@ -103,6 +103,22 @@ def _adapter_damage(directory: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _data_with(change: Callable[[list[dict]], None]) -> Callable[[Path], list[str]]:
+    """Train on the tiny sentiment data after ``change`` edits its rows."""
+    def argv(tmp: Path) -> list[str]:
+        rows = assets.sentiment_rows(96)
+        change(rows)
+        path = assets.write_jsonl(tmp / "edited.jsonl", rows)
+        return _train(tmp, f"data.source={path}")
+
+    return argv
+
+
+def _one_class(rows: list[dict]) -> None:
+    for row in rows:
+        row["sentiment"] = 1
+
+
 CASES = [
     Case("a YAML config whose top level is a list", r"holds a YAML list, not a mapping of sections", _yaml_list),
     Case("an override value that is not valid YAML", r"override 'adapter.targets=\[query': the value is not valid YAML",
@@ -125,6 +141,10 @@ CASES = [
          lambda t: (_checkpointed_run(t), ["eval", str(t / "run")])[1], writes_run=True),
     Case("resume with a damaged checkpoint adapter", r"checkpoint .*step-00000002 is damaged \(.*checksum",
          _resume_with(_adapter_damage), writes_run=True),
+    Case("training data with a single class", r"at least 2 classes, the training data has only the label '1'",
+         _data_with(_one_class)),
+    Case("a row (not the first) with its text missing", r"edited.jsonl: row 40 has column 'sentence' missing",
+         _data_with(lambda rows: rows[39].update(sentence=None))),
 ]
 
 

@@ -153,38 +153,60 @@ def _column(rows: list[dict[str, Any]], column: str, option: str, where: str) ->
     if rows and column not in rows[0]:
         columns = ", ".join(map(str, rows[0].keys()))
         raise LorakitError(f"column {column!r} is not in {where} (columns: {columns}); set data.{option}=<one of them>")
-    return [row.get(column) for row in rows]
+    return [row.get(column) if isinstance(row, dict) else None for row in rows]
+
+
+def _texts(rows: list[dict[str, Any]], column: str, option: str, where: str, numbers: bool = False) -> list[str]:
+    """Column ``column`` of every row as text; a row where it is missing, null, empty or not a
+    string (``numbers``: a number is fine too) is one line naming the row and the column."""
+    values = _column(rows, column, option, where)
+    for number, value in enumerate(values, 1):
+        ok = isinstance(value, str) and value.strip() or numbers and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            what = "missing" if value is None else "empty" if isinstance(value, str) else f"a {type(value).__name__}, not text"
+            raise LorakitError(f"{where}: row {number} has column {column!r} {what}; fix or remove that row (or set data.{option})")
+    return [str(v) for v in values]
 
 
 def _to_task(rows: list[dict[str, Any]], cfg: DataSection, task: str, where: str) -> list[dict[str, Any]]:
     if task == "classification":
-        texts = _column(rows, cfg.text_column, "text_column", where)
+        texts = _texts(rows, cfg.text_column, "text_column", where)
         labels = _column(rows, cfg.label_column, "label_column", where)
-        return [{"text": str(t), "label": y} for t, y in zip(texts, labels)]
-    prompts = _column(rows, cfg.prompt_column, "prompt_column", where)
-    answers = _column(rows, cfg.answer_column, "answer_column", where)
-    return [{"prompt": str(p), "answer": str(a)} for p, a in zip(prompts, answers)]
+        return [{"text": t, "label": y} for t, y in zip(texts, labels)]
+    prompts = _texts(rows, cfg.prompt_column, "prompt_column", where)
+    answers = _texts(rows, cfg.answer_column, "answer_column", where, numbers=True)
+    return [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
 
 
-def _label_names(splits: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Labels -> 0..K-1. Integer labels keep their values; strings are sorted."""
-    values = {ex["label"] for part in splits.values() for ex in part}
-    if None in values or "" in values:
-        raise LorakitError("some rows have an empty label; remove them or fix data.label_column")
-    as_int = {_as_int(v) for v in values}
-    if None not in as_int:
-        if min(as_int) < 0:
-            raise LorakitError(f"integer labels must be >= 0, found {min(as_int)}")
-        names = [str(i) for i in range(max(as_int) + 1)]
-        for part in splits.values():
-            for ex in part:
-                ex["label"] = _as_int(ex["label"])
-        return names
-    names = sorted(str(v) for v in values)
+def _label_key(value: Any) -> str:
+    """A label's name: integers (1, "1") by their decimal form, anything else as text."""
+    as_int = _as_int(value)
+    return str(as_int) if as_int is not None else str(value)
+
+
+def _label_names(splits: dict[str, list[dict[str, Any]]], label_names: list[str] | None = None) -> list[str]:
+    """Map the labels found in the training split to 0..K-1 in place and return the names
+    (integers in numeric order, else strings sorted); ``label_names`` (a saved run's) fixes the
+    mapping instead. A label of another split that the mapping lacks is an error."""
     for part in splits.values():
+        if any(ex["label"] is None or str(ex["label"]).strip() == "" for ex in part):
+            raise LorakitError("some rows have an empty label; remove them or fix data.label_column")
+    if label_names is None:
+        values = {_label_key(ex["label"]) for ex in splits["train"]}
+        if len(values) < 2:
+            found = f"only the label {next(iter(values))!r}" if values else "no labels"
+            raise LorakitError(f"classification needs at least 2 classes, the training data has {found}; check data.label_column")
+        numeric = all(_as_int(v) is not None for v in values)
+        label_names = sorted(values, key=int) if numeric else sorted(values)
+    index = {name: i for i, name in enumerate(label_names)}
+    for name, part in splits.items():
         for ex in part:
-            ex["label"] = names.index(str(ex["label"]))
-    return names
+            key = _label_key(ex["label"])
+            if key not in index:
+                raise LorakitError(f"the {name} split has the label {key!r}, which the training data does not have "
+                                   f"(labels: {', '.join(label_names)}); remove those rows")
+            ex["label"] = index[key]
+    return list(label_names)
 
 
 def _as_int(value: Any) -> int | None:
@@ -197,8 +219,9 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def load_splits(cfg: DataSection, task: str) -> Splits:
-    """Train / validation / test examples for ``task`` as described by ``cfg``."""
+def load_splits(cfg: DataSection, task: str, saved_labels: list[str] | None = None) -> Splits:
+    """Train / validation / test examples for ``task`` as described by ``cfg``; classification
+    labels are numbered as ``saved_labels`` (a saved run's label names) or as the training data says."""
     source = cfg.source
     if source == "auto":
         source = "rotten-tomatoes" if task == "classification" else "gsm-symbolic"
@@ -207,7 +230,7 @@ def load_splits(cfg: DataSection, task: str) -> Splits:
             raise LorakitError("rotten-tomatoes is a classification dataset; use task=classification or data.source=gsm-symbolic")
         parts = dict(zip(("train", "validation", "test"),
                          seeded_split(rotten_tomatoes(), cfg.split_seed, cfg.validation_fraction, cfg.test_fraction)))
-        label_names: list[str] | None = list(RT_LABELS)
+        label_names = list(RT_LABELS)
     elif source == "gsm-symbolic":
         if task != "causal-lm":
             raise LorakitError("gsm-symbolic is a causal-lm dataset; use task=causal-lm or data.source=rotten-tomatoes")
@@ -220,9 +243,11 @@ def load_splits(cfg: DataSection, task: str) -> Splits:
         label_names = None
     else:
         parts = _local_or_hub(cfg, source, task)
-        label_names = _label_names(parts) if task == "classification" else None
+        label_names = None
     limits = {"train": cfg.train_size, "validation": cfg.validation_size, "test": cfg.test_size}
     parts = {name: rows[: limits[name]] if limits[name] else rows for name, rows in parts.items()}
+    if source not in ("rotten-tomatoes", "gsm-symbolic") and task == "classification":
+        label_names = _label_names(parts, saved_labels)
     for name in ("train", "test"):
         if not parts[name]:
             raise LorakitError(f"the {name} split of {source!r} is empty; give a dataset with examples (or smaller fractions)")
@@ -230,23 +255,22 @@ def load_splits(cfg: DataSection, task: str) -> Splits:
 
 
 def _local_or_hub(cfg: DataSection, source: str, task: str) -> dict[str, list[dict[str, Any]]]:
+    """Examples of a local file (checked row by row in file order, then split) or a hub dataset."""
     is_file = Path(source).suffix.lower() in FILE_TYPES or Path(source).exists()
     if is_file:
         rows = read_rows(source)
         if not rows:
             raise LorakitError(f"data file {source!r} has no rows; give a file with examples")
+        rows = _to_task(rows, cfg, task, source)
         if cfg.validation is None and cfg.test is None:
-            parts = dict(zip(("train", "validation", "test"),
-                             seeded_split(rows, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction)))
-        else:
-            extra = {name: read_rows(path) if path else [] for name, path in (("validation", cfg.validation), ("test", cfg.test))}
-            if cfg.test is None:  # carve the test split out of the source
-                train, _, test = seeded_split(rows, cfg.split_seed, 0.0, cfg.test_fraction)
-                parts = {"train": train, "validation": extra["validation"], "test": test}
-            else:
-                parts = {"train": rows, **extra}
-        return {name: _to_task(rows, cfg, task, f"{source if name == 'train' else getattr(cfg, name) or source}")
-                for name, rows in parts.items()}
+            return dict(zip(("train", "validation", "test"),
+                            seeded_split(rows, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction)))
+        extra = {name: _to_task(read_rows(path), cfg, task, path) if path else []
+                 for name, path in (("validation", cfg.validation), ("test", cfg.test))}
+        if cfg.test is None:  # carve the test split out of the source
+            train, _, test = seeded_split(rows, cfg.split_seed, 0.0, cfg.test_fraction)
+            return {"train": train, "validation": extra["validation"], "test": test}
+        return {"train": rows, **extra}
     hub = _from_hub(cfg)
     if "train" not in hub:
         raise LorakitError(f"dataset {source!r} has no 'train' split (splits: {', '.join(hub)})")

@@ -48,7 +48,7 @@ def setup(cfg: RunConfig, label_names: list[str] | None = None, ctx: dist_ctx.Co
     device = pick_device(cfg.train.device, ctx)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.train.threads))
-    splits = D.load_splits(cfg.data, cfg.task)
+    splits = D.load_splits(cfg.data, cfg.task, label_names)
     if label_names is not None and splits.label_names is not None and label_names != splits.label_names:
         raise LorakitError(f"the data's labels {splits.label_names} differ from the run's {label_names}")
     if cfg.task == "classification" and splits.num_labels < 2:
