@@ -107,7 +107,9 @@ class OptimSection:
 @dataclass
 class TrainSection:
     """``max_steps`` is the step budget (default: the main job's 125 steps of 32 examples);
-    null lets ``epochs`` decide. ``threads``: CPU threads (default: the cores not already busy).
+    null lets ``epochs`` decide. ``gradient_checkpointing``: recompute each block's activations
+    in the backward pass instead of keeping them (transformers' own gradient_checkpointing_enable;
+    less memory, about one more forward per step, the same gradients). ``threads``: CPU threads (default: the cores not already busy).
     Under torchrun, ``batch_size`` is per process and ``dist_timeout`` (seconds) bounds every
     wait for the other processes."""
 
@@ -121,6 +123,7 @@ class TrainSection:
     threads: int | None = None
     progress: bool = True
     dist_timeout: float = 1800.0
+    gradient_checkpointing: bool = False
 
 
 @dataclass
