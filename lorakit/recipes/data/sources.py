@@ -70,16 +70,17 @@ def reasoning_gym_dataset(name: str, size: int, seed: int, options: dict[str, An
 
 def reasoning_gym_splits(cfg: DataSection, name: str) -> dict[str, list[dict[str, Any]]]:
     """{"prompt", "answer", "source"} examples of reasoning-gym's ``name`` per split (seeds as
-    above); ``source`` (dataset name, entry) lets evaluation score with the dataset's own
+    above; each evaluation split keeps its first ``*_size`` questions not in train); ``source`` (dataset name, entry) lets evaluation score with the dataset's own
     ``score_answer``. GSM-Symbolic answers carry the worked solution when ``chain_of_thought``."""
     sizes = {"train": cfg.train_size or 1000, "validation": cfg.validation_size or 100, "test": cfg.test_size or 200}
     parts = {}
-    for k, split in enumerate(SPLITS):
-        dataset = reasoning_gym_dataset(name, sizes[split], cfg.split_seed + k * GSM_SEED_STRIDE, cfg.options)
+    for k, split in enumerate(SPLITS):  # evaluation splits: twice as many drawn, then questions seen in train dropped
+        size = sizes[split] * (1 if split == "train" else 2)
+        dataset = reasoning_gym_dataset(name, size, cfg.split_seed + k * GSM_SEED_STRIDE, cfg.options)
         parts[split] = [_example(name, item, cfg.chain_of_thought) for item in dataset]
     seen = {ex["prompt"] for ex in parts["train"]}
     for split in ("validation", "test"):
-        parts[split] = [ex for ex in parts[split] if ex["prompt"] not in seen]
+        parts[split] = [ex for ex in parts[split] if ex["prompt"] not in seen][:sizes[split]]
     return parts
 
 
