@@ -29,7 +29,8 @@ from lorakit.config import FLAT, GROUPS, AdapterConfig, config_keys, suggest
 from lorakit.errors import LorakitError
 from lorakit.linalg import DTYPES as TORCH_DTYPES
 
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm", "multiple-choice")
+FORMATS = ("auto", "template", "prompt-completion", "chat")
 FULL = "full"  # the adapter method meaning "no adapters, every parameter trains"
 DTYPES = tuple(TORCH_DTYPES)
 
@@ -46,13 +47,22 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """``source``: 'rotten-tomatoes', 'gsm-symbolic', a .csv/.jsonl/.json/.parquet file, or a
-    Hugging Face ``datasets`` name ('auto': the task's embedded default). ``validation`` and
-    ``test`` name separate files; without them the source is split (seeded by
+    """``source``: 'rotten-tomatoes', 'gsm-symbolic', 'reasoning-gym:<dataset>' (``options``:
+    the dataset's config), a .csv/.jsonl/.json/.parquet file, a BIG-bench ``task.json`` (or its
+    folder), or a Hugging Face ``datasets`` name ('auto': the task's embedded default).
+    ``validation`` and ``test`` name separate files; without them the source is split (seeded by
     ``split_seed``, fractions ``validation_fraction`` / ``test_fraction``). The ``*_size``
-    options keep the first N examples of each split (null: all)."""
+    options keep the first N examples of each split (null: all).
+
+    ``format`` (causal-lm, multiple-choice): ``template`` (``template`` around the prompt
+    column, then the answer), ``prompt-completion`` (TRL's ``prompt`` / ``completion`` columns,
+    joined as they are), ``chat`` (a ``messages_column`` of {role, content} turns, or the
+    prompt/answer columns as one user/assistant exchange, rendered by the tokenizer's chat
+    template, after ``system_prompt`` if set); ``auto``: chat when the data has a messages
+    column, prompt-completion when it has prompt and completion columns, else template."""
 
     source: str = "auto"
+    format: str = "auto"
     validation: str | None = None
     test: str | None = None
     hf_config: str | None = None
@@ -60,7 +70,10 @@ class DataSection:
     label_column: str = "label"
     prompt_column: str = "question"
     answer_column: str = "answer"
+    messages_column: str = "messages"
+    choices_column: str = "choices"
     template: str = "Question: {prompt}\nAnswer: "
+    system_prompt: str | None = None
     train_size: int | None = None
     validation_size: int | None = None
     test_size: int | None = None
@@ -68,6 +81,7 @@ class DataSection:
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     chain_of_thought: bool = True
+    options: dict[str, Any] | None = None
 
 
 @dataclass
@@ -93,7 +107,9 @@ class OptimSection:
 @dataclass
 class TrainSection:
     """``max_steps`` is the step budget (default: the main job's 125 steps of 32 examples);
-    null lets ``epochs`` decide. ``threads``: CPU threads (default: the cores not already busy).
+    null lets ``epochs`` decide. ``gradient_checkpointing``: recompute each block's activations
+    in the backward pass instead of keeping them (transformers' own gradient_checkpointing_enable;
+    less memory, about one more forward per step, the same gradients). ``threads``: CPU threads (default: a fixed count per machine, see runtime.cpu_threads).
     Under torchrun, ``batch_size`` is per process and ``dist_timeout`` (seconds) bounds every
     wait for the other processes. ``compile``: train through ``torch.compile(model)`` (the first
     steps compile: minutes on a CPU; see bench/floor.py --compile for what it gains)."""
@@ -109,6 +125,7 @@ class TrainSection:
     progress: bool = True
     dist_timeout: float = 1800.0
     compile: bool = False
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -147,6 +164,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
+        _check_choice("data.format", self.data.format, FORMATS)
         _check_choice("model.dtype", self.model.dtype, DTYPES)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
         _check_choice("optim.schedule", self.optim.schedule, ("linear", "cosine", "constant"))
@@ -276,6 +294,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise LorakitError(f"{key} cannot be null")
     options = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
     for kind in options:
+        if typing.get_origin(kind) is dict:
+            if isinstance(value, dict):
+                return value
+            continue
         if kind is bool and isinstance(value, bool):
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):

@@ -92,6 +92,22 @@ def loss_scaler(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch
     return torch.amp.GradScaler(device.type)
 
 
+def gradient_checkpointing(model: nn.Module, on: bool) -> None:
+    """``train.gradient_checkpointing``: transformers' own ``activation_checkpointing_enable``
+    (``gradient_checkpointing_enable`` before transformers 5.x; its
+    default, non-reentrant torch.utils.checkpoint; it also makes the input embeddings' output
+    require grad, as frozen-base training needs). Active in training mode only, so evaluation and
+    generation run as before. Called once the adapters are attached (lora-ga / lora-sb estimate
+    without it)."""
+    if not on:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise LorakitError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                           "checkpointing; set train.gradient_checkpointing=false")
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 @dataclass
 class Optimization:
     optimizer: torch.optim.Optimizer
@@ -102,6 +118,7 @@ class Optimization:
     @classmethod
     def build(cls, model: nn.Module, cfg: RunConfig, budget: Budget, device: torch.device | None = None) -> "Optimization":
         scaler = loss_scaler(model, cfg, device or torch.device("cpu"))
+        gradient_checkpointing(model, cfg.train.gradient_checkpointing)
         optimizer = make_optimizer(model, cfg)
         schedule = Schedule(cfg.optim.schedule, budget.warmup, budget.total)
         return cls(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), budget, scaler)

@@ -10,6 +10,7 @@ The run directory::
     run.json               what this directory is (task, method, base model, labels, status)
     metrics.jsonl          one line per optimizer step (loss, lr, grad_norm, throughput) and per evaluation
     results.json           test metrics, trainable parameters, init / train time, peak memory
+    samples.jsonl          causal-lm: the first test generations (prompt, generation, reference, correct)
     adapter/               the lorakit adapter (lorakit.load_adapter) — or model/ for full fine-tuning
     peft/                  the PEFT LoRA export (peft.PeftModel.from_pretrained(base, peft/))
     merged/                the merged model, when output.merged
@@ -33,7 +34,7 @@ import torch
 
 import lorakit
 from lorakit.errors import LorakitError
-from lorakit.files import check_output_directory, output_directory
+from lorakit.files import atomic_file, check_output_directory, json_text, output_directory
 from lorakit.recipes import checkpoint as ckpt
 from lorakit.recipes import distributed as dist_ctx
 from lorakit.recipes import plots
@@ -127,6 +128,8 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, A
 
     # setup: every input check happens here, before a new run's directory exists
     s = setup(cfg, ctx=ctx)
+    for note in s.notes:
+        say(note)
     budget = Budget.of(cfg, len(s.features["train"]), ctx.world)
     reset_peak_memory(s.device)
     init_seconds = _initialise(s, budget, opened, progress)
@@ -210,6 +213,9 @@ def _fit_evaluate_save(s: Setup, opened: Opened, opt: Optimization, info: dict[s
             plots.training_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training_curves.png",
                                   f"{cfg.method} · {cfg.task}")
         write_json(run_dir / "results.json", results)
+        if s.samples.get("test"):
+            with atomic_file(run_dir / "samples.jsonl") as tmp:
+                tmp.write_text("".join(json_text(sample) + "\n" for sample in s.samples["test"]))
         write_json(run_dir / RUN_FILE, {**info, "status": "done"})
     ctx.barrier("rank 0 saved the outputs")
     return results
