@@ -33,6 +33,8 @@ def merge(model: nn.Module) -> nn.Module:
     writes and ``from_pretrained`` reloads).
     """
     get_config(model)
+    for adapter in adapters_of(model).values():  # refuse before touching any layer
+        adapter.check_writable_base("merge into")
     for adapter in adapters_of(model).values():
         adapter.set_enabled(True)
         adapter.merge()

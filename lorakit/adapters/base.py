@@ -14,6 +14,10 @@ be saved, re-applied to a fresh copy of the base model, undone on the fly while 
 is disabled (y = base(x) + s·(x A₀ᵀ) B₀ᵀ: the original layer's function), and expressed
 relative to the original W at export.
 
+Quantized bases (``lorakit.adapters.quantized``): a bitsandbytes 4-/8-bit or torchao int8
+Linear is wrapped as it is; ``base_weight`` is then its dequantized weight (a new tensor, read
+only), and merging or moving W is refused: a 4-bit weight cannot take W + ΔW in place.
+
 Dtype: the factors are ordinary parameters, so ``model.to(dtype)`` casts them with the rest
 of the model. At construction they take ``dtype`` if given, else float32 on a half-precision
 (bf16/fp16) base — so that optimizer updates are not rounded away in bf16's 8 significant
@@ -32,6 +36,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters.quantized import quantization_of
 from lorakit.errors import LorakitError
 from lorakit.linalg import compute_dtype
 
@@ -56,7 +61,11 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 
 def weight_out_in(layer: nn.Module) -> Tensor:
-    """The layer's weight data seen as (out, in): a view, transposed for Conv1D (stored (in, out))."""
+    """The layer's weight data seen as (out, in): a view, transposed for Conv1D (stored (in, out));
+    for a quantized layer, its dequantized weight (a new tensor)."""
+    backend = quantization_of(layer)
+    if backend is not None:
+        return backend.dequantize(layer)
     w = layer.weight.data
     return w.T if Conv1D is not None and isinstance(layer, Conv1D) else w
 
@@ -82,6 +91,10 @@ class LowRankAdapter(nn.Module):
                 f"cannot adapt a {type(base_layer).__name__}: lorakit adapts nn.Linear and transformers Conv1D layers"
             )
         self.base_layer = base_layer
+        backend = quantization_of(base_layer)
+        self.quantization = None if backend is None else backend.label(base_layer)  # e.g. 'bnb-nf4'
+        if backend is not None:
+            backend.prepare(base_layer)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
         weight = self.base_weight
         self.out_features, self.in_features = weight.shape
@@ -105,8 +118,17 @@ class LowRankAdapter(nn.Module):
         return weight_out_in(self.base_layer)
 
     def _write_base_weight(self, new: Tensor) -> None:
+        self.check_writable_base("change")
         with torch.no_grad():
             self.base_weight.copy_(new)  # a view for Conv1D: writes through the transpose
+
+    def check_writable_base(self, action: str) -> None:
+        """Raise LorakitError when the base weight cannot take ``action`` in place (a quantized base)."""
+        if self.quantization is not None:
+            raise LorakitError(
+                f"cannot {action} the {self.quantization} quantized base weight in place; export a PEFT adapter "
+                "(lorakit export) to use it on this base, or load the base unquantized to merge"
+            )
 
     @property
     def adapter_dtype(self) -> torch.dtype:
@@ -182,6 +204,7 @@ class LowRankAdapter(nn.Module):
         if self.merged:
             return
         self._check_enabled("merge")
+        self.check_writable_base("merge into")
         W = self.base_weight
         self._write_base_weight(self.merged_weight(W.to(compute_dtype(W.dtype))))
         self.merged = True

@@ -32,16 +32,20 @@ from lorakit.linalg import DTYPES as TORCH_DTYPES
 TASKS = ("classification", "causal-lm")
 FULL = "full"  # the adapter method meaning "no adapters, every parameter trains"
 DTYPES = tuple(TORCH_DTYPES)
+QUANTIZATIONS = ("nf4", "fp4", "int8", "torchao-int8")  # model.quantization (lorakit.recipes.models builds each)
 
 
 @dataclass
 class ModelSection:
     """``name``: 'minilm', 'smollm2', a local folder or a hub name ('auto': minilm for
-    classification, smollm2 for causal-lm)."""
+    classification, smollm2 for causal-lm). ``quantization``: load the base quantized through
+    transformers' own configs (null: unquantized): 'nf4' / 'fp4' (bitsandbytes 4-bit, computing in
+    ``dtype``), 'int8' (bitsandbytes LLM.int8) or 'torchao-int8' (torchao int8 weight-only)."""
 
     name: str = "auto"
     dtype: str = "float32"
     max_length: int = 64
+    quantization: str | None = None
 
 
 @dataclass
@@ -146,6 +150,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
         _check_choice("model.dtype", self.model.dtype, DTYPES)
+        if self.model.quantization is not None:
+            _check_choice("model.quantization", self.model.quantization, QUANTIZATIONS)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
         _check_choice("optim.schedule", self.optim.schedule, ("linear", "cosine", "constant"))
         if self.optim.preconditioner is not None:

@@ -54,7 +54,7 @@ def setup(cfg: RunConfig, label_names: list[str] | None = None, ctx: dist_ctx.Co
     if cfg.task == "classification" and splits.num_labels < 2:
         raise LorakitError(f"classification needs at least 2 classes, the data has {splits.num_labels}; check data.label_column")
     torch.manual_seed(cfg.train.seed)  # a fresh classifier head is drawn from this
-    loaded = load_model(cfg.model, cfg.task, splits.num_labels or None)
+    loaded = load_model(cfg.model, cfg.task, splits.num_labels or None, device)
     tok, n = loaded.tokenizer, cfg.model.max_length
     parts = {"train": splits.train, "validation": splits.validation, "test": splits.test}
     prompts = {}
@@ -63,7 +63,8 @@ def setup(cfg: RunConfig, label_names: list[str] | None = None, ctx: dist_ctx.Co
     else:
         features = {k: D.encode_causal(v, tok, n, cfg.data.template) for k, v in parts.items()}
         prompts = {k: D.encode_prompts(v, tok, n, cfg.data.template) for k, v in parts.items() if k != "train"}
-    loaded.model.to(device)
+    if cfg.model.quantization is None:  # a quantized model is loaded onto its device
+        loaded.model.to(device)
     return Setup(cfg, loaded, splits, features, prompts, device, ctx)
 
 
