@@ -152,6 +152,7 @@ class RunConfig:
         _check_choice("model.dtype", self.model.dtype, DTYPES)
         if self.model.quantization is not None:
             _check_choice("model.quantization", self.model.quantization, QUANTIZATIONS)
+            _check_quantized_run(self)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
         _check_choice("optim.schedule", self.optim.schedule, ("linear", "cosine", "constant"))
         if self.optim.preconditioner is not None:
@@ -212,6 +213,17 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_quantized_run(cfg: RunConfig) -> None:
+    """What a quantized base cannot do: train its own weights, or take the adapter merged into them."""
+    q = cfg.model.quantization
+    if cfg.adapter.get("method") == FULL:
+        raise LorakitError(f"full fine-tuning cannot train a quantized base (model.quantization={q}); "
+                           "use an adapter method, or model.quantization=null")
+    if cfg.output.merged:
+        raise LorakitError(f"output.merged cannot merge into a quantized base (model.quantization={q}); set "
+                           "output.merged=false and use the PEFT adapter, or train with model.quantization=null")
 
 
 def _check_device(name: str) -> None:
