@@ -36,20 +36,23 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters.layers import KINDS, NAMES, Conv1D, kind_of
 from lorakit.adapters.quantized import quantization_of
 from lorakit.errors import LorakitError
 from lorakit.linalg import compute_dtype
 
-try:  # transformers' GPT-2 style layer: y = x W + b with W stored (in, out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = None  # type: ignore[assignment, misc]
-
-SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+SUPPORTED_LAYERS: tuple[type, ...] = tuple(t for kind in KINDS for t in kind.types)
 
 
 def is_supported_layer(module: nn.Module) -> bool:
-    return isinstance(module, SUPPORTED_LAYERS)
+    """True for the layers lorakit can adapt (see ``lorakit.adapters.layers``)."""
+    return kind_of(module) is not None
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    """True for nn.Linear and Conv1D (quantized or not): what targets='all-linear' selects."""
+    kind = kind_of(module)
+    return kind is not None and kind.linear
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -61,13 +64,9 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 
 def weight_out_in(layer: nn.Module) -> Tensor:
-    """The layer's weight data seen as (out, in): a view, transposed for Conv1D (stored (in, out));
-    for a quantized layer, its dequantized weight (a new tensor)."""
-    backend = quantization_of(layer)
-    if backend is not None:
-        return backend.dequantize(layer)
-    w = layer.weight.data
-    return w.T if Conv1D is not None and isinstance(layer, Conv1D) else w
+    """The layer's weight seen as (out, in) (see ``lorakit.adapters.layers``): a view of the weight,
+    or for a quantized layer its dequantized weight (a new tensor)."""
+    return kind_of(layer).weight_out_in(layer)
 
 
 class LowRankAdapter(nn.Module):
@@ -86,10 +85,11 @@ class LowRankAdapter(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not is_supported_layer(base_layer):
-            raise LorakitError(
-                f"cannot adapt a {type(base_layer).__name__}: lorakit adapts nn.Linear and transformers Conv1D layers"
-            )
+        kind = kind_of(base_layer)
+        if kind is None:
+            raise LorakitError(f"cannot adapt a {type(base_layer).__name__}: lorakit adapts {NAMES} layers")
+        kind.check(base_layer)
+        self.kind = kind
         self.base_layer = base_layer
         backend = quantization_of(base_layer)
         self.quantization = None if backend is None else backend.label(base_layer)  # e.g. 'bnb-nf4'
@@ -105,7 +105,7 @@ class LowRankAdapter(nn.Module):
             )
         self.rank = rank
         self.scale = float(scale)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and kind.takes_dropout else nn.Identity()
         self.enabled = True
         self.merged = False
         self._init_options = {"device": weight.device, "dtype": dtype or default_adapter_dtype(weight.dtype)}
@@ -170,8 +170,16 @@ class LowRankAdapter(nn.Module):
         raise NotImplementedError
 
     def low_rank_output(self, x: Tensor) -> Tensor:
-        """The low-rank path applied to the (dropped-out) input, before any rescaling, in x's dtype."""
+        """The low-rank path applied to the (dropped-out) input, before any rescaling, in the compute dtype."""
         raise NotImplementedError
+
+    def compute_dtype_for(self, x: Tensor) -> torch.dtype:
+        """The dtype the low-rank path runs in: the input's (the base's compute dtype); for token ids, the factors'."""
+        return x.dtype if x.is_floating_point() else self.A.dtype
+
+    def project(self, x: Tensor, A: Tensor) -> Tensor:
+        """The first factor applied to the input (x Aᵀ for a Linear; see ``lorakit.adapters.layers``)."""
+        return self.kind.project(self.base_layer, x, A)
 
     def export_factors(self) -> tuple[Tensor, Tensor]:
         """(lora_B, lora_A) with s·lora_B·lora_A = the change to the ORIGINAL base weight."""
@@ -195,7 +203,8 @@ class LowRankAdapter(nn.Module):
         when an initialisation moved the base weight, else ``out`` itself."""
         if not self.has_offset:
             return out
-        restored = (x @ as_dtype(self.offset_A, x.dtype).T) @ as_dtype(self.offset_B, x.dtype).T
+        dtype = self.compute_dtype_for(x)
+        restored = self.kind.mix(self.project(x, as_dtype(self.offset_A, dtype)), as_dtype(self.offset_B, dtype))
         return out + as_dtype(self.scale * restored, out.dtype)
 
     # -- merge ----------------------------------------------------------------------------------

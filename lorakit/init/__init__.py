@@ -18,6 +18,7 @@ from torch import nn
 
 from lorakit import defaults
 from lorakit.adapters import LowRankAdapter
+from lorakit.adapters.layers import kind_of
 from lorakit.adapters.quantized import quantization_label
 from lorakit.errors import LorakitError
 
@@ -48,7 +49,16 @@ class Initialisation:
         return self.changes_base
 
     def check_layers(self, config: Any, layers: dict[str, nn.Module]) -> None:
-        """Raise LorakitError when it would move the weight of a quantized layer (which cannot hold it)."""
+        """Raise LorakitError when it would move the weight of a quantized layer (which cannot hold it),
+        or estimate gradients on a layer kind the estimator does not handle (Conv2d, Embedding)."""
+        if self.data_driven:
+            for name, layer in layers.items():
+                kind = kind_of(layer)
+                if kind is not None and not kind.estimable:
+                    raise LorakitError(
+                        f"init {self.name!r} estimates G from nn.Linear and Conv1D layers, but target {name!r} is a "
+                        f"{type(layer).__name__}; leave it out of targets or use a data-free init (lora, pissa, lora-xs)"
+                    )
         if not self.moves_base(config):
             return
         for name, layer in layers.items():
