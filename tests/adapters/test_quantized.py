@@ -203,3 +203,19 @@ def test_an_unknown_quantized_linear_is_named():
     with pytest.raises(LorakitError, match=r"layer '0': cannot adapt a PackedLinear with a Parameter weight \(torch.int8\)"):
         lorakit.adapt(model, AdapterConfig(rank=2, targets="all-linear"))
     assert isinstance(model[0], PackedLinear)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8", "torchao-int8"])
+@pytest.mark.parametrize("method", ["lora", "lora-sb"])
+def test_peft_export_on_the_same_quantized_base_gives_lorakits_logits(base_dir, quant, method, tmp_path):
+    """The PEFT adapter is relative to the base as the user loads it: the same checkpoint with the
+    same quantization config (no init here moves W, so there is nothing else to carry)."""
+    peft = pytest.importorskip("peft")
+    model = load(base_dir, quant)
+    batch = batch_for("llama")
+    lorakit.adapt(model, config(method), data=[batch])
+    train_steps(model, batch, steps=2)
+    expected = logits(model, batch)
+    lorakit.export_peft(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(load(base_dir, quant), tmp_path / "peft")
+    assert rel(logits(loaded, batch), expected) < 1e-5
