@@ -99,12 +99,16 @@ def test_unet_save_load_and_peft_export_give_the_same_output(tmp_path, method):
     model = lorakit.adapt(tiny_unet(), unet_config(method))
     perturb_trainables(model, scale=0.05)
     inputs = unet_inputs()
-    expected = run_unet(model, inputs)
+    check_save_load_and_peft_export(model, tiny_unet, lambda m: run_unet(m, inputs), tmp_path)
+
+
+def check_save_load_and_peft_export(model, fresh, run, tmp_path) -> None:
+    """save → load onto ``fresh()`` and export → PEFT load onto ``fresh()`` give ``run(model)``."""
+    expected = run(model)
     lorakit.save_adapter(model, tmp_path / "adapter")
-    assert rel(run_unet(lorakit.load_adapter(tiny_unet(), tmp_path / "adapter"), inputs), expected) < 1e-14
+    assert rel(run(lorakit.load_adapter(fresh(), tmp_path / "adapter")), expected) < 1e-14
     lorakit.export_peft(model, tmp_path / "peft")
-    loaded = peft.PeftModel.from_pretrained(tiny_unet(), tmp_path / "peft").eval()
-    assert rel(run_unet(loaded, inputs), expected) < 1e-10
+    assert rel(run(peft.PeftModel.from_pretrained(fresh(), tmp_path / "peft").eval()), expected) < 1e-10
 
 
 def test_unet_denoising_loss_falls_with_riemannian_adamw_then_merges():
@@ -180,11 +184,7 @@ def test_embedding_merge_save_load_and_peft_export(tmp_path, method):
     assert rel(logits(model, batch), expected) < 1e-12
     embedding.unmerge()
     assert rel(embedding.base_layer.weight, W) < 1e-14
-    lorakit.save_adapter(model, tmp_path / "adapter")
-    assert rel(logits(lorakit.load_adapter(tiny_llama(), tmp_path / "adapter"), batch), expected) < 1e-14
-    lorakit.export_peft(model, tmp_path / "peft")
-    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft").eval()
-    assert rel(logits(loaded, batch), expected) < 1e-10
+    check_save_load_and_peft_export(model, tiny_llama, lambda m: logits(m, batch), tmp_path)
 
 
 def test_embedding_with_max_norm_is_refused():
