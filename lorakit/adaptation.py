@@ -31,6 +31,7 @@ def adapt(
     """
     config = config or AdapterConfig()
     names = find_targets(model, config)
+    config.initialisation.check_layers(config, {n: model.get_submodule(n) for n in names})
     estimated_here = config.needs_data and stats is None
     if estimated_here:
         if data is None:

@@ -33,6 +33,8 @@ def merge(model: nn.Module) -> nn.Module:
     writes and ``from_pretrained`` reloads).
     """
     get_config(model)
+    for adapter in adapters_of(model).values():  # refuse before touching any layer
+        adapter.check_writable_base("merge into")
     for adapter in adapters_of(model).values():
         adapter.set_enabled(True)
         adapter.merge()
@@ -70,8 +72,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
     ranks = {}
     for name, adapter in adapters.items():
         lora_B, lora_A = adapter.export_factors()
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_A.contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B.contiguous()
+        for key, value in adapter.kind.peft_tensors(adapter.base_layer, lora_B, lora_A).items():
+            tensors[f"{PEFT_PREFIX}{name}.{key}"] = value.contiguous()
         if isinstance(adapter, DoRA):
             tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = adapter.magnitude.detach().contiguous()
         ranks[name] = lora_A.shape[0]

@@ -33,16 +33,20 @@ TASKS = ("classification", "causal-lm", "multiple-choice")
 FORMATS = ("auto", "template", "prompt-completion", "chat")
 FULL = "full"  # the adapter method meaning "no adapters, every parameter trains"
 DTYPES = tuple(TORCH_DTYPES)
+QUANTIZATIONS = ("nf4", "fp4", "int8", "torchao-int8")  # model.quantization (lorakit.recipes.models builds each)
 
 
 @dataclass
 class ModelSection:
     """``name``: 'minilm', 'smollm2', a local folder or a hub name ('auto': minilm for
-    classification, smollm2 for causal-lm)."""
+    classification, smollm2 for causal-lm). ``quantization``: load the base quantized through
+    transformers' own configs (null: unquantized): 'nf4' / 'fp4' (bitsandbytes 4-bit, computing in
+    ``dtype``), 'int8' (bitsandbytes LLM.int8) or 'torchao-int8' (torchao int8 weight-only)."""
 
     name: str = "auto"
     dtype: str = "float32"
     max_length: int = 64
+    quantization: str | None = None
 
 
 @dataclass
@@ -166,6 +170,9 @@ class RunConfig:
         _check_choice("task", self.task, TASKS)
         _check_choice("data.format", self.data.format, FORMATS)
         _check_choice("model.dtype", self.model.dtype, DTYPES)
+        if self.model.quantization is not None:
+            _check_choice("model.quantization", self.model.quantization, QUANTIZATIONS)
+            _check_quantized_run(self)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
         _check_choice("optim.schedule", self.optim.schedule, ("linear", "cosine", "constant"))
         if self.optim.preconditioner is not None:
@@ -226,6 +233,17 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_quantized_run(cfg: RunConfig) -> None:
+    """What a quantized base cannot do: train its own weights, or take the adapter merged into them."""
+    q = cfg.model.quantization
+    if cfg.adapter.get("method") == FULL:
+        raise LorakitError(f"full fine-tuning cannot train a quantized base (model.quantization={q}); "
+                           "use an adapter method, or model.quantization=null")
+    if cfg.output.merged:
+        raise LorakitError(f"output.merged cannot merge into a quantized base (model.quantization={q}); set "
+                           "output.merged=false and use the PEFT adapter, or train with model.quantization=null")
 
 
 def _check_device(name: str) -> None:

@@ -57,9 +57,10 @@ def setup(cfg: RunConfig, label_names: list[str] | None = None, ctx: dist_ctx.Co
     if cfg.task == "classification" and splits.num_labels < 2:
         raise LorakitError(f"classification needs at least 2 classes, the data has {splits.num_labels}; check data.label_column")
     torch.manual_seed(cfg.train.seed)  # a fresh classifier head is drawn from this
-    loaded = load_model(cfg.model, cfg.task, splits.num_labels or None)
+    loaded = load_model(cfg.model, cfg.task, splits.num_labels or None, device)
     encoded = D.encode_splits(splits, cfg.data, cfg.task, loaded.tokenizer, cfg.model.max_length, cfg.model.name)
-    loaded.model.to(device)
+    if cfg.model.quantization is None:  # a quantized model is loaded onto its device
+        loaded.model.to(device)
     return Setup(cfg, loaded, splits, encoded.features, encoded.prompts, encoded.options, encoded.notes,
                  device=device, ctx=ctx)
 
