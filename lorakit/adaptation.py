@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Iterator, Mapping
 
 from torch import nn
@@ -13,6 +15,9 @@ from lorakit.inject import adapters_of, find_targets, inject
 from lorakit.linalg import layer_generator
 
 CONFIG_ATTR = "lorakit_config"
+# While set, an adapted model's save_pretrained writes its raw state (base_layer/A/B keys): a
+# transformers Trainer checkpoint, which the same adapted model reloads to resume.
+_RAW_SAVE: ContextVar[bool] = ContextVar("lorakit_raw_save", default=False)
 
 
 def adapt(
@@ -52,8 +57,44 @@ def adapt(
         adapter.finish_init()
         if estimated_here:
             del stats[name]  # free each layer's G once used: init then never holds all of them
-    setattr(model, CONFIG_ATTR, config)
+    mark_adapted(model, config)
     return model
+
+
+def mark_adapted(model: nn.Module, config: AdapterConfig) -> None:
+    """Record ``config`` on the model and guard its ``save_pretrained`` (see ``_refuse_save_pretrained``)."""
+    setattr(model, CONFIG_ATTR, config)
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = types.MethodType(_refuse_save_pretrained, model)
+
+
+def unmark_adapted(model: nn.Module) -> None:
+    """Undo ``mark_adapted`` (the adapters are gone: the model's own save_pretrained is right again)."""
+    for attr in (CONFIG_ATTR, "save_pretrained"):
+        model.__dict__.pop(attr, None)
+
+
+def _refuse_save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """An adapted model's state holds ``base_layer``/``A``/``B`` keys that ``from_pretrained`` cannot
+    load, so ``save_pretrained`` refuses, except inside ``raw_state_saving()`` (Trainer checkpoints)."""
+    if _RAW_SAVE.get():
+        return type(model).save_pretrained(model, *args, **kwargs)
+    raise LorakitError(
+        f"{type(model).__name__}.save_pretrained would write lorakit adapter keys (base_layer, A, B) that from_pretrained "
+        "cannot load; use lorakit.save_adapter(model, dir), lorakit.export_peft(model, dir) or "
+        "lorakit.merge(model).save_pretrained(dir) (a Trainer on an adapted model: lorakit.integrations.transformers.prepare(trainer))"
+    )
+
+
+@contextmanager
+def raw_state_saving() -> Iterator[None]:
+    """Let adapted models' ``save_pretrained`` write their raw state inside (for checkpoints that the
+    same adapted model reloads, e.g. ``transformers.Trainer``'s)."""
+    token = _RAW_SAVE.set(True)
+    try:
+        yield
+    finally:
+        _RAW_SAVE.reset(token)
 
 
 def get_config(model: nn.Module) -> AdapterConfig:

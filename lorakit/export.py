@@ -17,7 +17,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.adaptation import CONFIG_ATTR, get_config
+from lorakit.adaptation import get_config, unmark_adapted
 from lorakit.adapters import DoRA
 from lorakit.inject import adapters_of, resolve_modules_to_save, unwrap
 from lorakit.files import output_directory, write_json
@@ -37,8 +37,7 @@ def merge(model: nn.Module) -> nn.Module:
         adapter.set_enabled(True)
         adapter.merge()
     unwrap(model)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    unmark_adapted(model)
     return model
 
 

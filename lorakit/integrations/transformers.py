@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.adaptation import adapt
+from lorakit.adaptation import adapt, raw_state_saving
 from lorakit.adapters import ADAPTER_CLASSES
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
@@ -115,6 +115,26 @@ def _check_structure(config: AdapterConfig, preconditioner: str | None, loraplus
             raise pair_needed_error(option, (structure.structure,))
 
 
+def save_raw_checkpoints(trainer: Any) -> None:
+    """Let the Trainer's checkpoints (``Trainer._save``) hold the adapted model's raw state.
+
+    An adapted model's ``save_pretrained`` refuses (its keys are not loadable by ``from_pretrained``);
+    a Trainer checkpoint is reloaded by the same adapted model on ``resume_from_checkpoint``, so
+    inside ``_save`` it is allowed. ``prepare`` calls this; call it yourself for a Trainer built on a
+    model adapted by hand.
+    """
+    save = trainer._save
+    if getattr(save, "lorakit_raw_state", False):
+        return
+
+    def _save(*args: Any, **kwargs: Any) -> Any:
+        with raw_state_saving():
+            return save(*args, **kwargs)
+
+    _save.lorakit_raw_state = True  # type: ignore[attr-defined]
+    trainer._save = _save
+
+
 def prepare(
     trainer: Any,
     config: AdapterConfig | None = None,
@@ -150,6 +170,7 @@ def prepare(
         config = _with_training_lr(config, trainer, loader)
         adapt(model, config, data=loader if data is None else data)
     trainer.optimizer = optimizer_from_args(model, trainer.args, optimizer, **options)
+    save_raw_checkpoints(trainer)
     if neftune_alpha is not None:
         trainer.add_callback(NEFTuneCallback(neftune_alpha))
     return trainer
