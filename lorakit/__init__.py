@@ -10,6 +10,7 @@ from lorakit.export import export_peft, merge
 from lorakit.inject import adapters_of, parameter_report
 from lorakit.io import load_adapter, save_adapter
 from lorakit.optim import enable_neftune, make_optimizer
+from lorakit.peft_format import import_peft, load
 
 __all__ = [
     "METHODS",
@@ -19,6 +20,8 @@ __all__ = [
     "adapters_disabled",
     "adapters_of",
     "export_peft",
+    "import_peft",
+    "load",
     "load_adapter",
     "merge",
     "save_adapter",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import types
+import functools
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterator, Mapping
@@ -11,7 +11,7 @@ from torch import nn
 
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
-from lorakit.inject import adapters_of, find_targets, inject
+from lorakit.inject import adapters_of, find_targets, inject, parameter_report
 from lorakit.linalg import layer_generator
 
 CONFIG_ATTR = "lorakit_config"
@@ -62,28 +62,54 @@ def adapt(
 
 
 def mark_adapted(model: nn.Module, config: AdapterConfig) -> None:
-    """Record ``config`` on the model and guard its ``save_pretrained`` (see ``_refuse_save_pretrained``)."""
+    """Record ``config`` on the model and bind ``AdaptedModelCalls`` on it (a guarded
+    ``save_pretrained`` and the calls a PEFT user expects on the model)."""
     setattr(model, CONFIG_ATTR, config)
-    if callable(getattr(type(model), "save_pretrained", None)):
-        model.save_pretrained = types.MethodType(_refuse_save_pretrained, model)
+    for name in AdaptedModelCalls.names(model):
+        setattr(model, name, functools.partial(getattr(AdaptedModelCalls, name), model))
 
 
 def unmark_adapted(model: nn.Module) -> None:
-    """Undo ``mark_adapted`` (the adapters are gone: the model's own save_pretrained is right again)."""
-    for attr in (CONFIG_ATTR, "save_pretrained"):
+    """Undo ``mark_adapted`` (the adapters are gone: the model's own methods are right again)."""
+    for attr in (CONFIG_ATTR, *AdaptedModelCalls.names(model)):
         model.__dict__.pop(attr, None)
 
 
-def _refuse_save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """An adapted model's state holds ``base_layer``/``A``/``B`` keys that ``from_pretrained`` cannot
-    load, so ``save_pretrained`` refuses, except inside ``raw_state_saving()`` (Trainer checkpoints)."""
-    if _RAW_SAVE.get():
-        return type(model).save_pretrained(model, *args, **kwargs)
-    raise LorakitError(
-        f"{type(model).__name__}.save_pretrained would write lorakit adapter keys (base_layer, A, B) that from_pretrained "
-        "cannot load; use lorakit.save_adapter(model, dir), lorakit.export_peft(model, dir) or "
-        "lorakit.merge(model).save_pretrained(dir) (a Trainer on an adapted model: lorakit.integrations.transformers.prepare(trainer))"
-    )
+class AdaptedModelCalls:
+    """Methods bound on each adapted model (as partials: a model pickles and deep-copies with them): PEFT's ``disable_adapter()``, ``merge_and_unload()``,
+    ``print_trainable_parameters()`` (= ``lorakit.adapters_disabled`` / ``merge`` /
+    ``parameter_report``), and a ``save_pretrained`` that refuses: an adapted model's state holds
+    ``base_layer``/``A``/``B`` keys that ``from_pretrained`` cannot load (allowed only inside
+    ``raw_state_saving()``, for Trainer checkpoints that the same adapted model reloads)."""
+
+    @staticmethod
+    def names(model: nn.Module) -> list[str]:
+        guarded = ["save_pretrained"] if callable(getattr(type(model), "save_pretrained", None)) else []
+        return [*guarded, "disable_adapter", "merge_and_unload", "print_trainable_parameters"]
+
+    @staticmethod
+    def save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if _RAW_SAVE.get():
+            return type(model).save_pretrained(model, *args, **kwargs)
+        raise LorakitError(
+            f"{type(model).__name__}.save_pretrained would write lorakit adapter keys (base_layer, A, B) that from_pretrained "
+            "cannot load; use lorakit.save_adapter(model, dir), lorakit.export_peft(model, dir) or "
+            "lorakit.merge(model).save_pretrained(dir) (a Trainer on an adapted model: lorakit.integrations.transformers.prepare(trainer))"
+        )
+
+    @staticmethod
+    def disable_adapter(model: nn.Module) -> Any:
+        return adapters_disabled(model)
+
+    @staticmethod
+    def merge_and_unload(model: nn.Module) -> nn.Module:
+        from lorakit.export import merge  # export imports this module
+
+        return merge(model)
+
+    @staticmethod
+    def print_trainable_parameters(model: nn.Module) -> None:
+        print(parameter_report(model))
 
 
 @contextmanager
