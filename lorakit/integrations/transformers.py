@@ -19,17 +19,23 @@ are refused.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from lorakit.adaptation import adapt, raw_state_saving
+from lorakit.inject import adapters_of
+from lorakit.io import save_adapter
 from lorakit.adapters import ADAPTER_CLASSES
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.optim.factory import make_optimizer, optimizer_options
 from lorakit.optim.groups import pair_needed_error, resolve_loraplus_ratio
 from lorakit.optim.neftune import NEFTuneHandle, enable_neftune
+
+# Trainer saves hold the lorakit adapter in this sub-folder (see save_raw_checkpoints)
+ADAPTER_FOLDER = "lorakit_adapter"
 
 try:
     from transformers import TrainerCallback
@@ -116,20 +122,25 @@ def _check_structure(config: AdapterConfig, preconditioner: str | None, loraplus
 
 
 def save_raw_checkpoints(trainer: Any) -> None:
-    """Let the Trainer's checkpoints (``Trainer._save``) hold the adapted model's raw state.
+    """Trainer saves (checkpoints, ``save_model``) write the adapted model's raw state, plus a lorakit
+    adapter in ``<folder>/lorakit_adapter`` that ``lorakit.load(base_model, that folder)`` reloads.
 
     An adapted model's ``save_pretrained`` refuses (its keys are not loadable by ``from_pretrained``);
     a Trainer checkpoint is reloaded by the same adapted model on ``resume_from_checkpoint``, so
-    inside ``_save`` it is allowed. ``prepare`` calls this; call it yourself for a Trainer built on a
-    model adapted by hand.
+    inside ``Trainer._save`` it is allowed. ``prepare`` calls this; call it yourself for a Trainer
+    built on a model adapted by hand.
     """
     save = trainer._save
     if getattr(save, "lorakit_raw_state", False):
         return
 
-    def _save(*args: Any, **kwargs: Any) -> Any:
+    def _save(output_dir: str | None = None, *args: Any, **kwargs: Any) -> Any:
         with raw_state_saving():
-            return save(*args, **kwargs)
+            result = save(output_dir, *args, **kwargs)
+        if trainer.args.should_save and adapters_of(trainer.model):
+            folder = Path(output_dir if output_dir is not None else trainer.args.output_dir) / ADAPTER_FOLDER
+            save_adapter(trainer.model, folder, overwrite=True)
+        return result
 
     _save.lorakit_raw_state = True  # type: ignore[attr-defined]
     trainer._save = _save
