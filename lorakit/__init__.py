@@ -6,7 +6,7 @@ from lorakit.adaptation import adapt, adapters_disabled, get_config
 from lorakit.config import METHODS, AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.estimate import estimate, load_stats, save_stats
-from lorakit.export import export_peft, merge
+from lorakit.export import export_peft, export_vllm, merge
 from lorakit.inject import adapters_of, parameter_report
 from lorakit.io import load_adapter, save_adapter
 from lorakit.optim import enable_neftune, make_optimizer
@@ -20,6 +20,7 @@ __all__ = [
     "adapters_disabled",
     "adapters_of",
     "export_peft",
+    "export_vllm",
     "import_peft",
     "load",
     "load_adapter",

@@ -103,6 +103,17 @@ def _adapter_damage(directory: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _vllm_export_of(method: str) -> Callable[[Path], list[str]]:
+    """Export to vLLM a finished classification run trained with ``method``."""
+    def argv(tmp: Path) -> list[str]:
+        config = assets.classification_config(tmp, adapter={"method": method, "rank": 4}, train={"max_steps": 2},
+                                              output={"plot": False})
+        assert main(["train", "--config", str(assets.write_yaml(tmp / "f.yaml", config)), "--quiet"]) == 0
+        return ["export", str(tmp / "run"), "--format", "vllm"]
+
+    return argv
+
+
 CASES = [
     Case("a YAML config whose top level is a list", r"holds a YAML list, not a mapping of sections", _yaml_list),
     Case("an override value that is not valid YAML", r"override 'adapter.targets=\[query': the value is not valid YAML",
@@ -125,6 +136,12 @@ CASES = [
          lambda t: (_checkpointed_run(t), ["eval", str(t / "run")])[1], writes_run=True),
     Case("resume with a damaged checkpoint adapter", r"checkpoint .*step-00000002 is damaged \(.*checksum",
          _resume_with(_adapter_damage), writes_run=True),
+    Case("export --format vllm of a full fine-tuning run", r"full fine-tuning run has no adapter to export as vllm.*--format merged",
+         _vllm_export_of("full"), writes_run=True),
+    Case("export --format vllm of a run that trains a classifier head", r"trains module 'classifier' fully .*--format merged",
+         _vllm_export_of("lora"), writes_run=True),
+    Case("export --format vllm of a DoRA run", r"vLLM does not serve DoRA adapters; export the merged model instead \(--format merged",
+         _vllm_export_of("dora"), writes_run=True),
 ]
 
 
