@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterator, Mapping
@@ -79,8 +80,9 @@ class AdaptedModelCalls:
     """Methods bound on each adapted model (as partials: a model pickles and deep-copies with them): PEFT's ``disable_adapter()``, ``merge_and_unload()``,
     ``print_trainable_parameters()`` (= ``lorakit.adapters_disabled`` / ``merge`` /
     ``parameter_report``), and a ``save_pretrained`` that refuses: an adapted model's state holds
-    ``base_layer``/``A``/``B`` keys that ``from_pretrained`` cannot load (allowed only inside
-    ``raw_state_saving()``, for Trainer checkpoints that the same adapted model reloads)."""
+    ``base_layer``/``A``/``B`` keys that ``from_pretrained`` cannot load (allowed only when
+    ``transformers.Trainer._save`` calls it or inside ``raw_state_saving()``: checkpoints that the
+    same adapted model reloads)."""
 
     @staticmethod
     def names(model: nn.Module) -> list[str]:
@@ -89,12 +91,12 @@ class AdaptedModelCalls:
 
     @staticmethod
     def save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if _RAW_SAVE.get():
+        if _RAW_SAVE.get() or _called_by_trainer_save(sys._getframe(1)):
             return type(model).save_pretrained(model, *args, **kwargs)
         raise LorakitError(
             f"{type(model).__name__}.save_pretrained would write lorakit adapter keys (base_layer, A, B) that from_pretrained "
             "cannot load; use lorakit.save_adapter(model, dir), lorakit.export_peft(model, dir) or "
-            "lorakit.merge(model).save_pretrained(dir) (a Trainer on an adapted model: lorakit.integrations.transformers.prepare(trainer))"
+            "lorakit.merge(model).save_pretrained(dir)"
         )
 
     @staticmethod
@@ -110,6 +112,15 @@ class AdaptedModelCalls:
     @staticmethod
     def print_trainable_parameters(model: nn.Module) -> None:
         print(parameter_report(model))
+
+
+def _called_by_trainer_save(frame: Any) -> bool:
+    """Whether ``frame`` is ``transformers.Trainer._save`` (any Trainer subclass): its checkpoints are
+    reloaded by the same adapted model on ``resume_from_checkpoint``."""
+    trainer_module = sys.modules.get("transformers.trainer")  # not imported: no Trainer is saving
+    trainer_class = getattr(trainer_module, "Trainer", None)
+    return (trainer_class is not None and frame.f_code.co_name == "_save"
+            and isinstance(frame.f_locals.get("self"), trainer_class))
 
 
 @contextmanager

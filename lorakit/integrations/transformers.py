@@ -122,13 +122,12 @@ def _check_structure(config: AdapterConfig, preconditioner: str | None, loraplus
 
 
 def save_raw_checkpoints(trainer: Any) -> None:
-    """Trainer saves (checkpoints, ``save_model``) write the adapted model's raw state, plus a lorakit
-    adapter in ``<folder>/lorakit_adapter`` that ``lorakit.load(base_model, that folder)`` reloads.
+    """Trainer saves (checkpoints, ``save_model``) also write a lorakit adapter in
+    ``<folder>/lorakit_adapter`` that ``lorakit.load(base_model, that folder)`` reloads.
 
-    An adapted model's ``save_pretrained`` refuses (its keys are not loadable by ``from_pretrained``);
-    a Trainer checkpoint is reloaded by the same adapted model on ``resume_from_checkpoint``, so
-    inside ``Trainer._save`` it is allowed. ``prepare`` calls this; call it yourself for a Trainer
-    built on a model adapted by hand.
+    The checkpoint's model.safetensors is the adapted model's raw state (``save_pretrained``
+    refuses it elsewhere, as ``from_pretrained`` cannot load it; ``Trainer._save`` may, since the
+    same adapted model reloads it on ``resume_from_checkpoint``). ``prepare`` calls this.
     """
     save = trainer._save
     if getattr(save, "lorakit_raw_state", False):

@@ -64,3 +64,20 @@ def test_trainer_checkpoints_save_and_resume(tmp_path):
         assert torch.allclose(again[key], value, rtol=1e-5, atol=1e-7), key
     with pytest.raises(LorakitError, match="save_pretrained would write"):  # outside the Trainer: refused again
         whole.model.save_pretrained(tmp_path / "raw")
+
+
+def test_a_trainer_on_a_model_adapted_by_hand_saves_checkpoints(tmp_path):
+    from safetensors import safe_open
+
+    from lorakit.integrations.transformers import optimizer_from_args
+
+    model = lorakit.adapt(tiny_llama(dtype=torch.float32).train(), AdapterConfig(rank=4))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, save_steps=2,
+                             report_to="none", use_cpu=True, disable_tqdm=True, learning_rate=1e-2)
+    trainer = Trainer(model=model, args=args, train_dataset=causal_dataset(),
+                      optimizers=(optimizer_from_args(model, args), None))  # no prepare(): Trainer._save itself
+    trainer.train()
+    with safe_open(str(tmp_path / "checkpoint-2" / "model.safetensors"), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    factors = {k: v for k, v in model.state_dict().items() if k.endswith((".A", ".B"))}
+    assert factors and all(torch.equal(saved[k], v) for k, v in factors.items())
