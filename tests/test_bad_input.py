@@ -114,6 +114,17 @@ def _data_with(change: Callable[[list[dict]], None]) -> Callable[[Path], list[st
     return argv
 
 
+def _vllm_export_of(method: str) -> Callable[[Path], list[str]]:
+    """Export to vLLM a finished classification run trained with ``method``."""
+    def argv(tmp: Path) -> list[str]:
+        config = assets.classification_config(tmp, adapter={"method": method, "rank": 4}, train={"max_steps": 2},
+                                              output={"plot": False})
+        assert main(["train", "--config", str(assets.write_yaml(tmp / "f.yaml", config)), "--quiet"]) == 0
+        return ["export", str(tmp / "run"), "--format", "vllm"]
+
+    return argv
+
+
 def _one_class(rows: list[dict]) -> None:
     for row in rows:
         row["sentiment"] = 1
@@ -195,6 +206,12 @@ CASES = [
     Case("a BIG-bench task with no target_scores", r"example 1 has no target_scores", _bigbench_without_scores),
     Case("an unknown reasoning-gym dataset", r"reasoning-gym has no dataset 'chain_sums' \(close: chain_sum",
          _causal(None, "data.source=reasoning-gym:chain_sums")),
+    Case("export --format vllm of a full fine-tuning run", r"full fine-tuning run has no adapter to export as vllm.*--format merged",
+         _vllm_export_of("full"), writes_run=True),
+    Case("export --format vllm of a run that trains a classifier head", r"trains module 'classifier' fully .*--format merged",
+         _vllm_export_of("lora"), writes_run=True),
+    Case("export --format vllm of a DoRA run", r"vLLM does not serve DoRA adapters; export the merged model instead \(--format merged",
+         _vllm_export_of("dora"), writes_run=True),
 ]
 
 

@@ -325,21 +325,23 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, ove
     """Write RUN_DIR/peft or RUN_DIR/merged (or ``out``) from a finished run. ``out`` must be new or
     empty unless ``overwrite`` (then lorakit's files in it are replaced, every other file kept);
     the default folder inside the run directory is lorakit's own and is refreshed."""
-    if fmt not in ("peft", "merged"):
-        raise LorakitError(f"--format {fmt!r} is not valid; choose peft or merged")
+    if fmt not in ("peft", "merged", "vllm"):
+        raise LorakitError(f"--format {fmt!r} is not valid; choose peft, vllm or merged")
     target = Path(out) if out else Path(run_dir) / fmt
     overwrite = overwrite or out is None
     check_output_directory(target, overwrite)  # before loading anything
     path, s = load_run(run_dir)
     if s.cfg.is_full:
-        if fmt == "peft":
-            raise LorakitError("a full fine-tuning run has no adapter to export as PEFT; its model/ folder is the merged model")
+        if fmt != "merged":
+            raise LorakitError(f"a full fine-tuning run has no adapter to export as {fmt}; its model/ folder is a plain model "
+                               "(vLLM serves it as is), or export it with --format merged")
         with output_directory(target, overwrite) as tmp:
             s.model.save_pretrained(tmp)
             s.loaded.tokenizer.save_pretrained(tmp)
         return target
-    if fmt == "peft":
-        lorakit.export_peft(s.model, target, base_model_name_or_path=s.loaded.path, overwrite=overwrite)
+    if fmt in ("peft", "vllm"):
+        export = lorakit.export_vllm if fmt == "vllm" else lorakit.export_peft
+        export(s.model, target, base_model_name_or_path=s.loaded.path, overwrite=overwrite)
     else:
         export_merged(s, target, overwrite)
     return target
