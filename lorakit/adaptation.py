@@ -10,6 +10,7 @@ from typing import Any, Iterator, Mapping
 
 from torch import nn
 
+from lorakit.adapters import LowRankAdapter
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import adapters_of, find_targets, inject, parameter_report
@@ -53,10 +54,8 @@ def adapt(
         if missing:
             raise LorakitError(f"the gradient statistics have no entry for layer {missing[0]!r}; re-run lorakit.estimate for these targets")
     adapters = inject(model, config, names)
-    init = config.initialisation
     for name, adapter in adapters.items():
-        init.initialise(adapter, config, layer_generator(config.seed, name), stats[name] if config.needs_data else None)
-        adapter.finish_init()
+        initialise_adapter(adapter, name, config, stats[name] if config.needs_data else None)
         if estimated_here:
             del stats[name]  # free each layer's G once used: init then never holds all of them
     mark_adapted(model, config)
@@ -133,6 +132,12 @@ def raw_state_saving() -> Iterator[None]:
         yield
     finally:
         _RAW_SAVE.reset(token)
+
+
+def initialise_adapter(adapter: LowRankAdapter, name: str, config: AdapterConfig, layer_stats: Any = None) -> None:
+    """Initialise one injected adapter (from its layer's gradient statistics for lora-ga / lora-sb)."""
+    config.initialisation.initialise(adapter, config, layer_generator(config.seed, name), layer_stats)
+    adapter.finish_init()
 
 
 def get_config(model: nn.Module) -> AdapterConfig:

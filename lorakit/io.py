@@ -95,40 +95,65 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
             )
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+def layer_entries(name: str, adapter: LowRankAdapter) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One adapter's tensors in the saved file (its tensors and its base weight's fingerprint) and its layer description."""
+    tensors = {f"{ADAPTER_PREFIX}{name}.{key}": value.contiguous() for key, value in adapter_tensors(adapter).items()}
+    tensors[f"{FINGERPRINT_PREFIX}{name}"] = base_fingerprint(original_base_weight(adapter))
+    layer = {
+        "structure": adapter.structure,
+        "shape": [adapter.out_features, adapter.in_features],
+        "base_dtype": str(adapter.base_weight.dtype).removeprefix("torch."),
+        "has_offset": adapter.has_offset,
+    }
+    return tensors, layer
+
+
+def module_entries(model: nn.Module, module_names: list[str]) -> dict[str, torch.Tensor]:
+    """The full state of each of ``module_names`` (the modules_to_save) under its key in the saved file."""
+    return {f"{MODULE_PREFIX}{module_name}.{key}": value.detach().contiguous()
+            for module_name in module_names for key, value in model.get_submodule(module_name).state_dict().items()}
+
+
+def model_class_name(model: nn.Module) -> str:
+    """The model's class, not the subclass FSDP2's fully_shard makes of it (FSDP<name>)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - a torch build without torch.distributed
+        return type(model).__name__
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, overwrite: bool = False,
+                 entries: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Path:
     """Write the model's adapters (and modules_to_save) to ``directory``.
 
     ``directory`` must be new or empty, unless ``overwrite``: then lorakit's two files in it are
     replaced and any other file is kept. The write is atomic (see ``lorakit.files``); the JSON
     holds the tensor file's SHA-256, so a damaged file is refused on load. Non-finite tensors
-    are refused (a diverged run must not ship its adapter).
+    are refused (a diverged run must not ship its adapter). ``entries``: the (tensors, layers)
+    of ``layer_entries`` / ``module_entries`` collected already, e.g. gathered from FSDP shards
+    (lorakit.recipes.fsdp); default: read from the model.
     """
     config = get_config(model)
     adapters = adapters_of(model)
     if any(a.merged for a in adapters.values()):
         raise LorakitError("cannot save merged adapters; call unmerge() on them (or save before merging)")
-    tensors: dict[str, torch.Tensor] = {}
-    layers = {}
-    for name, adapter in adapters.items():
-        for key, value in adapter_tensors(adapter).items():
-            tensors[f"{ADAPTER_PREFIX}{name}.{key}"] = value.contiguous()
-        tensors[f"{FINGERPRINT_PREFIX}{name}"] = base_fingerprint(original_base_weight(adapter))
-        layers[name] = {
-            "structure": adapter.structure,
-            "shape": [adapter.out_features, adapter.in_features],
-            "base_dtype": str(adapter.base_weight.dtype).removeprefix("torch."),
-            "has_offset": adapter.has_offset,
-        }
     saved_modules = resolve_modules_to_save(model, config)
-    for module_name in saved_modules:
-        for key, value in model.get_submodule(module_name).state_dict().items():
-            tensors[f"{MODULE_PREFIX}{module_name}.{key}"] = value.detach().contiguous()
+    if entries is None:
+        tensors: dict[str, torch.Tensor] = {}
+        layers = {}
+        for name, adapter in adapters.items():
+            found, layers[name] = layer_entries(name, adapter)
+            tensors.update(found)
+        tensors.update(module_entries(model, saved_modules))
+    else:
+        tensors, layers = entries
     check_finite(tensors)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "lorakit_version": lorakit.__version__,
-        "model_class": type(model).__name__,
+        "model_class": model_class_name(model),
         "config": config.to_dict(),
         "layers": layers,
         "modules_to_save": saved_modules,

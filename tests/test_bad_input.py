@@ -165,6 +165,8 @@ CASES = [
     Case("a non-integer adapter.seed", r"adapter: seed must be an integer, got 'x'", lambda t: _train(t, "adapter.seed=x")),
     Case("train.threads = 0", r"train.threads must be >= 1", lambda t: _train(t, "train.threads=0")),
     Case("train.device=cuda without CUDA", r"has no CUDA; use train.device=cpu", lambda t: _train(t, "train.device=cuda")),
+    Case("train.parallel=zero3", r"train.parallel='zero3' is not valid; choose one of ddp, fsdp",
+         lambda t: _train(t, "train.parallel=zero3")),
     Case("truncated model weights", r"could not load model .*broken", _truncated_model),
     Case("an invalid target regex", r"target regex '\(\*' is not a valid regular expression", lambda t: _train(t, "adapter.targets=(*")),
     Case("adapter.dropout=abc", r"adapter: dropout must be a number in \[0, 1\), got 'abc'", lambda t: _train(t, "adapter.dropout=abc")),

@@ -33,6 +33,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorakit.adapters import LowRankAdapter
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.estimate.cache import load_stats, save_stats
@@ -86,6 +87,8 @@ def _target_layers(model: nn.Module, config: AdapterConfig, targets: list[str] |
             layer = model.get_submodule(name)
         except AttributeError:
             raise LorakitError(f"target {name!r} is not a module of this model") from None
+        if isinstance(layer, LowRankAdapter):  # an installed adapter: G of its base weight (lorakit.recipes.fsdp)
+            layer = layer.base_layer
         if not hasattr(layer, "weight") or layer.weight is None or layer.weight.dim() != 2:
             raise LorakitError(f"target {name!r} is a {type(layer).__name__}; estimation needs nn.Linear or Conv1D layers")
         layers[name] = layer
@@ -112,7 +115,8 @@ def estimate(
     """Estimate the gradient statistics of every target layer of the plain (un-adapted) model.
 
     ``data``: a DataLoader, an iterable of batches or a list of examples, with ``labels``
-    (see ``lorakit.estimate.data``). ``targets``: layer names (default: ``config.targets``).
+    (see ``lorakit.estimate.data``). ``targets``: layer names (default: ``config.targets``; the
+    name of an installed adapter means its base layer).
     ``loss_fn(outputs, batch) -> (per-example loss terms ℓ (b,), weights w (b,))`` overrides the
     default (G = ∇Σℓ / Σw; a bool second value marks valid examples whose ℓ are their means). Returns layer name -> ``LayerStats``, with ``.report``.
     """

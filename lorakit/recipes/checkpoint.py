@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,13 @@ def latest(run_dir: Path) -> Path | None:
 
 def save_checkpoint(run_dir: Path, model: nn.Module, full: bool, optimizer: torch.optim.Optimizer,
                     scheduler: Any, position: Position, rng: list[dict[str, torch.Tensor]] | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, *, entries: Any = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write checkpoint ``step-<position.step>`` and then drop the older ones. ``rng``: every
     process's rng_state(), in rank order (default: this process's alone); ``extra``: more
-    numbers for state.json (e.g. the seconds spent so far)."""
+    numbers for state.json (e.g. the seconds spent so far). A sharded model (lorakit.recipes.fsdp)
+    passes its gathered adapter ``entries`` and ``optimizer_state`` (default: read from the model
+    and ``optimizer``)."""
     rng = rng if rng is not None else [rng_state()]
     root = run_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -110,8 +114,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, full: bool, optimizer: torc
         if full:
             save_file(trainable_tensors(model), str(tmp / "model.safetensors"))
         else:
-            lorakit.save_adapter(model, tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            lorakit.save_adapter(model, tmp / "adapter", entries=entries)
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         save_file({_rank_prefix(r) + k: v for r, states in enumerate(rng) for k, v in states.items()},
                   str(tmp / "rng.safetensors"))
         write_json(tmp / "state.json", {
@@ -177,13 +181,14 @@ def load_model_state(directory: Path, model: nn.Module, full: bool) -> None:
 
 
 def restore_training_state(directory: Path, state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
-                           rank: int = 0) -> Position:
-    """Optimizer, scheduler and this process's RNG state from checkpoint ``directory``; returns where to continue."""
+                           rank: int = 0, load_optimizer: Callable[[dict[str, Any]], None] | None = None) -> Position:
+    """Optimizer, scheduler and this process's RNG state from checkpoint ``directory``; returns where to continue.
+    ``load_optimizer``: how the saved optimizer state enters ``optimizer`` (default its load_state_dict)."""
     optimizer_file = directory / "optimizer.pt"
     if not optimizer_file.is_file() or _sha256(optimizer_file) != state.get("optimizer_sha256"):
         raise LorakitError(f"{optimizer_file} is missing or was not written by lorakit for this checkpoint; refusing to load it")
     try:
-        optimizer.load_state_dict(torch.load(optimizer_file, weights_only=True, map_location="cpu"))
+        (load_optimizer or optimizer.load_state_dict)(torch.load(optimizer_file, weights_only=True, map_location="cpu"))
     except Exception as exc:  # never repeat torch's advice to unpickle untrusted data
         raise _damaged(directory, f"optimizer.pt is not lorakit optimizer state for this run: {type(exc).__name__}") from None
     try:

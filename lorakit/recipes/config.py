@@ -115,8 +115,10 @@ class TrainSection:
     in the backward pass instead of keeping them (transformers' own gradient_checkpointing_enable;
     less memory, about one more forward per step, the same gradients). ``threads``: CPU threads (default: a fixed count per machine, see runtime.cpu_threads).
     Under torchrun, ``batch_size`` is per process and ``dist_timeout`` (seconds) bounds every
-    wait for the other processes. ``compile``: train through ``torch.compile(model)`` (the first
-    steps compile: minutes on a CPU; see bench/floor.py --compile for what it gains)."""
+    wait for the other processes; ``parallel``: ddp (a full model per process) or fsdp (the
+    model sharded over the processes with FSDP2, see lorakit/recipes/fsdp.py). ``compile``: train
+    through ``torch.compile(model)`` (the first steps compile: minutes on a CPU; see
+    bench/floor.py --compile for what it gains)."""
 
     epochs: int = 1
     max_steps: int | None = 125
@@ -130,6 +132,7 @@ class TrainSection:
     dist_timeout: float = 1800.0
     compile: bool = False
     gradient_checkpointing: bool = False
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -175,6 +178,7 @@ class RunConfig:
             _check_quantized_run(self)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
         _check_choice("optim.schedule", self.optim.schedule, ("linear", "cosine", "constant"))
+        _check_choice("train.parallel", self.train.parallel, ("ddp", "fsdp"))
         if self.optim.preconditioner is not None:
             _check_choice("optim.preconditioner", self.optim.preconditioner, ("riemannian",))
         for key in ("model.max_length", "train.epochs", "train.batch_size", "train.grad_accum", "eval.batch_size",

@@ -128,6 +128,21 @@ def start(device_kind: str, timeout_seconds: float) -> Context:
     return Context(rank, world, local_rank, owns_group=True)
 
 
+@contextmanager
+def no_sync(engine: torch.nn.Module) -> Iterator[None]:
+    """Backward without the gradient all-reduce (accumulate this micro-batch locally): DDP's
+    ``no_sync``, or for a model sharded with FSDP2 its ``set_requires_gradient_sync(False)``."""
+    if hasattr(engine, "no_sync"):
+        with engine.no_sync():
+            yield
+        return
+    engine.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        engine.set_requires_gradient_sync(True)
+
+
 def stop(ctx: Context) -> None:
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -6,7 +6,8 @@
     option_scores(...)      each option's summed token log-probability given its prompt
 
 Under torchrun each process evaluates its contiguous share and the results are gathered, so
-every process returns the metrics of the whole split.
+every process returns the metrics of the whole split (under train.parallel=fsdp every process
+evaluates the whole split with the sharded model, the forwards in step).
 """
 
 from __future__ import annotations
@@ -15,12 +16,20 @@ import torch
 from tqdm.auto import tqdm
 
 from lorakit.recipes import data as D
+from lorakit.recipes import distributed as dist_ctx
 from lorakit.recipes import metrics as M
 from lorakit.recipes.data import chat
+from lorakit.recipes.fsdp import is_sharded
 from lorakit.recipes.setup import Setup
 
 
 SAMPLES = 20  # generations kept per split for samples.jsonl
+
+
+def evaluation_context(s: Setup) -> dist_ctx.Context:
+    """The processes that split the evaluation: all of them, or none for a model sharded with FSDP2,
+    whose every forward needs every process (each then evaluates the whole split, in step)."""
+    return dist_ctx.Context() if is_sharded(s.model) else s.ctx
 
 
 def primary_metric(task: str) -> str:
@@ -38,7 +47,7 @@ def loss_targets(task: str, batch: dict[str, torch.Tensor]) -> int:
 def evaluate(s: Setup, split: str, progress: bool = True) -> dict[str, float]:
     """Classification: loss, accuracy, F1, MCC. Causal-LM: loss, perplexity, and exact match of
     the final number of greedy generations."""
-    model, cfg, ctx = s.model, s.cfg, s.ctx
+    model, cfg, ctx = s.model, s.cfg, evaluation_context(s)
     if not s.features[split]:
         return {}
     features = ctx.shard(s.features[split])
@@ -88,13 +97,13 @@ def _generation_metrics(s: Setup, split: str, progress: bool) -> dict[str, float
 @torch.no_grad()
 def generate(s: Setup, split: str, progress: bool = True) -> list[str]:
     """Greedy continuations of the split's prompts (left-padded batches)."""
-    tok, out, ctx = s.loaded.tokenizer, [], s.ctx
+    tok, out, ctx = s.loaded.tokenizer, [], evaluation_context(s)
     prompts = ctx.shard(s.prompts[split])
     bar = tqdm(total=len(prompts), desc=f"generate {split}", disable=not (progress and ctx.is_main), leave=False, unit="ex")
     for batch in D.batches(prompts, s.cfg.eval.batch_size, s.pad_id, left_pad=True):
         batch = D.to_device(batch, s.device)
         ids = s.model.generate(**batch, max_new_tokens=s.cfg.eval.max_new_tokens, do_sample=False,
-                               pad_token_id=s.pad_id, eos_token_id=stop_tokens(s))
+                               pad_token_id=s.pad_id, eos_token_id=stop_tokens(s), synced_gpus=is_sharded(s.model))
         out += tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         bar.update(len(ids))
     bar.close()

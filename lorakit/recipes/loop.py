@@ -30,6 +30,8 @@ from lorakit.errors import LorakitError
 from lorakit.recipes import checkpoint as ckpt
 from lorakit.recipes import data as D
 from lorakit.recipes.config import RunConfig
+from lorakit.recipes.distributed import no_sync
+from lorakit.recipes.fsdp import full_tensor, is_sharded
 from lorakit.recipes.evaluation import evaluate, loss_targets
 from lorakit.recipes.setup import Setup
 
@@ -155,7 +157,7 @@ def check_identical(s: Setup) -> None:
         return
     with torch.no_grad():
         fingerprint = [float(p.double().sum()) + float(p.double().square().sum())
-                       for p in s.model.parameters() if p.requires_grad]
+                       for p in map(full_tensor, s.model.parameters()) if p.requires_grad]
     prints = s.ctx.gather(fingerprint, "comparing the initial adapters")
     if any(p != prints[0] for p in prints[1:]):
         raise LorakitError("the processes initialised different trainable weights; check that every process loads "
@@ -163,8 +165,9 @@ def check_identical(s: Setup) -> None:
 
 
 def wrap_for_training(s: Setup) -> nn.Module:
-    """DDP over the trainable parameters when several processes run (gradients averaged in backward)."""
-    if not s.ctx.active:
+    """DDP over the trainable parameters when several processes run (gradients averaged in backward);
+    a model sharded with FSDP2 (train.parallel=fsdp) averages its own gradients."""
+    if not s.ctx.active or is_sharded(s.model):
         return s.model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -239,7 +242,7 @@ def train_step(s: Setup, engine: nn.Module, group: list[tuple[dict[str, torch.Te
     weighted_loss, examples, tokens = 0.0, 0, 0
     for k, (batch, n) in enumerate(group):
         last = k == len(group) - 1
-        with engine.no_sync() if ctx.active and not last else nullcontext():
+        with no_sync(engine) if ctx.active and not last else nullcontext():
             out = engine(**batch)
             # a micro-batch without targets (an empty shard) still runs backward, weighted 0
             loss = out.loss if n else out.logits.sum() * 0.0

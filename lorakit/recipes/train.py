@@ -37,6 +37,7 @@ from lorakit.errors import LorakitError
 from lorakit.files import atomic_file, check_output_directory, json_text, output_directory
 from lorakit.recipes import checkpoint as ckpt
 from lorakit.recipes import distributed as dist_ctx
+from lorakit.recipes import fsdp
 from lorakit.recipes import plots
 from lorakit.recipes.config import RunConfig
 from lorakit.recipes.evaluation import evaluate, primary_metric
@@ -109,8 +110,10 @@ def _initialise(s: Setup, budget: Budget, opened: Opened, progress: bool) -> flo
         if s.cfg.is_full:
             unfreeze(s.model)
         ckpt.load_model_state(directory, s.model, s.cfg.is_full)
+        if fsdp.enabled(s):  # loaded whole, then sharded as a new run is after its init
+            fsdp.shard(s.model, lorakit.get_config(s.model), fsdp.mesh_of(s))
         return state.get("init_seconds", 0.0)
-    seconds = attach(s, budget.warmup, progress)
+    seconds = (fsdp.attach if fsdp.enabled(s) else attach)(s, budget.warmup, progress)
     if s.ctx.active:  # dropout / NEFTune noise: one stream per process (the init above drew the same on all)
         torch.manual_seed(s.cfg.train.seed + 7919 * s.ctx.rank)
     return seconds
@@ -119,6 +122,7 @@ def _initialise(s: Setup, budget: Budget, opened: Opened, progress: bool) -> flo
 def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, Any], RunConfig] | None,
          quiet: bool) -> RunResult:
     """``resumed``: read_run() of the run to continue, or None for a new run of ``cfg``."""
+    fsdp.check_config(cfg, ctx)
     opened = _open(ctx, cfg, resumed)
     main = ctx.is_main
     progress = cfg.train.progress and not quiet and main
@@ -207,8 +211,11 @@ def _fit_evaluate_save(s: Setup, opened: Opened, opt: Optimization, info: dict[s
         "peak_memory_mb": ctx.max(peak, "measuring memory") if peak is not None else None, "steps": opt.budget.total,
         "seed": cfg.train.seed, "world_size": ctx.world,
     }
-    if main:
+    if fsdp.enabled(s):  # every process gathers its shards, rank 0 writes
+        fsdp.save_outputs(s, run_dir)
+    elif main:
         save_outputs(s, run_dir, cfg)
+    if main:
         if cfg.output.plot:
             plots.training_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training_curves.png",
                                   f"{cfg.method} · {cfg.task}")
@@ -240,7 +247,8 @@ def _restore(s: Setup, opened: Opened, opt: Optimization) -> ckpt.Position:
             metrics.write_text("")
         return ckpt.Position(step=0, epoch=0, batch=0, metrics_offset=0)
     directory, state = opened.checkpoint
-    position = ckpt.restore_training_state(directory, state, opt.optimizer, opt.scheduler, s.ctx.rank)
+    load = fsdp.optimizer_loader(s.model, opt.optimizer) if fsdp.enabled(s) else None
+    position = ckpt.restore_training_state(directory, state, opt.optimizer, opt.scheduler, s.ctx.rank, load)
     if opt.scaler is not None and "grad_scaler" in state:
         opt.scaler.load_state_dict(state["grad_scaler"])
     if s.ctx.is_main:
@@ -265,8 +273,9 @@ class NullLog:
 def _checkpoint(s: Setup, run_dir: Path, opt: Optimization, position: ckpt.Position, extra: dict[str, Any]) -> None:
     """Rank 0 writes the checkpoint, with every process's random-number state."""
     rng = s.ctx.gather(ckpt.rng_state(), "gathering random states for a checkpoint")
+    gathered = fsdp.checkpoint_state(s.model, opt.optimizer, s.ctx.is_main) if fsdp.enabled(s) else {}
     if s.ctx.is_main:
-        ckpt.save_checkpoint(run_dir, s.model, s.cfg.is_full, opt.optimizer, opt.scheduler, position, rng, extra)
+        ckpt.save_checkpoint(run_dir, s.model, s.cfg.is_full, opt.optimizer, opt.scheduler, position, rng, extra, **gathered)
     s.ctx.barrier("rank 0 wrote a checkpoint")
 
 
