@@ -125,6 +125,16 @@ def _vllm_export_of(method: str) -> Callable[[Path], list[str]]:
     return argv
 
 
+def _data_file(name: str, content: bytes | None) -> Callable[[Path], list[str]]:
+    """Train on ``name`` holding ``content`` (None: a folder of that name)."""
+    def argv(tmp: Path) -> list[str]:
+        path = tmp / name
+        path.mkdir() if content is None else path.write_bytes(content)
+        return _train(tmp, f"data.source={path}")
+
+    return argv
+
+
 def _one_class(rows: list[dict]) -> None:
     for row in rows:
         row["sentiment"] = 1
@@ -190,6 +200,18 @@ CASES = [
          lambda t: (_checkpointed_run(t), ["eval", str(t / "run")])[1], writes_run=True),
     Case("resume with a damaged checkpoint adapter", r"checkpoint .*step-00000002 is damaged \(.*checksum",
          _resume_with(_adapter_damage), writes_run=True),
+    Case("a CSV that is not UTF-8", r"latin.csv: line 3 is not UTF-8 \(byte 0xe9\); save the file as UTF-8",
+         _data_file("latin.csv", "sentence,sentiment\ngood film,1\nclich\u00e9,0\n".encode("latin-1"))),
+    Case("a JSONL line that is a list", r"list.jsonl: line 2 is a JSON list, not an object of columns",
+         _data_file("list.jsonl", b'{"sentence": "good", "sentiment": 1}\n[1, 2]\n')),
+    Case("a .json holding [1,2,3]", r"numbers.json: entry 1 is a JSON int, not an object of columns",
+         _data_file("numbers.json", b"[1, 2, 3]")),
+    Case("a text file named .parquet", r"text.parquet is not a readable Parquet file .*give it its real extension",
+         _data_file("text.parquet", b"sentence,sentiment\ngood,1\n")),
+    Case("a data path that is a folder", r"data path '.*folder' is a folder; give a .csv/.jsonl/.json/.parquet file",
+         _data_file("folder", None)),
+    Case("a data.template containing {answer}", r"data.template may only hold the field \{prompt\}, not \{answer\}",
+         _causal(None, "data.template='Q: {prompt} A: {answer}'")),
     Case("training data with a single class", r"at least 2 classes, the training data has only the label '1'",
          _data_with(_one_class)),
     Case("a row (not the first) with its text missing", r"edited.jsonl: row 40 has column 'sentence' missing",

@@ -16,6 +16,7 @@ Unknown keys and badly typed values raise a one-line ``LorakitError`` with a sug
 from __future__ import annotations
 
 import dataclasses
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -200,8 +201,7 @@ class RunConfig:
         _check_device(self.train.device)
         if not 0 <= self.optim.warmup_ratio < 1:
             raise LorakitError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio!r}")
-        if "{prompt}" not in self.data.template:
-            raise LorakitError("data.template must contain '{prompt}' where the prompt goes")
+        _check_template(self.data.template)
         self.adapter = dict(self.adapter)
         self.adapter.setdefault("method", _default_adapter()["method"])
         self.lr_is_default = self.optim.lr is None
@@ -248,6 +248,20 @@ def _check_quantized_run(cfg: RunConfig) -> None:
     if cfg.output.merged:
         raise LorakitError(f"output.merged cannot merge into a quantized base (model.quantization={q}); set "
                            "output.merged=false and use the PEFT adapter, or train with model.quantization=null")
+
+
+def _check_template(template: str) -> None:
+    """``data.template``: str.format text whose one field is ``{prompt}`` (the answer follows it)."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise LorakitError(f"data.template {template!r} is not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+    if "prompt" not in fields:
+        raise LorakitError("data.template must contain '{prompt}' where the prompt goes")
+    others = sorted(fields - {"prompt"})
+    if others:
+        raise LorakitError(f"data.template may only hold the field {{prompt}}, not {{{others[0]}}}; the answer is appended "
+                           "after the filled template (write literal braces as {{ and }})")
 
 
 def _check_device(name: str) -> None:
