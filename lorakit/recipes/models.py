@@ -177,6 +177,31 @@ def quantization_options(section: ModelSection, dtype: torch.dtype, device: torc
     return {"quantization_config": quantization_config(section.quantization, dtype), "device_map": str(device)}
 
 
+class _KnownNoise(logging.Filter):
+    """Drops a library's log records that start with (or contain) one known, harmless text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# from_pretrained imports transformers' torchao quantizer whenever torchao is installed (the
+# quant extra): torchao then reports its optional GPU kernels (_C_mxfp8, cutlass) failing to load
+# on a CPU machine and registers enums that torch's pytree calls deprecated. Neither concerns a
+# run: drop just these two messages (every other torchao / torch warning passes).
+KNOWN_NOISE = {"torchao": "Failed to load", "torch.utils._pytree": "is an Enum subclass and is now natively supported"}
+
+
+def quiet_known_noise() -> None:
+    for name, text in KNOWN_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _KnownNoise) for f in logger.filters):
+            logger.addFilter(_KnownNoise(text))
+
+
 def load_model(section: ModelSection, task: str, num_labels: int | None = None,
                device: torch.device | str = "cpu") -> LoadedModel:
     """The task's model (sequence classifier with ``num_labels`` classes, or causal LM) + tokenizer;
@@ -184,6 +209,7 @@ def load_model(section: ModelSection, task: str, num_labels: int | None = None,
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    quiet_known_noise()
     path = resolve(section.name, task)
     dtype = DTYPES[section.dtype]
     quantized = quantization_options(section, dtype, device)

@@ -164,9 +164,11 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, A
     metric = primary_metric(cfg.task)
     test = results["test"]
     say(f"test {metric}: {test.get(metric, float('nan')):.4f}  ({', '.join(f'{k} {v:.4f}' for k, v in test.items())})")
-    say(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, results.json, "
-        + ("model/" if cfg.is_full else "adapter/" + (", peft/" if cfg.output.peft else ""))
-        + (", merged/" if cfg.output.merged and not cfg.is_full else "") + ", training_curves.png)")
+    written = ["config.yaml", "metrics.jsonl", "results.json"]
+    written += ["model/"] if cfg.is_full else ["adapter/"] + (["peft/"] if cfg.output.peft else [])
+    written += ["merged/"] if cfg.output.merged and not cfg.is_full else []
+    written += ["training_curves.png"] if cfg.output.plot else []
+    say(f"run directory: {run_dir}  ({', '.join(written)})")
     return RunResult(run_dir, results)
 
 
