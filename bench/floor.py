@@ -1,7 +1,7 @@
 """A training step against its physical floor, measured side by side in one run (issue 19).
 
     python bench/floor.py [--model minilm|smollm2] [--methods lora,dora,lora-fa,lora-xs]
-                          [--batch 32] [--length 64] [--repeats 9] [--threads 2] [--compile]
+                          [--batch 32] [--length 64] [--repeats 9] [--threads 2] [--compile] [--output NAME]
 
 The floor of a LoRA step is the frozen model's forward plus the backward that propagates
 input gradients only (no weight-gradient GEMM for a frozen weight): here, the base model
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time lora under torch.compile")
+    parser.add_argument("--output", default=None, help="result name (default floor_<model>)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch_size = args.batch or (32 if args.model == "minilm" else 8)
@@ -198,7 +199,7 @@ def main() -> None:
             print(f"  {row['op'][:40]:40s} lora {row['lora']:8.2f} ({row['calls lora']:4d})  floor {row['floor']:8.2f} "
                   f"({row['calls floor']:4d})  extra {row['extra']:+8.2f}")
     write_result(
-        f"floor_{args.model}",
+        args.output or f"floor_{args.model}",
         {
             "model": {"minilm": "all-MiniLM-L6-v2 (sequence classification)", "smollm2": "SmolLM2-135M-Instruct (causal LM)"}[args.model],
             "batch": shape[0],
