@@ -1,6 +1,6 @@
 """Step time of scaled (Riemannian) AdamW vs plain AdamW on the same adapted model (issue 4).
 
-    python bench/optimizer_step.py [--repeats 31] [--steps 1] [--rank 16] [--batch 16] [--threads 1]
+    python bench/optimizer_step.py [--repeats 31] [--steps 1] [--rank 16] [--batch 16] [--threads 1] [--output NAME]
 
 Real all-MiniLM-L6-v2 classifier, Rotten Tomatoes batch (64 tokens), lorakit lora on all
 linear layers, r = 16. ONE adapted model; two optimizers over the same parameters:
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default=None, help="result name (default optimizer_step, optimizer_step_r<rank> for r != 16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -142,7 +143,7 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k:72s} {v:.3f}x")
     write_result(
-        "optimizer_step",
+        args.output or ("optimizer_step" if args.rank == 16 else f"optimizer_step_r{args.rank}"),
         {
             "model": "all-MiniLM-L6-v2 (sequence classification)",
             "data": "Rotten Tomatoes, padded to 64 tokens",

@@ -6,10 +6,11 @@ from lorakit.adaptation import adapt, adapters_disabled, get_config
 from lorakit.config import METHODS, AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.estimate import estimate, load_stats, save_stats
-from lorakit.export import export_peft, merge
+from lorakit.export import export_peft, export_vllm, merge
 from lorakit.inject import adapters_of, parameter_report
 from lorakit.io import load_adapter, save_adapter
 from lorakit.optim import enable_neftune, make_optimizer
+from lorakit.peft_format import import_peft, load
 
 __all__ = [
     "METHODS",
@@ -19,6 +20,9 @@ __all__ = [
     "adapters_disabled",
     "adapters_of",
     "export_peft",
+    "export_vllm",
+    "import_peft",
+    "load",
     "load_adapter",
     "merge",
     "save_adapter",

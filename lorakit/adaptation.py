@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Iterator, Mapping
 
 from torch import nn
@@ -10,10 +13,13 @@ from torch import nn
 from lorakit.adapters import LowRankAdapter
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
-from lorakit.inject import adapters_of, find_targets, inject
+from lorakit.inject import adapters_of, find_targets, inject, parameter_report
 from lorakit.linalg import layer_generator
 
 CONFIG_ATTR = "lorakit_config"
+# While set, an adapted model's save_pretrained writes its raw state (base_layer/A/B keys): a
+# transformers Trainer checkpoint, which the same adapted model reloads to resume.
+_RAW_SAVE: ContextVar[bool] = ContextVar("lorakit_raw_save", default=False)
 
 
 def adapt(
@@ -32,6 +38,7 @@ def adapt(
     """
     config = config or AdapterConfig()
     names = find_targets(model, config)
+    config.initialisation.check_layers(config, {n: model.get_submodule(n) for n in names})
     estimated_here = config.needs_data and stats is None
     if estimated_here:
         if data is None:
@@ -51,8 +58,80 @@ def adapt(
         initialise_adapter(adapter, name, config, stats[name] if config.needs_data else None)
         if estimated_here:
             del stats[name]  # free each layer's G once used: init then never holds all of them
-    setattr(model, CONFIG_ATTR, config)
+    mark_adapted(model, config)
     return model
+
+
+def mark_adapted(model: nn.Module, config: AdapterConfig) -> None:
+    """Record ``config`` on the model and bind ``AdaptedModelCalls`` on it (a guarded
+    ``save_pretrained`` and the calls a PEFT user expects on the model)."""
+    setattr(model, CONFIG_ATTR, config)
+    for name in AdaptedModelCalls.names(model):
+        setattr(model, name, functools.partial(getattr(AdaptedModelCalls, name), model))
+
+
+def unmark_adapted(model: nn.Module) -> None:
+    """Undo ``mark_adapted`` (the adapters are gone: the model's own methods are right again)."""
+    for attr in (CONFIG_ATTR, *AdaptedModelCalls.names(model)):
+        model.__dict__.pop(attr, None)
+
+
+class AdaptedModelCalls:
+    """Methods bound on each adapted model (as partials: a model pickles and deep-copies with them): PEFT's ``disable_adapter()``, ``merge_and_unload()``,
+    ``print_trainable_parameters()`` (= ``lorakit.adapters_disabled`` / ``merge`` /
+    ``parameter_report``), and a ``save_pretrained`` that refuses: an adapted model's state holds
+    ``base_layer``/``A``/``B`` keys that ``from_pretrained`` cannot load (allowed only when
+    ``transformers.Trainer._save`` calls it or inside ``raw_state_saving()``: checkpoints that the
+    same adapted model reloads)."""
+
+    @staticmethod
+    def names(model: nn.Module) -> list[str]:
+        guarded = ["save_pretrained"] if callable(getattr(type(model), "save_pretrained", None)) else []
+        return [*guarded, "disable_adapter", "merge_and_unload", "print_trainable_parameters"]
+
+    @staticmethod
+    def save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if _RAW_SAVE.get() or _called_by_trainer_save(sys._getframe(1)):
+            return type(model).save_pretrained(model, *args, **kwargs)
+        raise LorakitError(
+            f"{type(model).__name__}.save_pretrained would write lorakit adapter keys (base_layer, A, B) that from_pretrained "
+            "cannot load; use lorakit.save_adapter(model, dir), lorakit.export_peft(model, dir) or "
+            "lorakit.merge(model).save_pretrained(dir)"
+        )
+
+    @staticmethod
+    def disable_adapter(model: nn.Module) -> Any:
+        return adapters_disabled(model)
+
+    @staticmethod
+    def merge_and_unload(model: nn.Module) -> nn.Module:
+        from lorakit.export import merge  # export imports this module
+
+        return merge(model)
+
+    @staticmethod
+    def print_trainable_parameters(model: nn.Module) -> None:
+        print(parameter_report(model))
+
+
+def _called_by_trainer_save(frame: Any) -> bool:
+    """Whether ``frame`` is ``transformers.Trainer._save`` (any Trainer subclass): its checkpoints are
+    reloaded by the same adapted model on ``resume_from_checkpoint``."""
+    trainer_module = sys.modules.get("transformers.trainer")  # not imported: no Trainer is saving
+    trainer_class = getattr(trainer_module, "Trainer", None)
+    return (trainer_class is not None and frame.f_code.co_name == "_save"
+            and isinstance(frame.f_locals.get("self"), trainer_class))
+
+
+@contextmanager
+def raw_state_saving() -> Iterator[None]:
+    """Let adapted models' ``save_pretrained`` write their raw state inside (for checkpoints that the
+    same adapted model reloads, e.g. ``transformers.Trainer``'s)."""
+    token = _RAW_SAVE.set(True)
+    try:
+        yield
+    finally:
+        _RAW_SAVE.reset(token)
 
 
 def initialise_adapter(adapter: LowRankAdapter, name: str, config: AdapterConfig, layer_stats: Any = None) -> None:

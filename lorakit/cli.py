@@ -3,7 +3,7 @@
     lorakit train [--config FILE.yaml] [section.key=value ...]   train (default: MiniLM + Rotten Tomatoes + lora-sb)
     lorakit train --resume RUN_DIR                               continue from RUN_DIR's last checkpoint
     lorakit compare --config FILE.yaml [section.key=value ...]   several methods, same data/seeds/budget
-    lorakit export RUN_DIR --format peft|merged [--out DIR]      write a PEFT adapter or a merged model
+    lorakit export RUN_DIR --format peft|vllm|merged [--out DIR] write a PEFT / vLLM adapter or a merged model
     lorakit eval RUN_DIR [--split test|validation]               evaluate a finished run
 
 Bad input prints one line ``lorakit: error: ...`` and exits with status 2.
@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("overrides", nargs="*", metavar="section.key=value")
     export = sub.add_parser("export", help="export a finished run as a PEFT adapter or a merged model")
     export.add_argument("run_dir", metavar="RUN_DIR")
-    export.add_argument("--format", required=True, choices=("peft", "merged"))
+    export.add_argument("--format", required=True, choices=("peft", "vllm", "merged"),
+                        help="peft: a PEFT LoRA adapter; vllm: one that vLLM serves (refuses what it cannot); merged: a plain model")
     export.add_argument("--out", help="output directory (default RUN_DIR/peft or RUN_DIR/merged); must be new or empty")
     export.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --out: replace lorakit's files there, keep every other file")
@@ -81,6 +82,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         path = train_recipe.export_run(args.run_dir, args.format, args.out, args.overwrite)
         print(f"wrote {args.format} export to {path}")
+        if args.format == "vllm":
+            from lorakit.export import vllm_serve_hint
+
+            print(f"serve it with: {vllm_serve_hint(path)}")
         return 0
     train_recipe.evaluate_run(args.run_dir, args.split, quiet=args.quiet)
     return 0

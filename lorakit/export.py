@@ -9,16 +9,19 @@ lora_alpha is chosen per exported rank to keep s: 2α at rank 2r, α·√2 under
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
-from lorakit.adaptation import CONFIG_ATTR, get_config
+from lorakit.adaptation import get_config, unmark_adapted
 from lorakit.adapters import DoRA
+from lorakit.errors import LorakitError
 from lorakit.inject import adapters_of, resolve_modules_to_save, unwrap
 from lorakit.files import output_directory, write_json
 from lorakit.io import check_finite
@@ -33,12 +36,13 @@ def merge(model: nn.Module) -> nn.Module:
     writes and ``from_pretrained`` reloads).
     """
     get_config(model)
+    for adapter in adapters_of(model).values():  # refuse before touching any layer
+        adapter.check_writable_base("merge into")
     for adapter in adapters_of(model).values():
         adapter.set_enabled(True)
         adapter.merge()
     unwrap(model)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    unmark_adapted(model)
     return model
 
 
@@ -58,20 +62,16 @@ def peft_alpha(scale: float, rank: int, rslora: bool) -> float:
     return scale * (math.sqrt(rank) if rslora else rank)
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
-                overwrite: bool = False) -> Path:
-    """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors; merged or not, the
-    factors are the same) that ``peft.PeftModel.from_pretrained(<original base model>, directory)``
-    loads to the same function. ``directory`` must be new or empty unless ``overwrite`` (then
-    those two files are replaced and every other file is kept)."""
+def peft_adapter(model: nn.Module, base_model_name_or_path: str | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and adapter_config.json of the model's adapters in PEFT's LoRA format."""
     config = get_config(model)
     adapters = adapters_of(model)
     tensors = {}
     ranks = {}
     for name, adapter in adapters.items():
         lora_B, lora_A = adapter.export_factors()
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_A.contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B.contiguous()
+        for key, value in adapter.kind.peft_tensors(adapter.base_layer, lora_B, lora_A).items():
+            tensors[f"{PEFT_PREFIX}{name}.{key}"] = value.contiguous()
         if isinstance(adapter, DoRA):
             tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = adapter.magnitude.detach().contiguous()
         ranks[name] = lora_A.shape[0]
@@ -100,8 +100,68 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    return tensors, peft_config
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors; merged or not, the
+    factors are the same) that ``peft.PeftModel.from_pretrained(<original base model>, directory)``
+    loads to the same function. ``directory`` must be new or empty unless ``overwrite`` (then
+    those two files are replaced and every other file is kept)."""
+    tensors, peft_config = peft_adapter(model, base_model_name_or_path)
     check_finite(tensors)
     with output_directory(directory, overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "adapter_config.json", peft_config)
     return Path(directory)
+
+
+# -- vLLM -------------------------------------------------------------------------------------
+# vLLM's allowed --max-lora-rank values (vllm.config.lora.MaxLoRARanks, vLLM 0.32)
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that serves an adapter of ``rank``."""
+    fitting = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
+    if not fitting:
+        raise LorakitError(f"the adapter's rank as plain LoRA is {rank}, above vLLM's largest max_lora_rank "
+                           f"{VLLM_MAX_LORA_RANKS[-1]}; train a lower rank or export --format merged")
+    return fitting[0]
+
+
+def check_vllm_servable(model: nn.Module) -> int:
+    """Refuse what vLLM's LoRA loader rejects or would serve wrongly; returns the adapter's rank as
+    plain LoRA (2r for inits that moved the base weight)."""
+    config = get_config(model)
+    if config.adapter_type == "dora":
+        raise LorakitError("vLLM does not serve DoRA adapters; export the merged model instead (--format merged, lorakit.merge)")
+    saved = resolve_modules_to_save(model, config)
+    if saved:
+        raise LorakitError(f"the adapter trains module {saved[0]!r} fully (modules_to_save), which vLLM's LoRA loader does not "
+                           "serve; export the merged model instead (--format merged, lorakit.merge)")
+    rank = max(adapter.export_factors()[1].shape[0] for adapter in adapters_of(model).values())
+    vllm_max_lora_rank(rank)
+    return rank
+
+
+def export_vllm(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Write a PEFT LoRA adapter that vLLM serves on the original base model
+    (``LLM(base, enable_lora=True, max_lora_rank=...)`` + ``LoRARequest(name, 1, directory)``), or refuse
+    with the reason and what to do instead: DoRA and ``modules_to_save`` (export merged), a rank
+    above 512 after conversion. Inits that moved the base (pissa, lora-ga, ...) are exported
+    relative to the original base (rank 2r), as vLLM needs. ``vllm_serve_hint(directory)`` gives
+    the serve command with the ``--max-lora-rank`` the adapter needs."""
+    check_vllm_servable(model)
+    return export_peft(model, directory, base_model_name_or_path, overwrite)
+
+
+def vllm_serve_hint(directory: str | os.PathLike) -> str:
+    """The ``vllm serve`` line for an adapter folder written by ``export_vllm``."""
+    config = json.loads((Path(directory) / "adapter_config.json").read_text())
+    rank = max([config["r"], *config.get("rank_pattern", {}).values()])
+    base = config.get("base_model_name_or_path") or "BASE_MODEL"
+    return (f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} "
+            f"--lora-modules adapter={Path(directory).resolve()}  (adapter rank {rank})")

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lorakit.adapters import ADAPTER_CLASSES, LowRankAdapter, is_supported_layer
+from lorakit.adapters import ADAPTER_CLASSES, LowRankAdapter, is_linear_layer, is_supported_layer
+from lorakit.adapters.layers import NAMES
 from lorakit.config import AdapterConfig, suggest
 from lorakit.errors import LorakitError
 from lorakit.linalg import DTYPES
@@ -62,7 +63,8 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Full names of the layers to adapt, checked to be nn.Linear or Conv1D."""
+    """Full names of the layers to adapt, checked to be layers lorakit adapts ('all-linear': every
+    nn.Linear and Conv1D outside the output head; Conv2d and Embedding layers are adapted when named)."""
     saved = resolve_modules_to_save(model, config)
     modules = {n: m for n, m in model.named_modules() if n and not _under(n, saved)}
     if any(isinstance(m, LowRankAdapter) for m in modules.values()):
@@ -70,7 +72,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     targets = config.targets
     if targets == "all-linear":
         heads = _output_head_names(model)
-        names = [n for n, m in modules.items() if is_supported_layer(m) and n not in heads]
+        names = [n for n, m in modules.items() if is_linear_layer(m) and n not in heads]
         if not names:
             raise LorakitError("targets='all-linear' found no nn.Linear or Conv1D layer outside the output head")
         return names
@@ -92,7 +94,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     for n in names:
         if not is_supported_layer(modules[n]):
             raise LorakitError(
-                f"target {n!r} is a {type(modules[n]).__name__}; lorakit adapts nn.Linear and transformers Conv1D, "
+                f"target {n!r} is a {type(modules[n]).__name__}; lorakit adapts {NAMES}, "
                 "so target those layers (e.g. by their name suffixes)"
             )
     return names

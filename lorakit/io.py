@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lorakit
-from lorakit.adaptation import CONFIG_ATTR, get_config
+from lorakit.adaptation import get_config, mark_adapted
 from lorakit.adapters import LowRankAdapter, is_supported_layer, weight_out_in
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
@@ -282,5 +282,5 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: boo
     for adapter in adapters.values():
         if adapter.has_offset:
             adapter.apply_base_offset()
-    setattr(model, CONFIG_ATTR, config)
+    mark_adapted(model, config)
     return model

@@ -103,6 +103,71 @@ def _adapter_damage(directory: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _data_with(change: Callable[[list[dict]], None]) -> Callable[[Path], list[str]]:
+    """Train on the tiny sentiment data after ``change`` edits its rows."""
+    def argv(tmp: Path) -> list[str]:
+        rows = assets.sentiment_rows(96)
+        change(rows)
+        path = assets.write_jsonl(tmp / "edited.jsonl", rows)
+        return _train(tmp, f"data.source={path}")
+
+    return argv
+
+
+def _vllm_export_of(method: str) -> Callable[[Path], list[str]]:
+    """Export to vLLM a finished classification run trained with ``method``."""
+    def argv(tmp: Path) -> list[str]:
+        config = assets.classification_config(tmp, adapter={"method": method, "rank": 4}, train={"max_steps": 2},
+                                              output={"plot": False})
+        assert main(["train", "--config", str(assets.write_yaml(tmp / "f.yaml", config)), "--quiet"]) == 0
+        return ["export", str(tmp / "run"), "--format", "vllm"]
+
+    return argv
+
+
+def _data_file(name: str, content: bytes | None) -> Callable[[Path], list[str]]:
+    """Train on ``name`` holding ``content`` (None: a folder of that name)."""
+    def argv(tmp: Path) -> list[str]:
+        path = tmp / name
+        path.mkdir() if content is None else path.write_bytes(content)
+        return _train(tmp, f"data.source={path}")
+
+    return argv
+
+
+def _one_class(rows: list[dict]) -> None:
+    for row in rows:
+        row["sentiment"] = 1
+
+
+def _causal(rows: list[dict] | None, *overrides: str, task: str = "causal-lm", name: str = "rows.jsonl") -> Callable[[Path], list[str]]:
+    """Train the tiny Llama on ``rows`` (written as JSONL; None: the config's own data)."""
+    def argv(tmp: Path) -> list[str]:
+        config = assets.write_yaml(tmp / "c.yaml", assets.causal_config(tmp, task=task))
+        source = [f"data.source={assets.write_jsonl(tmp / name, rows)}"] if rows is not None else []
+        return ["train", "--config", str(config), "--quiet", *source, *overrides]
+
+    return argv
+
+
+def _chat(messages) -> list[dict]:
+    good = [{"role": "user", "content": "what is 1 plus 1 ?"}, {"role": "assistant", "content": "2"}]
+    return [{"messages": good} for _ in range(10)] + [{"messages": messages}] + [{"messages": good} for _ in range(10)]
+
+
+def _choices(choices, answer) -> list[dict]:
+    good = {"q": "what is 1 plus 1 ?", "choices": ["2", "3"], "a": 0}  # the causal config's columns
+    return [good] * 7 + [{"q": "what is 2 plus 2 ?", "choices": choices, "a": answer}] + [good] * 7
+
+
+def _bigbench_without_scores(tmp: Path) -> list[str]:
+    task = tmp / "bb" / "task.json"
+    task.parent.mkdir()
+    task.write_text(json.dumps({"name": "t", "examples": [{"input": "1 plus 1", "target": "2"}] * 5}))
+    config = assets.write_yaml(tmp / "c.yaml", assets.causal_config(tmp, task="multiple-choice"))
+    return ["train", "--config", str(config), "--quiet", f"data.source={task.parent}"]
+
+
 CASES = [
     Case("a YAML config whose top level is a list", r"holds a YAML list, not a mapping of sections", _yaml_list),
     Case("an override value that is not valid YAML", r"override 'adapter.targets=\[query': the value is not valid YAML",
@@ -117,6 +182,14 @@ CASES = [
     Case("adapter.dropout=abc", r"adapter: dropout must be a number in \[0, 1\), got 'abc'", lambda t: _train(t, "adapter.dropout=abc")),
     Case("optim.lr=inf", r"optim: lr must be a finite number > 0, got inf", lambda t: _train(t, "optim.lr=.inf")),
     Case("negative weight decay", r"optim: weight_decay must be a finite number >= 0", lambda t: _train(t, "optim.weight_decay=-0.1")),
+    Case("negative max_grad_norm", r"optim: max_grad_norm must be a finite number > 0, got -1.* \(or None / null: no clipping\)",
+         lambda t: _train(t, "optim.max_grad_norm=-1")),
+    Case("an unknown model.quantization", r"model.quantization='nf5' is not valid \(did you mean 'nf4'\?\); choose one of nf4, fp4",
+         lambda t: _train(t, "model.quantization=nf5")),
+    Case("a merged export of a quantized base", r"output.merged cannot merge into a quantized base \(model.quantization=nf4\)",
+         lambda t: _train(t, "model.quantization=nf4", "output.merged=true")),
+    Case("full fine-tuning of a quantized base", r"full fine-tuning cannot train a quantized base",
+         lambda t: _train(t, "model.quantization=int8", "adapter.method=full")),
     Case("resume with a truncated rng.safetensors", r"checkpoint .*step-00000002 is damaged \(rng.safetensors",
          _resume_with(_truncate("rng.safetensors")), writes_run=True),
     Case("resume with a state.json missing 'position'", r"checkpoint .*step-00000002 is damaged \(state.json's position",
@@ -127,6 +200,42 @@ CASES = [
          lambda t: (_checkpointed_run(t), ["eval", str(t / "run")])[1], writes_run=True),
     Case("resume with a damaged checkpoint adapter", r"checkpoint .*step-00000002 is damaged \(.*checksum",
          _resume_with(_adapter_damage), writes_run=True),
+    Case("a CSV that is not UTF-8", r"latin.csv: line 3 is not UTF-8 \(byte 0xe9\); save the file as UTF-8",
+         _data_file("latin.csv", "sentence,sentiment\ngood film,1\nclich\u00e9,0\n".encode("latin-1"))),
+    Case("a JSONL line that is a list", r"list.jsonl: line 2 is a JSON list, not an object of columns",
+         _data_file("list.jsonl", b'{"sentence": "good", "sentiment": 1}\n[1, 2]\n')),
+    Case("a .json holding [1,2,3]", r"numbers.json: entry 1 is a JSON int, not an object of columns",
+         _data_file("numbers.json", b"[1, 2, 3]")),
+    Case("a text file named .parquet", r"text.parquet is not a readable Parquet file .*give it its real extension",
+         _data_file("text.parquet", b"sentence,sentiment\ngood,1\n")),
+    Case("a data path that is a folder", r"data path '.*folder' is a folder; give a .csv/.jsonl/.json/.parquet file",
+         _data_file("folder", None)),
+    Case("a data.template containing {answer}", r"data.template may only hold the field \{prompt\}, not \{answer\}",
+         _causal(None, "data.template='Q: {prompt} A: {answer}'")),
+    Case("training data with a single class", r"at least 2 classes, the training data has only the label '1'",
+         _data_with(_one_class)),
+    Case("a row (not the first) with its text missing", r"edited.jsonl: row 40 has column 'sentence' missing",
+         _data_with(lambda rows: rows[39].update(sentence=None))),
+    Case("messages that are not a list of turns", r"rows.jsonl: row 11: messages must be a list", _causal(_chat("hi"))),
+    Case("a chat turn with an unknown role", r"row 11: unknown role 'bot'; use one of system, user, assistant",
+         _causal(_chat([{"role": "bot", "content": "2"}]))),
+    Case("a conversation with no assistant turn", r"row 11: the conversation has no assistant turn",
+         _causal(_chat([{"role": "user", "content": "hi"}]))),
+    Case("data.format=chat with a model that has no chat template",
+         r"has no chat template.*use data.format=template with data.template", _causal(None, "data.format=chat")),
+    Case("multiple-choice options fewer than two", r"row 8: the options must be a list of at least two",
+         _causal(_choices(["4"], 0), task="multiple-choice")),
+    Case("a multiple-choice answer index out of range", r"row 8: the answer must be the index of the right option \(0 to 1\), got 2",
+         _causal(_choices(["4", "5"], 2), task="multiple-choice")),
+    Case("a BIG-bench task with no target_scores", r"example 1 has no target_scores", _bigbench_without_scores),
+    Case("an unknown reasoning-gym dataset", r"reasoning-gym has no dataset 'chain_sums' \(close: chain_sum",
+         _causal(None, "data.source=reasoning-gym:chain_sums")),
+    Case("export --format vllm of a full fine-tuning run", r"full fine-tuning run has no adapter to export as vllm.*--format merged",
+         _vllm_export_of("full"), writes_run=True),
+    Case("export --format vllm of a run that trains a classifier head", r"trains module 'classifier' fully .*--format merged",
+         _vllm_export_of("lora"), writes_run=True),
+    Case("export --format vllm of a DoRA run", r"vLLM does not serve DoRA adapters; export the merged model instead \(--format merged",
+         _vllm_export_of("dora"), writes_run=True),
 ]
 
 

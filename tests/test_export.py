@@ -67,3 +67,85 @@ def test_merge_gives_plain_model_that_save_pretrained_round_trips(tmp_path, mode
     merged.save_pretrained(tmp_path / "merged")
     reloaded = type(merged).from_pretrained(tmp_path / "merged", dtype=torch.float64).eval()
     assert rel(logits(reloaded, batch), expected) < 1e-12
+
+
+# -- vLLM ---------------------------------------------------------------------------------------
+def _vllm_validates(folder) -> None:
+    """vLLM's own check of the adapter config, when vllm is importable (bench/vllm_check.py runs vLLM for real)."""
+    try:
+        from vllm.config.lora import LoRAConfig
+        from vllm.lora.peft_helper import PEFTHelper
+    except ImportError:
+        return
+    from lorakit.export import vllm_max_lora_rank
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    rank = max([config["r"], *config["rank_pattern"].values()])
+    PEFTHelper.from_local_dir(str(folder), None).validate_legal(LoRAConfig(max_lora_rank=vllm_max_lora_rank(rank)))
+
+
+@pytest.mark.parametrize("method, rslora", [("lora", False), ("lora", True), ("pissa", False), ("lora-xs", False),
+                                            ("gaussian", False), ("svd-fa", False)])
+def test_vllm_export_is_a_peft_adapter_of_the_original_base(tmp_path, method, rslora):
+    model = lorakit.adapt(MODELS["llama"](), lorakit.AdapterConfig(method=method, rank=4, use_rslora=rslora))
+    perturb_trainables(model, scale=0.05)
+    batch = batch_for("llama")
+    expected = logits(model, batch)
+    lorakit.export_vllm(model, tmp_path / "vllm")
+    loaded = peft.PeftModel.from_pretrained(MODELS["llama"](), tmp_path / "vllm").eval()
+    assert rel(logits(loaded, batch), expected) < 1e-10
+    config = json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())
+    assert not config["use_dora"] and not config["modules_to_save"] and config["init_lora_weights"] is True
+    _vllm_validates(tmp_path / "vllm")
+
+
+def _big_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=520, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, max_position_embeddings=16)
+    return LlamaForCausalLM(config).to(torch.float64)
+
+
+@pytest.mark.parametrize("build, config, message", [
+    (MODELS["llama"], dict(method="dora"), "vLLM does not serve DoRA adapters; export the merged model"),
+    (MODELS["bert"], dict(method="lora"), "trains module 'classifier' fully .* export the merged model"),
+    (_big_llama, dict(method="pissa", rank=260, targets=["q_proj"]), "rank as plain LoRA is 520, above vLLM's largest"),
+])
+def test_vllm_export_refuses_what_vllm_cannot_serve(tmp_path, build, config, message):
+    model = lorakit.adapt(build(), lorakit.AdapterConfig(**{"rank": 4, **config}))
+    with pytest.raises(lorakit.LorakitError, match=message):
+        lorakit.export_vllm(model, tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()
+
+
+def test_vllm_max_lora_rank_is_the_smallest_allowed_value_that_fits():
+    from lorakit.export import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+
+    for rank in range(1, 513):
+        chosen = vllm_max_lora_rank(rank)
+        assert chosen in VLLM_MAX_LORA_RANKS and chosen >= rank
+        assert all(r < rank for r in VLLM_MAX_LORA_RANKS if r < chosen)
+    with pytest.raises(lorakit.LorakitError, match="above vLLM's largest max_lora_rank 512"):
+        vllm_max_lora_rank(513)
+
+
+def test_cli_vllm_export_prints_the_serve_line(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "recipes"))
+    import assets
+
+    from lorakit.cli import main
+
+    config = assets.causal_config(tmp_path, adapter={"method": "pissa", "rank": 4}, train={"max_steps": 2}, output={"plot": False})
+    assert main(["train", "--config", str(assets.write_yaml(tmp_path / "c.yaml", config)), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--format", "vllm"]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "run" / "vllm"
+    assert f"--max-lora-rank 8 --lora-modules adapter={folder.resolve()}" in out  # pissa: rank 2r = 8
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
+    _vllm_validates(folder)

@@ -44,7 +44,7 @@ def test_everything_but_adapters_and_saved_modules_is_frozen_and_report_counts()
     [
         (["q_prj"], r"target 'q_prj' matched no module \(did you mean 'q_proj'\?\)"),
         (r"nothing.*", "matched no module name"),
-        (["embed_tokens"], "is a Embedding; lorakit adapts nn.Linear"),
+        (["input_layernorm"], "is a LlamaRMSNorm; lorakit adapts nn.Linear, transformers Conv1D, nn.Conv2d and nn.Embedding"),
         (["self_attn"], "is a LlamaAttention"),
     ],
 )
@@ -64,5 +64,5 @@ def test_rank_larger_than_layer_and_double_adapt_are_errors():
 def test_unsupported_layer_passed_directly_is_an_error():
     from lorakit.adapters import LoRA
 
-    with pytest.raises(lorakit.LorakitError, match="cannot adapt a Embedding"):
-        LoRA(torch.nn.Embedding(10, 4), rank=2, scale=1.0)
+    with pytest.raises(lorakit.LorakitError, match="cannot adapt a LayerNorm"):
+        LoRA(torch.nn.LayerNorm(4), rank=2, scale=1.0)

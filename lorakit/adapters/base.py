@@ -14,6 +14,10 @@ be saved, re-applied to a fresh copy of the base model, undone on the fly while 
 is disabled (y = base(x) + s·(x A₀ᵀ) B₀ᵀ: the original layer's function), and expressed
 relative to the original W at export.
 
+Quantized bases (``lorakit.adapters.quantized``): a bitsandbytes 4-/8-bit or torchao int8
+Linear is wrapped as it is; ``base_weight`` is then its dequantized weight (a new tensor, read
+only), and merging or moving W is refused: a 4-bit weight cannot take W + ΔW in place.
+
 Dtype: the factors are ordinary parameters, so ``model.to(dtype)`` casts them with the rest
 of the model. At construction they take ``dtype`` if given, else float32 on a half-precision
 (bf16/fp16) base — so that optimizer updates are not rounded away in bf16's 8 significant
@@ -32,19 +36,23 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters.layers import KINDS, NAMES, Conv1D, kind_of
+from lorakit.adapters.quantized import quantization_of
 from lorakit.errors import LorakitError
 from lorakit.linalg import compute_dtype
 
-try:  # transformers' GPT-2 style layer: y = x W + b with W stored (in, out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = None  # type: ignore[assignment, misc]
-
-SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+SUPPORTED_LAYERS: tuple[type, ...] = tuple(t for kind in KINDS for t in kind.types)
 
 
 def is_supported_layer(module: nn.Module) -> bool:
-    return isinstance(module, SUPPORTED_LAYERS)
+    """True for the layers lorakit can adapt (see ``lorakit.adapters.layers``)."""
+    return kind_of(module) is not None
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    """True for nn.Linear and Conv1D (quantized or not): what targets='all-linear' selects."""
+    kind = kind_of(module)
+    return kind is not None and kind.linear
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -56,9 +64,9 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 
 def weight_out_in(layer: nn.Module) -> Tensor:
-    """The layer's weight data seen as (out, in): a view, transposed for Conv1D (stored (in, out))."""
-    w = layer.weight.data
-    return w.T if Conv1D is not None and isinstance(layer, Conv1D) else w
+    """The layer's weight seen as (out, in) (see ``lorakit.adapters.layers``): a view of the weight,
+    or for a quantized layer its dequantized weight (a new tensor)."""
+    return kind_of(layer).weight_out_in(layer)
 
 
 class LowRankAdapter(nn.Module):
@@ -77,11 +85,16 @@ class LowRankAdapter(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not is_supported_layer(base_layer):
-            raise LorakitError(
-                f"cannot adapt a {type(base_layer).__name__}: lorakit adapts nn.Linear and transformers Conv1D layers"
-            )
+        kind = kind_of(base_layer)
+        if kind is None:
+            raise LorakitError(f"cannot adapt a {type(base_layer).__name__}: lorakit adapts {NAMES} layers")
+        kind.check(base_layer)
+        self.kind = kind
         self.base_layer = base_layer
+        backend = quantization_of(base_layer)
+        self.quantization = None if backend is None else backend.label(base_layer)  # e.g. 'bnb-nf4'
+        if backend is not None:
+            backend.prepare(base_layer)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
         weight = self.base_weight
         self.out_features, self.in_features = weight.shape
@@ -92,7 +105,7 @@ class LowRankAdapter(nn.Module):
             )
         self.rank = rank
         self.scale = float(scale)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and kind.takes_dropout else nn.Identity()
         self.enabled = True
         self.merged = False
         self._init_options = {"device": weight.device, "dtype": dtype or default_adapter_dtype(weight.dtype)}
@@ -105,8 +118,17 @@ class LowRankAdapter(nn.Module):
         return weight_out_in(self.base_layer)
 
     def _write_base_weight(self, new: Tensor) -> None:
+        self.check_writable_base("change")
         with torch.no_grad():
             self.base_weight.copy_(new)  # a view for Conv1D: writes through the transpose
+
+    def check_writable_base(self, action: str) -> None:
+        """Raise LorakitError when the base weight cannot take ``action`` in place (a quantized base)."""
+        if self.quantization is not None:
+            raise LorakitError(
+                f"cannot {action} the {self.quantization} quantized base weight in place; export a PEFT adapter "
+                "(lorakit export) to use it on this base, or load the base unquantized to merge"
+            )
 
     @property
     def adapter_dtype(self) -> torch.dtype:
@@ -148,8 +170,16 @@ class LowRankAdapter(nn.Module):
         raise NotImplementedError
 
     def low_rank_output(self, x: Tensor) -> Tensor:
-        """The low-rank path applied to the (dropped-out) input, before any rescaling, in x's dtype."""
+        """The low-rank path applied to the (dropped-out) input, before any rescaling, in the compute dtype."""
         raise NotImplementedError
+
+    def compute_dtype_for(self, x: Tensor) -> torch.dtype:
+        """The dtype the low-rank path runs in: the input's (the base's compute dtype); for token ids, the factors'."""
+        return x.dtype if x.is_floating_point() else self.A.dtype
+
+    def project(self, x: Tensor, A: Tensor) -> Tensor:
+        """The first factor applied to the input (x Aᵀ for a Linear; see ``lorakit.adapters.layers``)."""
+        return self.kind.project(self.base_layer, x, A)
 
     def export_factors(self) -> tuple[Tensor, Tensor]:
         """(lora_B, lora_A) with s·lora_B·lora_A = the change to the ORIGINAL base weight."""
@@ -173,7 +203,8 @@ class LowRankAdapter(nn.Module):
         when an initialisation moved the base weight, else ``out`` itself."""
         if not self.has_offset:
             return out
-        restored = (x @ as_dtype(self.offset_A, x.dtype).T) @ as_dtype(self.offset_B, x.dtype).T
+        dtype = self.compute_dtype_for(x)
+        restored = self.kind.mix(self.project(x, as_dtype(self.offset_A, dtype)), as_dtype(self.offset_B, dtype))
         return out + as_dtype(self.scale * restored, out.dtype)
 
     # -- merge ----------------------------------------------------------------------------------
@@ -182,6 +213,7 @@ class LowRankAdapter(nn.Module):
         if self.merged:
             return
         self._check_enabled("merge")
+        self.check_writable_base("merge into")
         W = self.base_weight
         self._write_base_weight(self.merged_weight(W.to(compute_dtype(W.dtype))))
         self.merged = True

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from lorakit.adapters.base import as_dtype
 from lorakit.adapters.lora import LoRA
+from lorakit.errors import LorakitError
 from lorakit.linalg import compute_dtype
 
 
@@ -27,6 +28,9 @@ class DoRA(LoRA):
 
     def __init__(self, base_layer: nn.Module, rank: int, scale: float, dropout: float = 0.0, dtype=None) -> None:
         super().__init__(base_layer, rank, scale, dropout, dtype)
+        if not self.kind.linear:
+            raise LorakitError(f"DoRA adapts nn.Linear and Conv1D layers, not {type(base_layer).__name__}; "
+                               "use adapter 'lora' for it or leave it out of targets")
         self.magnitude = self._zeros(self.out_features)
         self.register_buffer("_merge_norm", None, persistent=False)
 

@@ -25,7 +25,8 @@ class LoRA(LowRankAdapter):
         self.B = self._zeros(self.out_features, rank)
 
     def low_rank_output(self, x: Tensor) -> Tensor:
-        return (x @ self.factor_as("A", x.dtype).T) @ self.factor_as("B", x.dtype).T
+        dtype = self.compute_dtype_for(x)
+        return self.kind.mix(self.project(x, self.factor_as("A", dtype)), self.factor_as("B", dtype))
 
     def delta_weight(self) -> Tensor:
         cdtype = compute_dtype(self.A.dtype)

@@ -28,8 +28,8 @@ class LoRAXS(LowRankAdapter):
         self.R = self._zeros(rank, rank)
 
     def low_rank_output(self, x: Tensor) -> Tensor:
-        A, R, B = (self.factor_as(n, x.dtype) for n in ("A", "R", "B"))
-        return ((x @ A.T) @ R.T) @ B.T
+        A, R, B = (self.factor_as(n, self.compute_dtype_for(x)) for n in ("A", "R", "B"))
+        return self.kind.mix(self.kind.mix(self.project(x, A), R), B)
 
     def delta_weight(self) -> Tensor:
         cdtype = compute_dtype(self.R.dtype)

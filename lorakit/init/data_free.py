@@ -55,6 +55,8 @@ class PiSSAInit(Initialisation):
     name = "pissa"
     structures = ZERO_B
     changes_base = True
+    on_quantized = ("use method 'lora' (or 'lora-xs', an SVD init that keeps W; 'lora-fa' for svd-fa), "
+                    "or load the base unquantized")
     option_groups = ("svd",)
 
     def initialise(self, adapter: LowRankAdapter, config, generator: torch.Generator, stats=None) -> None:

@@ -10,7 +10,9 @@ inside ``train()`` and skips that when ``trainer.optimizer`` is already set, so 
 runs between construction and ``train()``: it estimates on the Trainer's own train
 dataloader (same collator, batch size, device), adapts the model in place, then installs
 ``make_optimizer`` built from the TrainingArguments (learning_rate, weight_decay,
-adam_beta1/2, adam_epsilon); the Trainer still builds its LR scheduler around it.
+adam_beta1/2, adam_epsilon); the Trainer still builds its LR scheduler around it. With a
+preconditioner, ``max_grad_norm`` moves from the Trainer (which would clip the raw gradient)
+into the optimizer, which clips the preconditioned gradient it applies.
 ``prepare`` is a function, not a Trainer subclass, so it works on any Trainer subclass
 (e.g. TRL's SFTTrainer). FSDP and DeepSpeed create their optimizers themselves, so they
 are refused.
@@ -19,17 +21,23 @@ are refused.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from lorakit.adaptation import adapt
+from lorakit.adaptation import adapt, raw_state_saving
+from lorakit.inject import adapters_of
+from lorakit.io import save_adapter
 from lorakit.adapters import ADAPTER_CLASSES
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.optim.factory import make_optimizer, optimizer_options
 from lorakit.optim.groups import pair_needed_error, resolve_loraplus_ratio
 from lorakit.optim.neftune import NEFTuneHandle, enable_neftune
+
+# Trainer saves hold the lorakit adapter in this sub-folder (see save_raw_checkpoints)
+ADAPTER_FOLDER = "lorakit_adapter"
 
 try:
     from transformers import TrainerCallback
@@ -41,9 +49,15 @@ def optimizer_from_args(model: nn.Module, args: Any, name: str = "adamw", **opti
     """``make_optimizer`` with lr, weight decay, betas and ε read from ``TrainingArguments``.
 
     For models adapted by hand: ``Trainer(..., optimizers=(optimizer_from_args(model, args,
-    preconditioner="riemannian"), None))``. ``options`` go to ``make_optimizer``.
+    preconditioner="riemannian"), None))``. ``options`` go to ``make_optimizer``. With a
+    preconditioner the optimizer clips to ``args.max_grad_norm`` after preconditioning and
+    ``args.max_grad_norm`` is set to 0, so that the Trainer does not clip the raw gradient too.
     """
-    return make_optimizer(model, name, **_optimizer_settings(args, name, options))
+    settings = _optimizer_settings(args, name, options)
+    optimizer = make_optimizer(model, name, **settings)
+    if settings.get("preconditioner") is not None:
+        args.max_grad_norm = 0.0  # the Trainer's clip_grad_norm_ is off; the optimizer clips what it applies
+    return optimizer
 
 
 def _optimizer_settings(args: Any, name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +65,8 @@ def _optimizer_settings(args: Any, name: str, options: dict[str, Any]) -> dict[s
     settings: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
     if name == "adamw":
         settings.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    if options.get("preconditioner") is not None and args.max_grad_norm and args.max_grad_norm > 0:
+        settings["max_grad_norm"] = args.max_grad_norm
     settings.update(options)
     optimizer_options(name, **settings)
     return settings
@@ -115,6 +131,30 @@ def _check_structure(config: AdapterConfig, preconditioner: str | None, loraplus
             raise pair_needed_error(option, (structure.structure,))
 
 
+def save_raw_checkpoints(trainer: Any) -> None:
+    """Trainer saves (checkpoints, ``save_model``) also write a lorakit adapter in
+    ``<folder>/lorakit_adapter`` that ``lorakit.load(base_model, that folder)`` reloads.
+
+    The checkpoint's model.safetensors is the adapted model's raw state (``save_pretrained``
+    refuses it elsewhere, as ``from_pretrained`` cannot load it; ``Trainer._save`` may, since the
+    same adapted model reloads it on ``resume_from_checkpoint``). ``prepare`` calls this.
+    """
+    save = trainer._save
+    if getattr(save, "lorakit_raw_state", False):
+        return
+
+    def _save(output_dir: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        with raw_state_saving():
+            result = save(output_dir, *args, **kwargs)
+        if trainer.args.should_save and adapters_of(trainer.model):
+            folder = Path(output_dir if output_dir is not None else trainer.args.output_dir) / ADAPTER_FOLDER
+            save_adapter(trainer.model, folder, overwrite=True)
+        return result
+
+    _save.lorakit_raw_state = True  # type: ignore[attr-defined]
+    trainer._save = _save
+
+
 def prepare(
     trainer: Any,
     config: AdapterConfig | None = None,
@@ -150,6 +190,7 @@ def prepare(
         config = _with_training_lr(config, trainer, loader)
         adapt(model, config, data=loader if data is None else data)
     trainer.optimizer = optimizer_from_args(model, trainer.args, optimizer, **options)
+    save_raw_checkpoints(trainer)
     if neftune_alpha is not None:
         trainer.add_callback(NEFTuneCallback(neftune_alpha))
     return trainer

@@ -1,5 +1,6 @@
 """Optimizers and training tricks: LoRA+ groups, Riemannian preconditioning, NEFTune."""
 
+from lorakit.optim.clipping import ClippedAdamW, ClippedSGD, NonFiniteGradient
 from lorakit.optim.factory import OPTIMIZERS, PRECONDITIONERS, make_optimizer
 from lorakit.optim.groups import LORAPLUS_DEFAULT_RATIO, TrainableLayout, param_groups, trainable_layout
 from lorakit.optim.neftune import NEFTuneHandle, enable_neftune
@@ -7,6 +8,9 @@ from lorakit.optim.riemannian import PairPreconditioner, RiemannianAdamW, Rieman
 
 __all__ = [
     "LORAPLUS_DEFAULT_RATIO",
+    "ClippedAdamW",
+    "ClippedSGD",
+    "NonFiniteGradient",
     "OPTIMIZERS",
     "PRECONDITIONERS",
     "NEFTuneHandle",

@@ -10,26 +10,29 @@ Scaled GD takes plain SGD steps on g̃; scaled AdamW feeds g̃ into Adam's momen
 AdamW's decoupled weight decay. Every other tensor takes the plain update. The optimizers
 below ARE torch's AdamW / SGD (same state, state_dict and param groups, so any LR scheduler
 and checkpoint code works); only the gradient they see for A and B is replaced, and restored
-after the step.
+after the step. ``max_grad_norm`` clips the preconditioned gradient (lorakit.optim.clipping).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
 from lorakit.linalg import compute_dtype
+from lorakit.optim.clipping import ClippedAdamW, ClippedSGD
 
 
 class PairPreconditioner:
     """Computes g̃_A = (BᵀB + δI)⁻¹∇_A and g̃_B = ∇_B(AAᵀ + δI)⁻¹ for many (A, B) pairs.
 
-    Pairs of equal shapes, dtype and device are batched: one Cholesky factorisation and
-    inverse for all their r × r Gram matrices (fp32, or fp64 for fp64 factors). A Gram
+    Pairs of equal rank, dtypes and device are batched whatever their layers' widths: one
+    Cholesky factorisation and inverse for all their r × r Gram matrices (fp32, or fp64 for
+    fp64 factors). The Gram matrices and the products with P are per pair (stacking the
+    factors for batched products copies them: about as fast on CPU at r = 16, slower
+    at r = 64: those products are bound by their FLOPs, 4r²(in + out) per pair). A Gram
     matrix whose factorisation fails (or whose inverse is not finite) falls back to the
     identity: that factor takes its plain gradient.
     """
@@ -43,7 +46,7 @@ class PairPreconditioner:
         for A, B in self.pairs:
             if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
                 raise LorakitError(f"a low-rank pair needs A (r × in) and B (out × r); got {tuple(A.shape)} and {tuple(B.shape)}")
-            key = (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device)
+            key = (A.shape[0], A.dtype, B.dtype, A.device)
             buckets.setdefault(key, []).append((A, B))
         self._buckets = list(buckets.values())
 
@@ -80,63 +83,38 @@ class PairPreconditioner:
         return result
 
 
-def _unhooked(step: Callable) -> Callable:
-    """torch wraps an optimizer class's ``step`` with its hook runner; call the inner one so hooks run once."""
-    return inspect.unwrap(step, stop=lambda f: not getattr(f, "hooked", False))
-
-
-class _PreconditionedStep:
-    """Mixin: swap in g̃ for the pairs' gradients, run the parent optimizer's step, restore ∇."""
+class _Preconditioned:
+    """Mixin over a ``ClippedStep`` optimizer: the applied gradients of the pairs are g̃ (clipped
+    after preconditioning, so ``max_grad_norm`` bounds the step actually taken)."""
 
     preconditioner: PairPreconditioner
-    _parent: type[torch.optim.Optimizer]
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        swapped = []
-        try:
-            for param, grad in self.preconditioner.preconditioned_gradients():
-                swapped.append((param, param.grad))
-                param.grad = grad
-            _unhooked(self._parent.step)(self)
-        finally:
-            for param, grad in swapped:
-                param.grad = grad
-        return loss
+    def __init__(self, params: Any, pairs: Iterable[tuple[nn.Parameter, nn.Parameter]], damping: float = 1e-6,
+                 **kwargs: Any) -> None:
+        self.preconditioner = PairPreconditioner(pairs, damping)
+        super().__init__(params, **kwargs)  # type: ignore[call-arg]
+
+    def applied_gradients(self) -> list[tuple[nn.Parameter, Tensor]]:
+        return self.preconditioner.preconditioned_gradients()
 
     @property
     def damping(self) -> float:
         return self.preconditioner.damping
 
-    def __getstate__(self) -> dict[str, Any]:  # torch's keeps only defaults, state and groups
-        return {**super().__getstate__(), "preconditioner": self.preconditioner}
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "preconditioner": self.preconditioner}  # type: ignore[misc]
 
 
-class RiemannianAdamW(_PreconditionedStep, torch.optim.AdamW):
+class RiemannianAdamW(_Preconditioned, ClippedAdamW):
     """Scaled AdamW: AdamW whose moments accumulate g̃_A = P_A∇_A and g̃_B = ∇_B P_B.
 
     m ← β₁m + (1−β₁)g̃,  v ← β₂v + (1−β₂)g̃²,  p ← p(1 − ηλ) − η·m̂/(√v̂ + ε)
     (λ decoupled weight decay, m̂, v̂ bias-corrected). Tensors outside ``pairs`` take plain AdamW.
     """
 
-    _parent = torch.optim.AdamW
 
-    def __init__(self, params: Any, pairs: Iterable[tuple[nn.Parameter, nn.Parameter]], damping: float = 1e-6, **kwargs: Any) -> None:
-        self.preconditioner = PairPreconditioner(pairs, damping)
-        super().__init__(params, **kwargs)
-
-
-class RiemannianSGD(_PreconditionedStep, torch.optim.SGD):
+class RiemannianSGD(_Preconditioned, ClippedSGD):
     """Scaled GD: A ← A − η P_A∇_A, B ← B − η ∇_B P_B; plain SGD for every other tensor.
 
     Momentum, if set, accumulates g̃; SGD's (coupled) weight decay is added after preconditioning.
     """
-
-    _parent = torch.optim.SGD
-
-    def __init__(self, params: Any, pairs: Iterable[tuple[nn.Parameter, nn.Parameter]], damping: float = 1e-6, **kwargs: Any) -> None:
-        self.preconditioner = PairPreconditioner(pairs, damping)
-        super().__init__(params, **kwargs)

@@ -16,6 +16,7 @@ Unknown keys and badly typed values raise a one-line ``LorakitError`` with a sug
 from __future__ import annotations
 
 import dataclasses
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,30 +30,44 @@ from lorakit.config import FLAT, GROUPS, AdapterConfig, config_keys, suggest
 from lorakit.errors import LorakitError
 from lorakit.linalg import DTYPES as TORCH_DTYPES
 
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm", "multiple-choice")
+FORMATS = ("auto", "template", "prompt-completion", "chat")
 FULL = "full"  # the adapter method meaning "no adapters, every parameter trains"
 DTYPES = tuple(TORCH_DTYPES)
+QUANTIZATIONS = ("nf4", "fp4", "int8", "torchao-int8")  # model.quantization (lorakit.recipes.models builds each)
 
 
 @dataclass
 class ModelSection:
     """``name``: 'minilm', 'smollm2', a local folder or a hub name ('auto': minilm for
-    classification, smollm2 for causal-lm)."""
+    classification, smollm2 for causal-lm). ``quantization``: load the base quantized through
+    transformers' own configs (null: unquantized): 'nf4' / 'fp4' (bitsandbytes 4-bit, computing in
+    ``dtype``), 'int8' (bitsandbytes LLM.int8) or 'torchao-int8' (torchao int8 weight-only)."""
 
     name: str = "auto"
     dtype: str = "float32"
     max_length: int = 64
+    quantization: str | None = None
 
 
 @dataclass
 class DataSection:
-    """``source``: 'rotten-tomatoes', 'gsm-symbolic', a .csv/.jsonl/.json/.parquet file, or a
-    Hugging Face ``datasets`` name ('auto': the task's embedded default). ``validation`` and
-    ``test`` name separate files; without them the source is split (seeded by
+    """``source``: 'rotten-tomatoes', 'gsm-symbolic', 'reasoning-gym:<dataset>' (``options``:
+    the dataset's config), a .csv/.jsonl/.json/.parquet file, a BIG-bench ``task.json`` (or its
+    folder), or a Hugging Face ``datasets`` name ('auto': the task's embedded default).
+    ``validation`` and ``test`` name separate files; without them the source is split (seeded by
     ``split_seed``, fractions ``validation_fraction`` / ``test_fraction``). The ``*_size``
-    options keep the first N examples of each split (null: all)."""
+    options keep the first N examples of each split (null: all).
+
+    ``format`` (causal-lm, multiple-choice): ``template`` (``template`` around the prompt
+    column, then the answer), ``prompt-completion`` (TRL's ``prompt`` / ``completion`` columns,
+    joined as they are), ``chat`` (a ``messages_column`` of {role, content} turns, or the
+    prompt/answer columns as one user/assistant exchange, rendered by the tokenizer's chat
+    template, after ``system_prompt`` if set); ``auto``: chat when the data has a messages
+    column, prompt-completion when it has prompt and completion columns, else template."""
 
     source: str = "auto"
+    format: str = "auto"
     validation: str | None = None
     test: str | None = None
     hf_config: str | None = None
@@ -60,7 +75,10 @@ class DataSection:
     label_column: str = "label"
     prompt_column: str = "question"
     answer_column: str = "answer"
+    messages_column: str = "messages"
+    choices_column: str = "choices"
     template: str = "Question: {prompt}\nAnswer: "
+    system_prompt: str | None = None
     train_size: int | None = None
     validation_size: int | None = None
     test_size: int | None = None
@@ -68,6 +86,7 @@ class DataSection:
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     chain_of_thought: bool = True
+    options: dict[str, Any] | None = None
 
 
 @dataclass
@@ -93,10 +112,14 @@ class OptimSection:
 @dataclass
 class TrainSection:
     """``max_steps`` is the step budget (default: the main job's 125 steps of 32 examples);
-    null lets ``epochs`` decide. ``threads``: CPU threads (default: the cores not already busy).
+    null lets ``epochs`` decide. ``gradient_checkpointing``: recompute each block's activations
+    in the backward pass instead of keeping them (transformers' own gradient_checkpointing_enable;
+    less memory, about one more forward per step, the same gradients). ``threads``: CPU threads (default: a fixed count per machine, see runtime.cpu_threads).
     Under torchrun, ``batch_size`` is per process and ``dist_timeout`` (seconds) bounds every
     wait for the other processes; ``parallel``: ddp (a full model per process) or fsdp (the
-    model sharded over the processes with FSDP2, see lorakit/recipes/fsdp.py)."""
+    model sharded over the processes with FSDP2, see lorakit/recipes/fsdp.py). ``compile``: train
+    through ``torch.compile(model)`` (the first steps compile: minutes on a CPU; see
+    bench/floor.py --compile for what it gains)."""
 
     epochs: int = 1
     max_steps: int | None = 125
@@ -108,6 +131,8 @@ class TrainSection:
     threads: int | None = None
     progress: bool = True
     dist_timeout: float = 1800.0
+    compile: bool = False
+    gradient_checkpointing: bool = False
     parallel: str = "ddp"
 
 
@@ -147,7 +172,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
+        _check_choice("data.format", self.data.format, FORMATS)
         _check_choice("model.dtype", self.model.dtype, DTYPES)
+        if self.model.quantization is not None:
+            _check_choice("model.quantization", self.model.quantization, QUANTIZATIONS)
+            _check_quantized_run(self)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
         _check_choice("optim.schedule", self.optim.schedule, ("linear", "cosine", "constant"))
         _check_choice("train.parallel", self.train.parallel, ("ddp", "fsdp"))
@@ -172,8 +201,7 @@ class RunConfig:
         _check_device(self.train.device)
         if not 0 <= self.optim.warmup_ratio < 1:
             raise LorakitError(f"optim.warmup_ratio must be in [0, 1), got {self.optim.warmup_ratio!r}")
-        if "{prompt}" not in self.data.template:
-            raise LorakitError("data.template must contain '{prompt}' where the prompt goes")
+        _check_template(self.data.template)
         self.adapter = dict(self.adapter)
         self.adapter.setdefault("method", _default_adapter()["method"])
         self.lr_is_default = self.optim.lr is None
@@ -211,6 +239,31 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def _check_quantized_run(cfg: RunConfig) -> None:
+    """What a quantized base cannot do: train its own weights, or take the adapter merged into them."""
+    q = cfg.model.quantization
+    if cfg.adapter.get("method") == FULL:
+        raise LorakitError(f"full fine-tuning cannot train a quantized base (model.quantization={q}); "
+                           "use an adapter method, or model.quantization=null")
+    if cfg.output.merged:
+        raise LorakitError(f"output.merged cannot merge into a quantized base (model.quantization={q}); set "
+                           "output.merged=false and use the PEFT adapter, or train with model.quantization=null")
+
+
+def _check_template(template: str) -> None:
+    """``data.template``: str.format text whose one field is ``{prompt}`` (the answer follows it)."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise LorakitError(f"data.template {template!r} is not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+    if "prompt" not in fields:
+        raise LorakitError("data.template must contain '{prompt}' where the prompt goes")
+    others = sorted(fields - {"prompt"})
+    if others:
+        raise LorakitError(f"data.template may only hold the field {{prompt}}, not {{{others[0]}}}; the answer is appended "
+                           "after the filled template (write literal braces as {{ and }})")
+
+
 def _check_device(name: str) -> None:
     if name == "auto":
         return
@@ -230,7 +283,7 @@ def _check_optimizer(optim: OptimSection) -> None:
 
     try:
         optimizer_options(optim.name, optim.lr, optim.weight_decay, loraplus_ratio=optim.loraplus_ratio,
-                          preconditioner=optim.preconditioner, damping=optim.damping)
+                          preconditioner=optim.preconditioner, damping=optim.damping, max_grad_norm=optim.max_grad_norm)
     except LorakitError as exc:
         raise LorakitError(f"optim: {exc}") from None
 
@@ -277,6 +330,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise LorakitError(f"{key} cannot be null")
     options = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
     for kind in options:
+        if typing.get_origin(kind) is dict:
+            if isinstance(value, dict):
+                return value
+            continue
         if kind is bool and isinstance(value, bool):
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):

@@ -56,7 +56,8 @@ class Budget:
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     o = cfg.optim
     return lk_optim.make_optimizer(model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                   loraplus_ratio=o.loraplus_ratio, preconditioner=o.preconditioner, damping=o.damping)
+                                   loraplus_ratio=o.loraplus_ratio, preconditioner=o.preconditioner, damping=o.damping,
+                                   max_grad_norm=o.max_grad_norm)
 
 
 class Schedule:
@@ -93,6 +94,22 @@ def loss_scaler(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch
     return torch.amp.GradScaler(device.type)
 
 
+def gradient_checkpointing(model: nn.Module, on: bool) -> None:
+    """``train.gradient_checkpointing``: transformers' own ``activation_checkpointing_enable``
+    (``gradient_checkpointing_enable`` before transformers 5.x; its
+    default, non-reentrant torch.utils.checkpoint; it also makes the input embeddings' output
+    require grad, as frozen-base training needs). Active in training mode only, so evaluation and
+    generation run as before. Called once the adapters are attached (lora-ga / lora-sb estimate
+    without it)."""
+    if not on:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise LorakitError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                           "checkpointing; set train.gradient_checkpointing=false")
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 @dataclass
 class Optimization:
     optimizer: torch.optim.Optimizer
@@ -103,6 +120,7 @@ class Optimization:
     @classmethod
     def build(cls, model: nn.Module, cfg: RunConfig, budget: Budget, device: torch.device | None = None) -> "Optimization":
         scaler = loss_scaler(model, cfg, device or torch.device("cpu"))
+        gradient_checkpointing(model, cfg.train.gradient_checkpointing)
         optimizer = make_optimizer(model, cfg)
         schedule = Schedule(cfg.optim.schedule, budget.warmup, budget.total)
         return cls(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), budget, scaler)
@@ -114,15 +132,21 @@ class Optimization:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
 
-    def step(self) -> None:
-        """The optimizer step (skipped by the loss scaler when a scaled gradient overflowed), then the schedule."""
+    def step(self) -> float | None:
+        """The optimizer step (which clips what it applies: optim.max_grad_norm bounds the preconditioned
+        gradient), then the schedule. Returns the applied gradient's norm before clipping, or None when
+        the loss scaler skipped the step (a scaled gradient overflowed). Raises NonFiniteGradient
+        before changing any weight."""
+        self.optimizer.grad_norm = None
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        norm = self.optimizer.grad_norm
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return None if norm is None else float(norm)
 
 
 # -- several processes ---------------------------------------------------------------------------
@@ -153,6 +177,15 @@ def wrap_for_training(s: Setup) -> nn.Module:
     options = {"init_sync": False} if "init_sync" in names else {}
     options.update({"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False})
     return DistributedDataParallel(s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None, **options)
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests use "aot_eager" (same capture and autograd, no C++ build)
+
+
+def compiled(engine: nn.Module, cfg: RunConfig) -> nn.Module:
+    """The module the training step calls: ``torch.compile(engine)`` under train.compile, sharing its
+    parameters (checkpoints, evaluation and saving use the uncompiled model)."""
+    return torch.compile(engine, backend=COMPILE_BACKEND) if cfg.train.compile else engine
 
 
 def loss_weight(targets: int, step_targets: int, world: int) -> float:
@@ -187,7 +220,7 @@ class Diverged(LorakitError):
     """The loss or the gradient of a step is not finite: training stops before the step is applied."""
 
 
-def check_finite_step(step: int, loss: float, grad_norm: float) -> None:
+def check_finite_step(step: int, loss: float, grad_norm: float = 0.0) -> None:
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
     what = "loss" if not math.isfinite(loss) else "gradient norm"
@@ -199,10 +232,11 @@ def check_finite_step(step: int, loss: float, grad_norm: float) -> None:
 
 
 def train_step(s: Setup, engine: nn.Module, group: list[tuple[dict[str, torch.Tensor], int]],
-               opt: Optimization, params: list[nn.Parameter], clip: float, step: int) -> dict[str, float]:
-    """Forward/backward every micro-batch of step ``step`` (1-based), clip, step the optimizer and
-    schedule. Returns the step's record (loss, lr, grad_norm, examples, tokens); raises
-    ``Diverged`` before touching the weights when the loss or gradient is not finite."""
+               opt: Optimization, step: int) -> dict[str, float | None]:
+    """Forward/backward every micro-batch of step ``step`` (1-based), step the optimizer (which
+    clips) and schedule. Returns the step's record (loss, lr, grad_norm: of the applied gradient
+    before clipping, None for a step the loss scaler skipped; examples, tokens); raises
+    ``Diverged`` before touching the weights when the loss or applied gradient is not finite."""
     ctx = s.ctx
     step_targets = ctx.sum([sum(n for _, n in group)], "counting the step's loss targets")[0]
     weighted_loss, examples, tokens = 0.0, 0, 0
@@ -219,13 +253,16 @@ def train_step(s: Setup, engine: nn.Module, group: list[tuple[dict[str, torch.Te
             tokens += int(batch["attention_mask"].sum())
     weighted_loss, examples, tokens = ctx.sum([weighted_loss, examples, tokens], "summing the step's loss")
     opt.unscale()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     loss_value = weighted_loss / max(step_targets, 1)
     # the same on every process (loss and gradients are all-reduced); under loss scaling an overflowed
     # gradient is the scaler's business (it skips the step and lowers the scale), a non-finite loss is not
-    check_finite_step(step, loss_value, grad_norm if opt.scaler is None else 0.0)
+    check_finite_step(step, loss_value)
     lr = opt.optimizer.param_groups[0]["lr"]
-    opt.step()
+    try:
+        grad_norm = opt.step()
+    except lk_optim.NonFiniteGradient as exc:
+        check_finite_step(step, loss_value, exc.norm)
+        raise
     return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
             "examples": examples, "tokens": tokens}
 
@@ -241,12 +278,10 @@ def fit(s: Setup, opt: Optimization, log: Any, *, start: ckpt.Position | None = 
     Returns the training seconds: ``seconds`` spent before a resume plus this call's."""
     cfg, model, ctx = s.cfg, s.model, s.ctx
     total = opt.budget.total
-    engine = wrap_for_training(s)
-    params = [p for p in model.parameters() if p.requires_grad]
+    engine = compiled(wrap_for_training(s), cfg)
     features = s.features["train"]
     accum = cfg.train.grad_accum
     n_batches = math.ceil(len(features) / (cfg.train.batch_size * ctx.world))
-    clip = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
     neftune = lk_optim.enable_neftune(model, cfg.optim.neftune_alpha) if cfg.optim.neftune_alpha else None
     start = start or ckpt.Position(step=0, epoch=0, batch=0, metrics_offset=0)
     step, epoch, start_batch = start.step, start.epoch, start.batch
@@ -258,7 +293,7 @@ def fit(s: Setup, opt: Optimization, log: Any, *, start: ckpt.Position | None = 
         while b < n_batches and step < total:
             t0 = time.perf_counter()
             group = [local_batch(s, order, i) for i in range(b, min(b + accum, n_batches))]
-            record = train_step(s, engine, group, opt, params, clip, step + 1)
+            record = train_step(s, engine, group, opt, step + 1)
             b += len(group)
             step += 1
             dt = time.perf_counter() - t0

@@ -1,10 +1,11 @@
-"""Evaluation metrics: accuracy, F1, Matthews correlation, GSM final-number exact match, perplexity."""
+"""Evaluation metrics: accuracy, F1, Matthews correlation, exact match (final number, normalised
+whole answer, or reasoning-gym's own scorer), multiple-choice accuracy, perplexity."""
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -67,10 +68,39 @@ def final_number(text: str) -> str | None:
     return number
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Fraction of predictions whose final number equals the reference's."""
-    hits = sum(final_number(p) is not None and final_number(p) == final_number(r) for p, r in zip(predictions, references))
+def normalise(text: str) -> str:
+    """Case folded, whitespace collapsed, trailing punctuation dropped: 'Yes.' == ' yes'."""
+    return " ".join(text.split()).casefold().rstrip(".!?;:,").strip()
+
+
+def is_correct(prediction: str, reference: str, scorer: str = "number", source: Any = None) -> bool:
+    """``number``: the final numbers agree; ``text``: the normalised whole answers agree;
+    ``reasoning-gym``: the dataset's own ``score_answer`` gives full marks (``source`` is
+    (dataset name, entry))."""
+    if scorer == "reasoning-gym":
+        from lorakit.recipes.data import score_reasoning_gym
+
+        return score_reasoning_gym(prediction, source)
+    if scorer == "text":
+        return normalise(prediction) == normalise(reference)
+    return final_number(prediction) is not None and final_number(prediction) == final_number(reference)
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str], scorer: str = "number",
+                sources: Sequence[Any] | None = None) -> float:
+    """Fraction of predictions that match their reference under ``scorer`` (see is_correct)."""
+    sources = sources if sources is not None else [None] * len(references)
+    hits = sum(is_correct(p, r, scorer, src) for p, r, src in zip(predictions, references, sources))
     return hits / max(len(references), 1)
+
+
+def choice_accuracy(scores: Sequence[Sequence[tuple[float, int]]], answers: Sequence[int]) -> dict[str, float]:
+    """Multiple choice as lm-eval-harness scores it: per question, options' (log-likelihood,
+    length in characters); ``accuracy`` picks the highest log-likelihood, ``accuracy_norm`` the
+    highest log-likelihood per character."""
+    raw = [max(range(len(q)), key=lambda i: q[i][0]) for q in scores]
+    norm = [max(range(len(q)), key=lambda i: q[i][0] / max(q[i][1], 1)) for q in scores]
+    return {"accuracy": accuracy(raw, answers), "accuracy_norm": accuracy(norm, answers)}
 
 
 def perplexity(mean_loss: float) -> float:

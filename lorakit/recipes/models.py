@@ -25,7 +25,7 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.linalg import DTYPES
 from lorakit.files import write_json
-from lorakit.recipes.config import ModelSection
+from lorakit.recipes.config import QUANTIZATIONS, ModelSection
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -126,22 +126,102 @@ def ensure_pad_token(tokenizer, model: nn.Module) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_model(section: ModelSection, task: str, num_labels: int | None = None) -> LoadedModel:
-    """The task's model (sequence classifier with ``num_labels`` classes, or causal LM) + tokenizer."""
+def _require(package: str, pip: str, what: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise LorakitError(f"model.quantization={what!r} needs {package}; run `pip install '{pip}'` (or pip install 'lorakit[quant]')")
+
+
+def _bnb_4bit(name: str, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=name, bnb_4bit_compute_dtype=dtype)
+
+
+def _bnb_8bit(name: str, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _torchao_int8(name: str, dtype: torch.dtype):
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+# model.quantization → (library, pip requirement, transformers' quantization config for (name, compute dtype))
+QUANTIZERS = {
+    "nf4": ("bitsandbytes", "bitsandbytes>=0.50.2", _bnb_4bit),
+    "fp4": ("bitsandbytes", "bitsandbytes>=0.50.2", _bnb_4bit),
+    "int8": ("bitsandbytes", "bitsandbytes>=0.50.2", _bnb_8bit),
+    "torchao-int8": ("torchao", "torchao>=0.18.0", _torchao_int8),
+}
+assert tuple(QUANTIZERS) == QUANTIZATIONS
+
+
+def quantization_config(name: str, dtype: torch.dtype):
+    """transformers' own quantization config for ``model.quantization=name`` (the base computes in ``dtype``)."""
+    if name not in QUANTIZERS:
+        raise LorakitError(f"model.quantization={name!r} is not valid; choose one of {', '.join(QUANTIZERS)}")
+    package, pip, build = QUANTIZERS[name]
+    _require(package, pip, name)
+    return build(name, dtype)
+
+
+def quantization_options(section: ModelSection, dtype: torch.dtype, device: torch.device | str) -> dict:
+    """Extra from_pretrained arguments that load the base quantized, straight onto ``device`` (a
+    quantized model is placed at load: bitsandbytes quantizes as it moves weights). None when unquantized."""
+    if section.quantization is None:
+        return {}
+    return {"quantization_config": quantization_config(section.quantization, dtype), "device_map": str(device)}
+
+
+class _KnownNoise(logging.Filter):
+    """Drops a library's log records that start with (or contain) one known, harmless text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# from_pretrained imports transformers' torchao quantizer whenever torchao is installed (the
+# quant extra): torchao then reports its optional GPU kernels (_C_mxfp8, cutlass) failing to load
+# on a CPU machine and registers enums that torch's pytree calls deprecated. Neither concerns a
+# run: drop just these two messages (every other torchao / torch warning passes).
+KNOWN_NOISE = {"torchao": "Failed to load", "torch.utils._pytree": "is an Enum subclass and is now natively supported"}
+
+
+def quiet_known_noise() -> None:
+    for name, text in KNOWN_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _KnownNoise) for f in logger.filters):
+            logger.addFilter(_KnownNoise(text))
+
+
+def load_model(section: ModelSection, task: str, num_labels: int | None = None,
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """The task's model (sequence classifier with ``num_labels`` classes, or causal LM) + tokenizer;
+    a quantized model (``section.quantization``) is loaded onto ``device``, others stay on the CPU."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    quiet_known_noise()
     path = resolve(section.name, task)
     dtype = DTYPES[section.dtype]
+    quantized = quantization_options(section, dtype, device)
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype, **quantized)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **quantized)
     except Exception as exc:  # a missing, truncated or foreign checkpoint: one line, whichever library raised
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LorakitError(f"could not load model {section.name!r} ({first}); give 'minilm', 'smollm2', a local folder, "

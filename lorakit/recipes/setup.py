@@ -30,6 +30,9 @@ class Setup:
     splits: D.Splits
     features: dict[str, list[dict[str, Any]]]  # train / validation / test, tokenised
     prompts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # causal-lm: prompt ids per eval split
+    options: dict[str, list[list[dict[str, Any]]]] = field(default_factory=dict)  # multiple-choice: option ids per eval split
+    notes: list[str] = field(default_factory=list)  # what encoding the data cut or dropped, one line each
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # causal-lm: first generations per evaluated split
     device: torch.device = torch.device("cpu")
     ctx: dist_ctx.Context = field(default_factory=dist_ctx.Context)  # the processes of a torchrun launch
 
@@ -48,23 +51,18 @@ def setup(cfg: RunConfig, label_names: list[str] | None = None, ctx: dist_ctx.Co
     device = pick_device(cfg.train.device, ctx)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.train.threads))
-    splits = D.load_splits(cfg.data, cfg.task)
+    splits = D.load_splits(cfg.data, cfg.task, label_names)
     if label_names is not None and splits.label_names is not None and label_names != splits.label_names:
         raise LorakitError(f"the data's labels {splits.label_names} differ from the run's {label_names}")
     if cfg.task == "classification" and splits.num_labels < 2:
         raise LorakitError(f"classification needs at least 2 classes, the data has {splits.num_labels}; check data.label_column")
     torch.manual_seed(cfg.train.seed)  # a fresh classifier head is drawn from this
-    loaded = load_model(cfg.model, cfg.task, splits.num_labels or None)
-    tok, n = loaded.tokenizer, cfg.model.max_length
-    parts = {"train": splits.train, "validation": splits.validation, "test": splits.test}
-    prompts = {}
-    if cfg.task == "classification":
-        features = {k: D.encode_classification(v, tok, n) for k, v in parts.items()}
-    else:
-        features = {k: D.encode_causal(v, tok, n, cfg.data.template) for k, v in parts.items()}
-        prompts = {k: D.encode_prompts(v, tok, n, cfg.data.template) for k, v in parts.items() if k != "train"}
-    loaded.model.to(device)
-    return Setup(cfg, loaded, splits, features, prompts, device, ctx)
+    loaded = load_model(cfg.model, cfg.task, splits.num_labels or None, device)
+    encoded = D.encode_splits(splits, cfg.data, cfg.task, loaded.tokenizer, cfg.model.max_length, cfg.model.name)
+    if cfg.model.quantization is None:  # a quantized model is loaded onto its device
+        loaded.model.to(device)
+    return Setup(cfg, loaded, splits, encoded.features, encoded.prompts, encoded.options, encoded.notes,
+                 device=device, ctx=ctx)
 
 
 def estimation_batches(s: Setup) -> list[dict[str, torch.Tensor]]:

@@ -10,6 +10,7 @@ The run directory::
     run.json               what this directory is (task, method, base model, labels, status)
     metrics.jsonl          one line per optimizer step (loss, lr, grad_norm, throughput) and per evaluation
     results.json           test metrics, trainable parameters, init / train time, peak memory
+    samples.jsonl          causal-lm: the first test generations (prompt, generation, reference, correct)
     adapter/               the lorakit adapter (lorakit.load_adapter) — or model/ for full fine-tuning
     peft/                  the PEFT LoRA export (peft.PeftModel.from_pretrained(base, peft/))
     merged/                the merged model, when output.merged
@@ -34,7 +35,7 @@ import torch
 import lorakit
 from lorakit.errors import LorakitError
 from lorakit.estimate.distributed import peer_errors
-from lorakit.files import check_output_directory, output_directory
+from lorakit.files import atomic_file, check_output_directory, json_text, output_directory
 from lorakit.recipes import checkpoint as ckpt
 from lorakit.recipes import distributed as dist_ctx
 from lorakit.recipes import fsdp
@@ -132,6 +133,8 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, A
 
     # setup: every input check happens here, before a new run's directory exists
     s = setup(cfg, ctx=ctx)
+    for note in s.notes:
+        say(note)
     budget = Budget.of(cfg, len(s.features["train"]), ctx.world)
     reset_peak_memory(s.device)
     init_seconds = _initialise(s, budget, opened, progress)
@@ -163,9 +166,11 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, A
     metric = primary_metric(cfg.task)
     test = results["test"]
     say(f"test {metric}: {test.get(metric, float('nan')):.4f}  ({', '.join(f'{k} {v:.4f}' for k, v in test.items())})")
-    say(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, results.json, "
-        + ("model/" if cfg.is_full else "adapter/" + (", peft/" if cfg.output.peft else ""))
-        + (", merged/" if cfg.output.merged and not cfg.is_full else "") + ", training_curves.png)")
+    written = ["config.yaml", "metrics.jsonl", "results.json"]
+    written += ["model/"] if cfg.is_full else ["adapter/"] + (["peft/"] if cfg.output.peft else [])
+    written += ["merged/"] if cfg.output.merged and not cfg.is_full else []
+    written += ["training_curves.png"] if cfg.output.plot else []
+    say(f"run directory: {run_dir}  ({', '.join(written)})")
     return RunResult(run_dir, results)
 
 
@@ -219,6 +224,9 @@ def _fit_evaluate_save(s: Setup, opened: Opened, opt: Optimization, info: dict[s
             plots.training_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "training_curves.png",
                                   f"{cfg.method} · {cfg.task}")
         write_json(run_dir / "results.json", results)
+        if s.samples.get("test"):
+            with atomic_file(run_dir / "samples.jsonl") as tmp:
+                tmp.write_text("".join(json_text(sample) + "\n" for sample in s.samples["test"]))
         write_json(run_dir / RUN_FILE, {**info, "status": "done"})
     ctx.barrier("rank 0 saved the outputs")
     return results
@@ -330,21 +338,23 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, ove
     """Write RUN_DIR/peft or RUN_DIR/merged (or ``out``) from a finished run. ``out`` must be new or
     empty unless ``overwrite`` (then lorakit's files in it are replaced, every other file kept);
     the default folder inside the run directory is lorakit's own and is refreshed."""
-    if fmt not in ("peft", "merged"):
-        raise LorakitError(f"--format {fmt!r} is not valid; choose peft or merged")
+    if fmt not in ("peft", "merged", "vllm"):
+        raise LorakitError(f"--format {fmt!r} is not valid; choose peft, vllm or merged")
     target = Path(out) if out else Path(run_dir) / fmt
     overwrite = overwrite or out is None
     check_output_directory(target, overwrite)  # before loading anything
     path, s = load_run(run_dir)
     if s.cfg.is_full:
-        if fmt == "peft":
-            raise LorakitError("a full fine-tuning run has no adapter to export as PEFT; its model/ folder is the merged model")
+        if fmt != "merged":
+            raise LorakitError(f"a full fine-tuning run has no adapter to export as {fmt}; its model/ folder is a plain model "
+                               "(vLLM serves it as is), or export it with --format merged")
         with output_directory(target, overwrite) as tmp:
             s.model.save_pretrained(tmp)
             s.loaded.tokenizer.save_pretrained(tmp)
         return target
-    if fmt == "peft":
-        lorakit.export_peft(s.model, target, base_model_name_or_path=s.loaded.path, overwrite=overwrite)
+    if fmt in ("peft", "vllm"):
+        export = lorakit.export_vllm if fmt == "vllm" else lorakit.export_peft
+        export(s.model, target, base_model_name_or_path=s.loaded.path, overwrite=overwrite)
     else:
         export_merged(s, target, overwrite)
     return target

@@ -181,3 +181,25 @@ def test_optimizer_copies_keep_the_preconditioner():
     opt = lorakit.make_optimizer(model, "adamw", lr=0.01, preconditioner="riemannian", damping=1e-4)
     clone = copy.deepcopy(opt)
     assert clone.damping == 1e-4 and len(clone.preconditioner.pairs) == 1
+
+
+def test_one_batched_solve_per_rank_equals_the_per_pair_loop():
+    """Pairs of mixed widths and ranks, some without gradients: one factorisation per rank, and g̃
+    equal (float64, 1e-12) to one inverse per pair computed in a plain loop."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 7, 5), (3, 11, 2), (3, 7, 5), (5, 8, 9), (5, 6, 6), (3, 4, 13)]  # (r, in, out)
+    pairs = []
+    for k, (r, n_in, n_out) in enumerate(shapes):
+        A = nn.Parameter(torch.randn(r, n_in, generator=g, dtype=torch.float64))
+        B = nn.Parameter(torch.randn(n_out, r, generator=g, dtype=torch.float64) * 10.0 ** -k)  # B near 0 too
+        A.grad = torch.randn(A.shape, generator=g, dtype=torch.float64)
+        B.grad = None if k == 2 else torch.randn(B.shape, generator=g, dtype=torch.float64)
+        pairs.append((A, B))
+    pre = PairPreconditioner(pairs, DELTA)
+    assert sorted(len(bucket) for bucket in pre._buckets) == [2, 4]  # one batch per rank, any widths
+    got = {id(p): grad for p, grad in pre.preconditioned_gradients()}
+    assert len(got) == 2 * len(pairs) - 1
+    for A, B in pairs:
+        torch.testing.assert_close(got[id(A)], inv(B.T @ B) @ A.grad, rtol=1e-12, atol=1e-12)
+        if B.grad is not None:
+            torch.testing.assert_close(got[id(B)], B.grad @ inv(A @ A.T), rtol=1e-12, atol=1e-12)

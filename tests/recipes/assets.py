@@ -130,3 +130,29 @@ def _merge(base: dict, changes: dict) -> dict:
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chat_tokenizer() -> PreTrainedTokenizerFast:
+    """The causal word-level tokenizer with ChatML's turn markers and a ChatML chat template."""
+    tok = tokenizer(causal=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.add_tokens(["system", "user", "assistant"])
+    tok.chat_template = CHATML
+    return tok
+
+
+def chat_llama_folder(path: Path, seed: int = 0) -> Path:
+    """The tiny Llama with the chat tokenizer (its embeddings sized to it)."""
+    torch.manual_seed(seed)
+    tok = chat_tokenizer()
+    eos = VOCAB.index("</s>")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=eos, eos_token_id=eos, pad_token_id=None, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

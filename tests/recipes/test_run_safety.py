@@ -262,3 +262,30 @@ def test_float16_full_finetuning_is_refused_before_anything_is_written(tmp_path,
     assert _train(tmp_path, config) == 2
     assert "model.dtype=bfloat16" in _one_line_error(capsys)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_main_job_at_default_settings_gives_identical_numbers_twice(tmp_path):
+    """The README's main job (MiniLM + Rotten Tomatoes + LoRA-SB, every default) run twice as a
+    user runs it, the second time on a busy machine: the same losses and test metrics bit for bit.
+    Only the budget is smaller (steps, split sizes) to keep CI short."""
+    import subprocess
+    import sys
+
+    budget = ["train.max_steps=6", "data.train_size=256", "data.validation_size=64", "data.test_size=64",
+              "output.plot=false", "output.tensorboard=false", "--quiet"]
+
+    def run(name: str) -> tuple[list[float], dict]:
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "lorakit", "train", f"output.dir={out}", *budget], check=True)
+        losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if m["type"] == "train"]
+        return losses, json.loads((out / "results.json").read_text())["test"]
+
+    quiet = run("quiet")
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    try:
+        busy = run("busy")
+    finally:
+        for burner in burners:
+            burner.kill()
+    assert quiet[0] and quiet == busy

@@ -1,0 +1,226 @@
+"""A training step against its physical floor, measured side by side in one run (issue 19).
+
+    python bench/floor.py [--model minilm|smollm2] [--methods lora,dora,lora-fa,lora-xs]
+                          [--batch 32] [--length 64] [--repeats 9] [--threads 2] [--compile] [--output NAME]
+
+The floor of a LoRA step is the frozen model's forward plus the backward that propagates
+input gradients only (no weight-gradient GEMM for a frozen weight): here, the base model
+with every parameter frozen, fed its input embeddings as a leaf that requires grad, so the
+backward runs through every layer down to the input. A lorakit step is forward + backward +
+the optimizer step (lorakit.make_optimizer: fused AdamW, max_grad_norm 1.0, as the recipe
+trains). Every variant gets the same batch (Rotten Tomatoes padded to ``--length`` tokens for
+MiniLM, GSM-style problems for SmolLM2), all run interleaved in one process; the ratios are
+medians over repeats of the ratio within a repeat (machine drifts cancel), on wall time and
+on process CPU time (steadier on a shared machine). lora-xs trains R only, the structure
+lora-sb trains. ``--compile`` adds lora with ``torch.compile`` (forward and backward; the
+first call compiles, outside the timing). A torch profiler summary compares one lora step
+with one floor step per operator: where the extra time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import minilm_classifier, rotten_tomatoes_batch, write_result  # noqa: E402
+
+import lorakit  # noqa: E402
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+def smollm2_causal(batch: int, length: int):
+    import reasoning_gym
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.recipes.models import smollm2_path
+
+    path = smollm2_path()  # the GGUF converted once into a cached folder
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    rows = reasoning_gym.create_dataset("gsm_symbolic", size=batch, seed=0)
+    enc = tokenizer([f"{r['question']}\n{r['answer']}" for r in rows], padding="max_length", truncation=True,
+                    max_length=length, return_tensors="pt")
+    enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return model, dict(enc)
+
+
+def minilm(batch: int, length: int):
+    model, tokenizer = minilm_classifier()
+    enc = rotten_tomatoes_batch(tokenizer, batch, max_length=length)
+    if enc["input_ids"].shape[1] < length:  # pad to the stated length (the floor and every method alike)
+        enc = dict(tokenizer.pad(enc, padding="max_length", max_length=length, return_tensors="pt"))
+    return model, enc
+
+
+class Timed:
+    """One training step split into its phases; ``run()`` appends each phase's wall and CPU seconds."""
+
+    def __init__(self, forward: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer | None) -> None:
+        self.forward, self.optimizer = forward, optimizer
+        self.times: dict[str, dict[str, list[float]]] = {c: {p: [] for p in (*PHASES, "step")} for c in ("wall", "cpu")}
+
+    def step(self) -> None:
+        loss = self.forward()
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def run(self) -> None:
+        marks = [(time.perf_counter(), time.process_time())]
+        loss = self.forward()
+        marks.append((time.perf_counter(), time.process_time()))
+        loss.backward()
+        marks.append((time.perf_counter(), time.process_time()))
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        marks.append((time.perf_counter(), time.process_time()))
+        for c, clock in enumerate(("wall", "cpu")):
+            for k, phase in enumerate(PHASES):
+                self.times[clock][phase].append(marks[k + 1][c] - marks[k][c])
+            self.times[clock]["step"].append(marks[-1][c] - marks[0][c])
+
+
+def floor_variant(base: nn.Module, batch: dict[str, torch.Tensor]) -> Timed:
+    model = copy.deepcopy(base).train()
+    model.requires_grad_(False)
+    embed = model.get_input_embeddings()
+    inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+
+    def forward() -> torch.Tensor:
+        x = embed(batch["input_ids"]).detach().requires_grad_(True)  # input gradients only
+        return model(inputs_embeds=x, **inputs).loss
+
+    return Timed(forward, None)
+
+
+def lorakit_variant(base: nn.Module, batch: dict[str, torch.Tensor], method: str, rank: int, compiled: bool = False) -> Timed:
+    model = copy.deepcopy(base)
+    lorakit.adapt(model, lorakit.AdapterConfig(method=method, rank=rank, alpha=2 * rank))
+    model.train()
+    optimizer = lorakit.make_optimizer(model, lr=1e-8, max_grad_norm=1.0)  # tiny lr: the weights stay put
+    engine = torch.compile(model) if compiled else model
+    return Timed(lambda: engine(**batch).loss, optimizer)
+
+
+def paired(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def profile_summary(variants: dict[str, Timed], top: int = 12) -> list[dict[str, float | str]]:
+    """Self CPU ms per operator for one lora step and one floor step, largest extra first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op: dict[str, dict[str, float]] = {}
+    for name in ("lora", "floor"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            variants[name].step()
+        for event in prof.key_averages():
+            per_op.setdefault(event.key, {"lora": 0.0, "floor": 0.0, "calls lora": 0, "calls floor": 0})
+            per_op[event.key][name] += event.self_cpu_time_total / 1000
+            per_op[event.key][f"calls {name}"] += event.count
+    rows = [{"op": k, **v, "extra": v["lora"] - v["floor"]} for k, v in per_op.items()]
+    return sorted(rows, key=lambda r: -abs(r["extra"]))[:top]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
+    parser.add_argument("--methods", default="lora,dora,lora-fa,lora-xs")
+    parser.add_argument("--batch", type=int, default=None, help="default 32 (minilm) / 8 (smollm2)")
+    parser.add_argument("--length", type=int, default=None, help="tokens; default 64 (minilm) / 256 (smollm2)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time lora under torch.compile")
+    parser.add_argument("--output", default=None, help="result name (default floor_<model>)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    batch_size = args.batch or (32 if args.model == "minilm" else 8)
+    length = args.length or (64 if args.model == "minilm" else 256)
+    base, batch = (minilm if args.model == "minilm" else smollm2_causal)(batch_size, length)
+    base.eval()
+
+    variants = {"floor": floor_variant(base, batch)}
+    for method in args.methods.split(","):
+        variants[method] = lorakit_variant(base, batch, method, args.rank)
+    if args.compile:
+        variants["lora compiled"] = lorakit_variant(base, batch, "lora", args.rank, compiled=True)
+    load_before = os.getloadavg()
+    compile_seconds = {}
+    for name, v in variants.items():  # warm-up (and compilation) outside the timing
+        start = time.perf_counter()
+        v.step()
+        compile_seconds[name] = time.perf_counter() - start
+    for _ in range(args.repeats):
+        for v in variants.values():
+            v.run()
+    floor = variants["floor"].times
+    ratios: dict[str, float] = {}
+    medians: dict[str, dict[str, dict[str, float]]] = {}
+    for name, v in variants.items():
+        medians[name] = {clock: {p: statistics.median(t) for p, t in v.times[clock].items()} for clock in ("wall", "cpu")}
+        if name == "floor":
+            continue
+        for clock in ("cpu", "wall"):
+            ratios[f"{name} step / floor ({clock})"] = paired(v.times[clock]["step"], floor[clock]["step"])
+            ratios[f"{name} forward / floor forward ({clock})"] = paired(v.times[clock]["forward"], floor[clock]["forward"])
+            ratios[f"{name} backward / floor backward ({clock})"] = paired(v.times[clock]["backward"], floor[clock]["backward"])
+    for clock in ("cpu", "wall"):
+        if "dora" in variants and "lora" in variants:
+            ratios[f"dora step / lora step ({clock})"] = paired(variants["dora"].times[clock]["step"], variants["lora"].times[clock]["step"])
+        if "lora compiled" in variants:
+            ratios[f"compiled lora step / eager lora step ({clock})"] = paired(
+                variants["lora compiled"].times[clock]["step"], variants["lora"].times[clock]["step"])
+    profile = profile_summary(variants) if "lora" in variants else []
+
+    shape = tuple(batch["input_ids"].shape)
+    print(f"{args.model}, batch {shape[0]} x {shape[1]} tokens, rank {args.rank}, {args.threads} threads, "
+          f"{args.repeats} repeats, load {load_before[0]:.1f}")
+    for name, m in medians.items():
+        parts = "  ".join(f"{p} {1000 * m['cpu'][p]:8.1f}" for p in PHASES)
+        print(f"{name:14s} cpu ms: step {1000 * m['cpu']['step']:8.1f}  {parts}   wall step {1000 * m['wall']['step']:8.1f}")
+    for k, v in ratios.items():
+        print(f"{k:52s} {v:.3f}x")
+    if profile:
+        print("profile, self CPU ms of one step (lora vs floor), largest differences:")
+        for row in profile:
+            print(f"  {row['op'][:40]:40s} lora {row['lora']:8.2f} ({row['calls lora']:4d})  floor {row['floor']:8.2f} "
+                  f"({row['calls floor']:4d})  extra {row['extra']:+8.2f}")
+    write_result(
+        args.output or f"floor_{args.model}",
+        {
+            "model": {"minilm": "all-MiniLM-L6-v2 (sequence classification)", "smollm2": "SmolLM2-135M-Instruct (causal LM)"}[args.model],
+            "batch": shape[0],
+            "tokens": shape[1],
+            "rank": args.rank,
+            "targets": "all-linear",
+            "optimizer": "lorakit.make_optimizer: fused AdamW, max_grad_norm 1.0",
+            "floor": "frozen forward + input-gradient backward (inputs_embeds a leaf requiring grad)",
+            "repeats": args.repeats,
+            "torch_threads": args.threads,
+            "load_average": {"before": load_before, "after": os.getloadavg()},
+            "first_call_seconds": compile_seconds,
+            "seconds_median": medians,
+            "ratios": ratios,
+            "profile_lora_vs_floor_ms": profile,
+            "target": {"lora step / floor (cpu)": "<= 1.10", "lora-xs step / floor (cpu)": "<= 1.05",
+                       "lora-fa step / floor (cpu)": "<= 1.05", "dora step / lora step (cpu)": "<= 1.15",
+                       "compiled lora step / eager lora step (cpu)": "<= 0.85"},
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
