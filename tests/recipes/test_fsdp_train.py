@@ -31,6 +31,8 @@ ADAPTERS = {
     "lora-sb": ({"method": "lora-sb", "rank": 2, "num_samples": 6}, "float32", 1e-6),
     # moves the base weight: W − s·B₀A₀ written to each shard
     "lora-ga": ({"method": "lora-ga", "rank": 2, "num_samples": 6}, "float64", 1e-9),
+    # activations recomputed inside each sharded block's backward (train.gradient_checkpointing, both runs)
+    "lora-checkpointing": ({"method": "lora", "rank": 2}, "float32", 1e-6),
 }
 
 
@@ -38,7 +40,8 @@ ADAPTERS = {
 def test_fsdp_two_processes_equal_one_process_on_the_doubled_batch(tmp_path, method):
     adapter, dtype, tol = ADAPTERS[method]
     config = assets.causal_config(tmp_path, adapter=adapter, model={"dtype": dtype}, data={"train_size": 24},
-                                  train={"epochs": 1, "max_steps": 3, "batch_size": 8},
+                                  train={"epochs": 1, "max_steps": 3, "batch_size": 8,
+                                         "gradient_checkpointing": method.endswith("checkpointing")},
                                   eval={"max_new_tokens": 2}, output={"peft": False, "plot": False})
     path = assets.write_yaml(tmp_path / "config.yaml", config)
     assert main(["train", "--config", str(path), "--quiet", f"output.dir={tmp_path / 'one'}"]) == 0
