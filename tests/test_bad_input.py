@@ -236,6 +236,8 @@ CASES = [
          _vllm_export_of("lora"), writes_run=True),
     Case("export --format vllm of a DoRA run", r"vLLM does not serve DoRA adapters; export the merged model instead \(--format merged",
          _vllm_export_of("dora"), writes_run=True),
+    Case("eval with neither a run directory nor --model", r"takes one RUN_DIR, or --model NAME_OR_PATH --config FILE.yaml",
+         lambda t: ["eval", "--config", _config(t)]),
 ]
 
 

@@ -3,6 +3,7 @@
     run(config)                       one training run into a run directory (files: see rundir.py and below)
     run(config, resume=RUN_DIR)       continue from RUN_DIR's last checkpoint
     evaluate_run(RUN_DIR)             reload a finished run and evaluate it on the test split
+    evaluate_model(NAME, config)      score an untouched model on the config's test split (writes nothing)
 
 The run directory::
 
@@ -327,8 +328,21 @@ def load_run(run_dir: str | Path, quiet: bool = True) -> tuple[Path, Setup]:
 def evaluate_run(run_dir: str | Path, split: str = "test", quiet: bool = False) -> dict[str, float]:
     """``quiet`` hides the progress bars; the metrics line is always printed."""
     path, s = load_run(run_dir)
+    return _evaluate_and_print(s, str(path), split, quiet)
+
+
+def evaluate_model(model: str, cfg: RunConfig, split: str = "test", quiet: bool = False) -> dict[str, float]:
+    """The "before" number: ``model`` as loaded (no adapter; a classifier's fresh head drawn from
+    train.seed), on the split ``cfg``'s data gives, with its eval settings. Writes nothing."""
+    cfg.model.name = model
+    s = setup(cfg)
+    s.model.eval()
+    return _evaluate_and_print(s, model, split, quiet)
+
+
+def _evaluate_and_print(s: Setup, name: str, split: str, quiet: bool) -> dict[str, float]:
     result = evaluate(s, split, progress=s.cfg.train.progress and not quiet)
-    print(f"{path}: {split} " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    print(f"{name}: {split} " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     return result
 
 
