@@ -56,13 +56,15 @@ class RunResult:
     results: dict[str, Any]
 
 
-def run(cfg: RunConfig | None = None, resume: str | Path | None = None, quiet: bool = False) -> RunResult:
+def run(cfg: RunConfig | None = None, resume: str | Path | None = None, quiet: bool = False,
+        metric_line: bool = True) -> RunResult:
     """Train one model as ``cfg`` says (or resume the run in ``resume``); returns its results.
+    ``quiet`` hides progress and messages but not the final test-metric line (``metric_line``).
     Under torchrun every process calls this; all of them return the same results."""
     resumed = read_run(resume) if resume is not None else None
     cfg = resumed[2] if resumed is not None else cfg or RunConfig()
     with dist_ctx.running(device_kind(cfg.train.device), cfg.train.dist_timeout) as ctx:
-        return _run(ctx, cfg, resumed, quiet)
+        return _run(ctx, cfg, resumed, quiet, metric_line)
 
 
 @dataclass
@@ -121,7 +123,7 @@ def _initialise(s: Setup, budget: Budget, opened: Opened, progress: bool) -> flo
 
 
 def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, Any], RunConfig] | None,
-         quiet: bool) -> RunResult:
+         quiet: bool, metric_line: bool = True) -> RunResult:
     """``resumed``: read_run() of the run to continue, or None for a new run of ``cfg``."""
     fsdp.check_config(cfg, ctx)
     opened = _open(ctx, cfg, resumed)
@@ -164,7 +166,8 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, A
             opened.lock.release()
     metric = primary_metric(cfg.task)
     test = results["test"]
-    say(f"test {metric}: {test.get(metric, float('nan')):.4f}  ({', '.join(f'{k} {v:.4f}' for k, v in test.items())})")
+    if main and (metric_line or not quiet):  # printed even with --quiet: the one line a run answers with
+        print(f"test {metric}: {test.get(metric, float('nan')):.4f}  ({', '.join(f'{k} {v:.4f}' for k, v in test.items())})")
     written = ["config.yaml", "metrics.jsonl", "results.json"]
     written += ["model/"] if cfg.is_full else ["adapter/"] + (["peft/"] if cfg.output.peft else [])
     written += ["merged/"] if cfg.output.merged and not cfg.is_full else []
