@@ -96,7 +96,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         train_recipe.evaluate_model(args.model, load_config(args.config, args.targets), args.split, quiet=args.quiet)
         return 0
     if args.config is not None or len(args.targets) != 1:
-        raise LorakitError("`lorakit eval` takes one RUN_DIR, or --model NAME_OR_PATH --config FILE.yaml [overrides] "
+        raise LorakitError("eval takes one RUN_DIR, or --model NAME_OR_PATH --config FILE.yaml [overrides] "
                            "to score an untouched model")
     train_recipe.evaluate_run(args.targets[0], args.split, quiet=args.quiet)
     return 0
