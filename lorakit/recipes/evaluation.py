@@ -45,8 +45,8 @@ def loss_targets(task: str, batch: dict[str, torch.Tensor]) -> int:
 
 @torch.no_grad()
 def evaluate(s: Setup, split: str, progress: bool = True) -> dict[str, float]:
-    """Classification: loss, accuracy, macro F1 (``f1``), MCC, per-class F1 (``f1_<label>``). Causal-LM: loss, perplexity, and exact match of
-    the final number of greedy generations."""
+    """Classification: loss, accuracy, macro F1 (``f1``), MCC, per-class F1 (``f1_<label>``).
+    Causal-LM: loss, perplexity, and exact match of the final number of greedy generations."""
     model, cfg, ctx = s.model, s.cfg, evaluation_context(s)
     if not s.features[split]:
         return {}

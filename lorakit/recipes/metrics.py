@@ -1,5 +1,5 @@
-"""Evaluation metrics: accuracy, macro and per-class F1, Matthews correlation, exact match (final number, normalised
-whole answer, or reasoning-gym's own scorer), multiple-choice accuracy, perplexity."""
+"""Evaluation metrics: accuracy, macro and per-class F1, Matthews correlation, exact match (final
+number, normalised whole answer, or reasoning-gym's own scorer), multiple-choice accuracy, perplexity."""
 
 from __future__ import annotations
 

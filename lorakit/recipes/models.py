@@ -75,8 +75,8 @@ def convert_gguf(gguf_file: str | Path, target: str | Path) -> Path:
     gguf_file, target = Path(gguf_file), Path(target)
     if not gguf_file.is_file():
         raise LorakitError(f"GGUF file {str(gguf_file)!r} does not exist")
-    if target.exists():
-        raise LorakitError(f"{target} already exists; give convert_gguf a new folder")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise LorakitError(f"{target} already exists; give convert_gguf a new (or empty) folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options = {"gguf_file": gguf_file.name}

@@ -91,7 +91,7 @@ def load_splits(cfg: DataSection, task: str, saved_labels: list[str] | None = No
     if source == "auto":
         raise LorakitError(f"task {task} has no embedded dataset; set data.source to a file, a BIG-bench task or a dataset name")
     label_names, fmt = None, cfg.format if cfg.format != "auto" else "template"
-    if cfg.group_column is not None and (source == "rotten-tomatoes" or source == "gsm-symbolic" or source.startswith(REASONING_GYM)):
+    if cfg.group_column is not None and (source in EMBEDDED.values() or source.startswith(REASONING_GYM)):
         raise LorakitError(f"data.group_column needs a data file or hub dataset with that column; {source} has no groups "
                            "(drop data.group_column)")
     if source == "rotten-tomatoes":
