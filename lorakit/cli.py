@@ -5,6 +5,8 @@
     lorakit compare --config FILE.yaml [section.key=value ...]   several methods, same data/seeds/budget
     lorakit export RUN_DIR --format peft|vllm|merged [--out DIR] write a PEFT / vLLM adapter or a merged model
     lorakit eval RUN_DIR [--split test|validation]               evaluate a finished run
+    lorakit eval --model NAME_OR_PATH --config FILE.yaml [section.key=value ...]
+                                                                 score an untouched model on the config's split
 
 Bad input prints one line ``lorakit: error: ...`` and exits with status 2.
 """
@@ -38,8 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output directory (default RUN_DIR/peft or RUN_DIR/merged); must be new or empty")
     export.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --out: replace lorakit's files there, keep every other file")
-    evaluate = sub.add_parser("eval", help="evaluate a finished run")
-    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate = sub.add_parser("eval", help="evaluate a finished run, or (--model) an untouched model on a config's data")
+    evaluate.add_argument("targets", nargs="*", metavar="RUN_DIR | section.key=value",
+                          help="the run directory; with --model, the config overrides instead")
+    evaluate.add_argument("--model", metavar="NAME_OR_PATH", help="evaluate this model as loaded (no adapter, no run directory)")
+    evaluate.add_argument("--config", help="with --model: the train config whose task, data and eval settings to use")
     evaluate.add_argument("--split", default="test", choices=("test", "validation"))
     evaluate.add_argument("--quiet", action="store_true")
     return parser
@@ -87,7 +92,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             print(f"serve it with: {vllm_serve_hint(path)}")
         return 0
-    train_recipe.evaluate_run(args.run_dir, args.split, quiet=args.quiet)
+    if args.model is not None:
+        train_recipe.evaluate_model(args.model, load_config(args.config, args.targets), args.split, quiet=args.quiet)
+        return 0
+    if args.config is not None or len(args.targets) != 1:
+        raise LorakitError("eval takes one RUN_DIR, or --model NAME_OR_PATH --config FILE.yaml [overrides] "
+                           "to score an untouched model")
+    train_recipe.evaluate_run(args.targets[0], args.split, quiet=args.quiet)
     return 0
 
 

@@ -236,6 +236,11 @@ CASES = [
          _vllm_export_of("lora"), writes_run=True),
     Case("export --format vllm of a DoRA run", r"vLLM does not serve DoRA adapters; export the merged model instead \(--format merged",
          _vllm_export_of("dora"), writes_run=True),
+    Case("a row without its data.group_column value", r"row 2 has column 'doc' missing; fix or remove that row \(or set data.group_column\)",
+         lambda t: _train(t, "data.group_column=doc", data={"source": str(assets.write_jsonl(
+             t / "g.jsonl", [{"sentence": "good film", "sentiment": "pos", "doc": 1}, {"sentence": "bad", "sentiment": "neg"}]))})),
+    Case("eval with neither a run directory nor --model", r"takes one RUN_DIR, or --model NAME_OR_PATH --config FILE.yaml",
+         lambda t: ["eval", "--config", _config(t)]),
 ]
 
 

@@ -171,7 +171,9 @@ def test_quiet_shows_no_progress_bars(tmp_path, capfd):
     assert _train(tmp_path, config) == 0
     captured = capfd.readouterr()
     assert "estimate" not in captured.err and "train lora-ga" not in captured.err and "eval" not in captured.err
-    assert captured.out == ""
+    test = json.loads((tmp_path / "run" / "results.json").read_text())["test"]
+    assert captured.out.splitlines() == [captured.out.strip()]  # one line: the test metric
+    assert captured.out.startswith(f"test accuracy: {test['accuracy']:.4f}  (") and f"f1 {test['f1']:.4f}" in captured.out
 
 
 def test_neftune_noise_acts_in_training_only(tmp_path):

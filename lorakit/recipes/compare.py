@@ -130,7 +130,7 @@ def _compare(config: CompareConfig, quiet: bool, writes: bool) -> tuple[list[Row
             cfg = config.run_config(name, seed)
             say(f"== {name} (seed {seed})")
             try:
-                outcome = run(cfg, quiet=quiet)
+                outcome = run(cfg, quiet=quiet, metric_line=False)  # the table says it
             except Exception as exc:  # one failing method must not lose the others' results
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 say(f"!! {name} failed: {error}")

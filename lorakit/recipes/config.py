@@ -56,7 +56,8 @@ class DataSection:
     the dataset's config), a .csv/.jsonl/.json/.parquet file, a BIG-bench ``task.json`` (or its
     folder), or a Hugging Face ``datasets`` name ('auto': the task's embedded default).
     ``validation`` and ``test`` name separate files; without them the source is split (seeded by
-    ``split_seed``, fractions ``validation_fraction`` / ``test_fraction``). The ``*_size``
+    ``split_seed``, fractions ``validation_fraction`` / ``test_fraction``; ``group_column``: rows
+    sharing its value, e.g. a document id, land in one split). The ``*_size``
     options keep the first N examples of each split (null: all).
 
     ``format`` (causal-lm, multiple-choice): ``template`` (``template`` around the prompt
@@ -83,6 +84,7 @@ class DataSection:
     validation_size: int | None = None
     test_size: int | None = None
     split_seed: int = 0
+    group_column: str | None = None
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     chain_of_thought: bool = True

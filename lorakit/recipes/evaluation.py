@@ -45,8 +45,8 @@ def loss_targets(task: str, batch: dict[str, torch.Tensor]) -> int:
 
 @torch.no_grad()
 def evaluate(s: Setup, split: str, progress: bool = True) -> dict[str, float]:
-    """Classification: loss, accuracy, F1, MCC. Causal-LM: loss, perplexity, and exact match of
-    the final number of greedy generations."""
+    """Classification: loss, accuracy, macro F1 (``f1``), MCC, per-class F1 (``f1_<label>``).
+    Causal-LM: loss, perplexity, and exact match of the final number of greedy generations."""
     model, cfg, ctx = s.model, s.cfg, evaluation_context(s)
     if not s.features[split]:
         return {}
@@ -71,7 +71,7 @@ def evaluate(s: Setup, split: str, progress: bool = True) -> dict[str, float]:
     preds, labels = [x for p in parts for x in p[2]], [x for p in parts for x in p[3]]
     mean_loss = total_loss / max(weight, 1)
     if cfg.task == "classification":
-        result = {"loss": mean_loss, **M.classification_metrics(preds, labels, s.splits.num_labels)}
+        result = {"loss": mean_loss, **M.classification_metrics(preds, labels, s.splits.num_labels, s.splits.label_names)}
     elif cfg.task == "multiple-choice":
         scores = option_scores(model, s.options[split], cfg.eval.batch_size, s.pad_id, s.device, ctx, progress)
         answers = [ex["label"] for ex in getattr(s.splits, split)]

@@ -1,5 +1,5 @@
-"""Evaluation metrics: accuracy, F1, Matthews correlation, exact match (final number, normalised
-whole answer, or reasoning-gym's own scorer), multiple-choice accuracy, perplexity."""
+"""Evaluation metrics: accuracy, macro and per-class F1, Matthews correlation, exact match (final
+number, normalised whole answer, or reasoning-gym's own scorer), multiple-choice accuracy, perplexity."""
 
 from __future__ import annotations
 
@@ -24,13 +24,17 @@ def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
     return sum(int(p) == int(y) for p, y in zip(preds, labels)) / max(len(labels), 1)
 
 
-def f1(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> float:
-    """Binary: F1 of class 1 (the positive class). More classes: macro average over classes."""
+def per_class_f1(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """F1 of each class k, 2·TP_k / (2·TP_k + FP_k + FN_k); 0 for a class neither true nor predicted."""
     C = confusion_matrix(preds, labels, num_classes)
     tp = C.diag()
-    precision_den, recall_den = C.sum(0), C.sum(1)
-    per_class = torch.where(precision_den + recall_den > 0, 2 * tp / (precision_den + recall_den).clamp_min(1), torch.zeros_like(tp))
-    return float(per_class[1]) if num_classes == 2 else float(per_class.mean())
+    den = C.sum(0) + C.sum(1)  # (TP + FP) + (TP + FN)
+    return torch.where(den > 0, 2 * tp / den.clamp_min(1), torch.zeros_like(tp))
+
+
+def f1(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> float:
+    """Macro F1: the unweighted mean of the classes' F1 (two classes included: no class is 'positive')."""
+    return float(per_class_f1(preds, labels, num_classes).mean())
 
 
 def matthews_corrcoef(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> float:
@@ -46,11 +50,16 @@ def matthews_corrcoef(preds: Sequence[int], labels: Sequence[int], num_classes: 
     return float((c * s - (p * t).sum()) / denominator) if denominator > 0 else 0.0
 
 
-def classification_metrics(preds: Sequence[int], labels: Sequence[int], num_classes: int) -> dict[str, float]:
+def classification_metrics(preds: Sequence[int], labels: Sequence[int], num_classes: int,
+                           label_names: Sequence[Any] | None = None) -> dict[str, float]:
+    """accuracy, ``f1`` (macro), mcc, and ``f1_<label name>`` per class (``f1_<k>`` without names)."""
+    names = list(label_names) if label_names is not None else list(range(num_classes))
+    per_class = per_class_f1(preds, labels, num_classes).tolist()
     return {
         "accuracy": accuracy(preds, labels),
-        "f1": f1(preds, labels, num_classes),
+        "f1": sum(per_class) / num_classes,
         "mcc": matthews_corrcoef(preds, labels, num_classes),
+        **{f"f1_{name}": value for name, value in zip(names, per_class)},
     }
 
 

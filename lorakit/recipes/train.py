@@ -3,6 +3,7 @@
     run(config)                       one training run into a run directory (files: see rundir.py and below)
     run(config, resume=RUN_DIR)       continue from RUN_DIR's last checkpoint
     evaluate_run(RUN_DIR)             reload a finished run and evaluate it on the test split
+    evaluate_model(NAME, config)      score an untouched model on the config's test split (writes nothing)
 
 The run directory::
 
@@ -56,13 +57,15 @@ class RunResult:
     results: dict[str, Any]
 
 
-def run(cfg: RunConfig | None = None, resume: str | Path | None = None, quiet: bool = False) -> RunResult:
+def run(cfg: RunConfig | None = None, resume: str | Path | None = None, quiet: bool = False,
+        metric_line: bool = True) -> RunResult:
     """Train one model as ``cfg`` says (or resume the run in ``resume``); returns its results.
+    ``quiet`` hides progress and messages but not the final test-metric line (``metric_line``).
     Under torchrun every process calls this; all of them return the same results."""
     resumed = read_run(resume) if resume is not None else None
     cfg = resumed[2] if resumed is not None else cfg or RunConfig()
     with dist_ctx.running(device_kind(cfg.train.device), cfg.train.dist_timeout) as ctx:
-        return _run(ctx, cfg, resumed, quiet)
+        return _run(ctx, cfg, resumed, quiet, metric_line)
 
 
 @dataclass
@@ -121,7 +124,7 @@ def _initialise(s: Setup, budget: Budget, opened: Opened, progress: bool) -> flo
 
 
 def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, Any], RunConfig] | None,
-         quiet: bool) -> RunResult:
+         quiet: bool, metric_line: bool = True) -> RunResult:
     """``resumed``: read_run() of the run to continue, or None for a new run of ``cfg``."""
     fsdp.check_config(cfg, ctx)
     opened = _open(ctx, cfg, resumed)
@@ -165,7 +168,8 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, A
             opened.lock.release()
     metric = primary_metric(cfg.task)
     test = results["test"]
-    say(f"test {metric}: {test.get(metric, float('nan')):.4f}  ({', '.join(f'{k} {v:.4f}' for k, v in test.items())})")
+    if main and (metric_line or not quiet):  # printed even with --quiet: the one line a run answers with
+        print(f"test {metric}: {test.get(metric, float('nan')):.4f}  ({', '.join(f'{k} {v:.4f}' for k, v in test.items())})")
     written = ["config.yaml", "metrics.jsonl", "results.json"]
     written += ["model/"] if cfg.is_full else ["adapter/"] + (["peft/"] if cfg.output.peft else [])
     written += ["merged/"] if cfg.output.merged and not cfg.is_full else []
@@ -329,8 +333,21 @@ def load_run(run_dir: str | Path, quiet: bool = True) -> tuple[Path, Setup]:
 def evaluate_run(run_dir: str | Path, split: str = "test", quiet: bool = False) -> dict[str, float]:
     """``quiet`` hides the progress bars; the metrics line is always printed."""
     path, s = load_run(run_dir)
+    return _evaluate_and_print(s, str(path), split, quiet)
+
+
+def evaluate_model(model: str, cfg: RunConfig, split: str = "test", quiet: bool = False) -> dict[str, float]:
+    """The "before" number: ``model`` as loaded (no adapter; a classifier's fresh head drawn from
+    train.seed), on the split ``cfg``'s data gives, with its eval settings. Writes nothing."""
+    cfg.model.name = model
+    s = setup(cfg)
+    s.model.eval()
+    return _evaluate_and_print(s, model, split, quiet)
+
+
+def _evaluate_and_print(s: Setup, name: str, split: str, quiet: bool) -> dict[str, float]:
     result = evaluate(s, split, progress=s.cfg.train.progress and not quiet)
-    print(f"{path}: {split} " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    print(f"{name}: {split} " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     return result
 
 

@@ -156,3 +156,47 @@ def chat_llama_folder(path: Path, seed: int = 0) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def gguf_llama_file(path: Path, seed: int = 0) -> Path:
+    """A tiny Llama written as a GGUF file with the gguf package (fp32 tensors, a byte-level BPE
+    vocabulary: every byte, one merge, '<|endoftext|>' as EOS), as llama.cpp lays one out."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    hidden, inner, layers, heads, kv_heads = 32, 48, 2, 4, 2
+    tokens = ["<|endoftext|>", *bytes_to_unicode().values(), "\u0120t"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(inner)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(["\u0120 t"])
+    writer.add_token_types([3] + [1] * (len(tokens) - 1))  # 3: control
+    writer.add_eos_token_id(0)
+    writer.add_bos_token_id(0)
+    rng = np.random.default_rng(seed)
+    kv = kv_heads * hidden // heads
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output.weight": (len(tokens), hidden), "output_norm.weight": (hidden,)}
+    for b in range(layers):
+        shapes |= {f"blk.{b}.{name}.weight": shape for name, shape in [
+            ("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)),
+            ("attn_v", (kv, hidden)), ("attn_output", (hidden, hidden)), ("ffn_gate", (inner, hidden)),
+            ("ffn_up", (inner, hidden)), ("ffn_down", (hidden, inner))]}
+    for name, shape in shapes.items():
+        values = np.ones(shape) if len(shape) == 1 else rng.normal(0.0, 0.1, shape)
+        writer.add_tensor(name, values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

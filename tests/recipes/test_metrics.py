@@ -28,7 +28,13 @@ def test_binary_metrics_match_the_textbook_formulas(seed):
     precision, recall = tp / (tp + fp), tp / (tp + fn)
     assert M.accuracy(preds, labels) == pytest.approx((tp + tn) / len(labels))
     assert M.matthews_corrcoef(preds, labels, 2) == pytest.approx(mcc)
-    assert M.f1(preds, labels, 2) == pytest.approx(2 * precision * recall / (precision + recall))
+    f1_pos = 2 * precision * recall / (precision + recall)
+    precision_neg, recall_neg = tn / (tn + fn), tn / (tn + fp)
+    f1_neg = 2 * precision_neg * recall_neg / (precision_neg + recall_neg)
+    assert M.f1(preds, labels, 2) == pytest.approx((f1_pos + f1_neg) / 2)  # macro, not the class that sorts second
+    named = M.classification_metrics(preds, labels, 2, ["neg", "pos"])
+    assert named["f1_neg"] == pytest.approx(f1_neg) and named["f1_pos"] == pytest.approx(f1_pos)
+    assert named["f1"] == pytest.approx((f1_pos + f1_neg) / 2)
 
 
 def test_mcc_limits_and_multiclass_macro_f1():
@@ -44,6 +50,21 @@ def test_mcc_limits_and_multiclass_macro_f1():
         fn = sum(p != k and y == k for p, y in zip(preds, labels))
         per_class.append(2 * tp / (2 * tp + fp + fn))
     assert M.f1(preds, labels, 3) == pytest.approx(sum(per_class) / 3)
+
+
+def test_per_class_f1_by_label_name_on_a_small_confusion_case():
+    # true cat cat cat dog dog bird; predicted cat dog cat dog bird bird
+    names = ["bird", "cat", "dog"]
+    labels = [1, 1, 1, 2, 2, 0]
+    preds = [1, 2, 1, 2, 0, 0]
+    # by hand: cat TP 2 FP 0 FN 1 -> 4/5; dog TP 1 FP 1 FN 1 -> 1/2; bird TP 1 FP 1 FN 0 -> 2/3
+    got = M.classification_metrics(preds, labels, 3, names)
+    assert got["f1_cat"] == pytest.approx(4 / 5) and got["f1_dog"] == pytest.approx(1 / 2)
+    assert got["f1_bird"] == pytest.approx(2 / 3)
+    assert got["f1"] == pytest.approx((4 / 5 + 1 / 2 + 2 / 3) / 3)
+    assert set(got) == {"accuracy", "f1", "mcc", "f1_bird", "f1_cat", "f1_dog"}
+    # a class never true nor predicted scores 0 and still counts in the macro mean
+    assert M.classification_metrics([0, 0], [0, 0], 2)["f1"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("text, number", [
