@@ -236,6 +236,7 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--train-only", action="store_true", help="train and record these methods, do not serve "
                         "(a second process can take some methods while the first runs; finished ones are reused)")
+    parser.add_argument("--report-only", action="store_true", help="compare the outputs a finished run left in --work")
     parser.add_argument("--vllm-side", choices=("adapters", "merged"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work)
@@ -244,6 +245,8 @@ def main() -> int:
         return 0
     methods = {m: METHODS[m] for m in args.methods.split(",")}
     work.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        return write_report(work, json.loads((work / "reference.json").read_text()), args)
     if args.train_only:
         lorakit_side(work, args.steps, args.prompts, args.tokens, args.rank, methods)
         return 0
@@ -260,24 +263,33 @@ def main() -> int:
         logs[what] = proc.wait()
         if logs[what] != 0:
             print(f"vLLM ({what}) failed with exit {logs[what]}; see {work / f'vllm_{what}.log'}")
+    if any(logs.values()):
+        sys.path.insert(0, str(ROOT / "bench"))
+        from common import write_result
+
+        write_result("vllm_check", {"exit_codes": logs}, status="failed")
+        return 1
+    return write_report(work, reference, args)
+
+
+def write_report(work: Path, reference: dict, args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     from common import write_result
 
-    if any(logs.values()):
-        write_result("vllm_check", {"exit_codes": logs}, status="failed")
-        return 1
     served = json.loads((work / "vllm_adapters.json").read_text())
     merged = json.loads((work / "vllm_merged.json").read_text())
     figures = {"vllm": served["vllm"], "vllm_engine_start_seconds": served["engine_start_seconds"],
-               "commands": [served["command"], merged["command"]], "steps": args.steps, "rank": args.rank, "methods": {}}
+               "commands": [served["command"], merged["command"]], "steps": args.steps, "rank": args.rank,
+               "prompts": len(reference["prompts"]), "tokens": reference["tokens"], "methods": {}}
     for name, m in reference["methods"].items():
         row = compare(m["tokens"], m["logprobs"], served[name])
         row.update(exported_rank=m["rank"], max_lora_rank=m["max_lora_rank"], loss_first=m["losses"][0], loss_last=m["losses"][-1],
                    prompts_differing_from_base=sum(a != b for a, b in zip(m["tokens"], reference["base_generations"])))
         figures["methods"][name] = row
     figures["merged_model"] = {"method": MERGED, **compare(reference["methods"][MERGED]["tokens"],
-                                                           reference["methods"][MERGED]["logprobs"], merged)}
-    figures["base_without_adapter"] = compare(reference["base_generations"], [[0.0] * args.tokens] * args.prompts, served["base"])
+                                                           reference["methods"][MERGED]["logprobs"], merged["merged"])}
+    base = reference["base_generations"]
+    figures["base_without_adapter"] = compare(base, [[0.0] * len(g) for g in base], served["base"])
     figures["base_without_adapter"].pop("max_abs_logprob_diff_on_common_prefix")
     status = "ok" if all(r["equal"] == r["prompts"] for r in figures["methods"].values()) else "mismatch"
     print(f"vLLM {served['vllm']}: " + ", ".join(f"{n} {r['equal']}/{r['prompts']}" for n, r in figures["methods"].items())
