@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import sys
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any, Iterator, Mapping
 
 from torch import nn
@@ -17,9 +16,6 @@ from lorakit.inject import adapters_of, find_targets, inject, parameter_report
 from lorakit.linalg import layer_generator
 
 CONFIG_ATTR = "lorakit_config"
-# While set, an adapted model's save_pretrained writes its raw state (base_layer/A/B keys): a
-# transformers Trainer checkpoint, which the same adapted model reloads to resume.
-_RAW_SAVE: ContextVar[bool] = ContextVar("lorakit_raw_save", default=False)
 
 
 def adapt(
@@ -77,12 +73,12 @@ def unmark_adapted(model: nn.Module) -> None:
 
 
 class AdaptedModelCalls:
-    """Methods bound on each adapted model (as partials: a model pickles and deep-copies with them): PEFT's ``disable_adapter()``, ``merge_and_unload()``,
+    """Methods bound on each adapted model (as partials: the model still pickles and deep-copies).
+    PEFT's ``disable_adapter()``, ``merge_and_unload()``,
     ``print_trainable_parameters()`` (= ``lorakit.adapters_disabled`` / ``merge`` /
     ``parameter_report``), and a ``save_pretrained`` that refuses: an adapted model's state holds
     ``base_layer``/``A``/``B`` keys that ``from_pretrained`` cannot load (allowed only when
-    ``transformers.Trainer._save`` calls it or inside ``raw_state_saving()``: checkpoints that the
-    same adapted model reloads)."""
+    ``transformers.Trainer._save`` calls it: checkpoints that the same adapted model reloads)."""
 
     @staticmethod
     def names(model: nn.Module) -> list[str]:
@@ -91,7 +87,7 @@ class AdaptedModelCalls:
 
     @staticmethod
     def save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if _RAW_SAVE.get() or _called_by_trainer_save(sys._getframe(1)):
+        if _called_by_trainer_save(sys._getframe(1)):
             return type(model).save_pretrained(model, *args, **kwargs)
         raise LorakitError(
             f"{type(model).__name__}.save_pretrained would write lorakit adapter keys (base_layer, A, B) that from_pretrained "
@@ -121,17 +117,6 @@ def _called_by_trainer_save(frame: Any) -> bool:
     trainer_class = getattr(trainer_module, "Trainer", None)
     return (trainer_class is not None and frame.f_code.co_name == "_save"
             and isinstance(frame.f_locals.get("self"), trainer_class))
-
-
-@contextmanager
-def raw_state_saving() -> Iterator[None]:
-    """Let adapted models' ``save_pretrained`` write their raw state inside (for checkpoints that the
-    same adapted model reloads, e.g. ``transformers.Trainer``'s)."""
-    token = _RAW_SAVE.set(True)
-    try:
-        yield
-    finally:
-        _RAW_SAVE.reset(token)
 
 
 def initialise_adapter(adapter: LowRankAdapter, name: str, config: AdapterConfig, layer_stats: Any = None) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.adaptation import adapt, raw_state_saving
+from lorakit.adaptation import adapt
 from lorakit.inject import adapters_of
 from lorakit.io import save_adapter
 from lorakit.adapters import ADAPTER_CLASSES
@@ -36,7 +36,7 @@ from lorakit.optim.factory import make_optimizer, optimizer_options
 from lorakit.optim.groups import pair_needed_error, resolve_loraplus_ratio
 from lorakit.optim.neftune import NEFTuneHandle, enable_neftune
 
-# Trainer saves hold the lorakit adapter in this sub-folder (see save_raw_checkpoints)
+# Trainer saves hold the lorakit adapter in this sub-folder (see save_adapter_with_checkpoints)
 ADAPTER_FOLDER = "lorakit_adapter"
 
 try:
@@ -131,27 +131,26 @@ def _check_structure(config: AdapterConfig, preconditioner: str | None, loraplus
             raise pair_needed_error(option, (structure.structure,))
 
 
-def save_raw_checkpoints(trainer: Any) -> None:
+def save_adapter_with_checkpoints(trainer: Any) -> None:
     """Trainer saves (checkpoints, ``save_model``) also write a lorakit adapter in
     ``<folder>/lorakit_adapter`` that ``lorakit.load(base_model, that folder)`` reloads.
 
-    The checkpoint's model.safetensors is the adapted model's raw state (``save_pretrained``
-    refuses it elsewhere, as ``from_pretrained`` cannot load it; ``Trainer._save`` may, since the
-    same adapted model reloads it on ``resume_from_checkpoint``). ``prepare`` calls this.
+    The checkpoint's model.safetensors stays the adapted model's raw state, which the same
+    adapted model reloads on ``resume_from_checkpoint`` (``save_pretrained`` writes it only for
+    ``Trainer._save``: ``from_pretrained`` cannot load it). ``prepare`` calls this.
     """
     save = trainer._save
-    if getattr(save, "lorakit_raw_state", False):
+    if getattr(save, "lorakit_adapter", False):
         return
 
     def _save(output_dir: str | None = None, *args: Any, **kwargs: Any) -> Any:
-        with raw_state_saving():
-            result = save(output_dir, *args, **kwargs)
+        result = save(output_dir, *args, **kwargs)
         if trainer.args.should_save and adapters_of(trainer.model):
             folder = Path(output_dir if output_dir is not None else trainer.args.output_dir) / ADAPTER_FOLDER
             save_adapter(trainer.model, folder, overwrite=True)
         return result
 
-    _save.lorakit_raw_state = True  # type: ignore[attr-defined]
+    _save.lorakit_adapter = True  # type: ignore[attr-defined]
     trainer._save = _save
 
 
@@ -190,7 +189,7 @@ def prepare(
         config = _with_training_lr(config, trainer, loader)
         adapt(model, config, data=loader if data is None else data)
     trainer.optimizer = optimizer_from_args(model, trainer.args, optimizer, **options)
-    save_raw_checkpoints(trainer)
+    save_adapter_with_checkpoints(trainer)
     if neftune_alpha is not None:
         trainer.add_callback(NEFTuneCallback(neftune_alpha))
     return trainer

