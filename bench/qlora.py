@@ -86,6 +86,12 @@ def stepper(model, batch):
     return run
 
 
+def ratio(row: dict, key: str) -> float | None:
+    """lorakit / PEFT for one figure, None when PEFT's is not positive (the RSS figure can be 0 or negative)."""
+    theirs = row["peft"][key]
+    return row["lorakit"][key] / theirs if theirs > 0 else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bases", default="nf4,int8,fp32")
@@ -122,10 +128,10 @@ def main() -> None:
         figures["bases"][base] = row
         print(f"{base:5s} lorakit {row['lorakit']['seconds_per_step']:7.2f} s {row['lorakit']['peak_added_mb']:8.1f} MB | "
               f"peft {row['peft']['seconds_per_step']:7.2f} s {row['peft']['peak_added_mb']:8.1f} MB | "
-              f"time {row['time_ratio']:.3f}x memory {row['memory_ratio']:.3f}x saved {row['saved_ratio']:.3f}x "
+              f"time {row['time_ratio']}x memory {row['memory_ratio']}x saved {row['saved_ratio']}x "
               f"({row['lorakit']['saved_mb']:.1f} vs {row['peft']['saved_mb']:.1f} MB)")
         del ours, theirs, runs, models
-    write_result("qlora", figures)
+        write_result("qlora", figures, status="ok" if base == args.bases.split(",")[-1] else "partial")
 
 
 if __name__ == "__main__":
