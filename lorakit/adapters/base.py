@@ -66,7 +66,10 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 def weight_out_in(layer: nn.Module) -> Tensor:
     """The layer's weight seen as (out, in) (see ``lorakit.adapters.layers``): a view of the weight,
     or for a quantized layer its dequantized weight (a new tensor)."""
-    return kind_of(layer).weight_out_in(layer)
+    kind = kind_of(layer)
+    if kind is None:
+        raise LorakitError(f"cannot read the weight of a {type(layer).__name__}: lorakit adapts {NAMES} layers")
+    return kind.weight_out_in(layer)
 
 
 class LowRankAdapter(nn.Module):

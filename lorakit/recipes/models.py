@@ -173,13 +173,12 @@ QUANTIZERS = {
     "int8": ("bitsandbytes", "bitsandbytes>=0.50.2", _bnb_8bit),
     "torchao-int8": ("torchao", "torchao>=0.18.0", _torchao_int8),
 }
-assert tuple(QUANTIZERS) == QUANTIZATIONS
 
 
 def quantization_config(name: str, dtype: torch.dtype):
     """transformers' own quantization config for ``model.quantization=name`` (the base computes in ``dtype``)."""
     if name not in QUANTIZERS:
-        raise LorakitError(f"model.quantization={name!r} is not valid; choose one of {', '.join(QUANTIZERS)}")
+        raise LorakitError(f"model.quantization={name!r} is not valid; choose one of {', '.join(QUANTIZATIONS)}")
     package, pip, build = QUANTIZERS[name]
     _require(package, pip, name)
     return build(name, dtype)

@@ -219,3 +219,16 @@ def test_peft_export_on_the_same_quantized_base_gives_lorakits_logits(base_dir, 
     lorakit.export_peft(model, tmp_path / "peft")
     loaded = peft.PeftModel.from_pretrained(load(base_dir, quant), tmp_path / "peft")
     assert rel(logits(loaded, batch), expected) < 1e-5
+
+
+def test_every_recipe_quantization_has_a_loader_and_a_missing_backend_names_its_pip_command(monkeypatch):
+    import importlib.util
+
+    from lorakit.recipes.config import QUANTIZATIONS
+    from lorakit.recipes.models import QUANTIZERS
+
+    assert tuple(QUANTIZERS) == QUANTIZATIONS
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(LorakitError, match=r"model.quantization='torchao-int8' needs torchao; run `pip install 'torchao>=0.18.0'`"):
+        quantization_config("torchao-int8", torch.float32)

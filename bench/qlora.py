@@ -1,0 +1,138 @@
+"""QLoRA memory and time on SmolLM2-135M: lorakit lora vs PEFT lora on the same quantized base (issue 15).
+
+    nice python bench/qlora.py [--bases nf4,int8,fp32] [--repeats 2] [--tokens 64] [--rank 16]
+
+For each base (bitsandbytes nf4, bitsandbytes int8, unquantized fp32; loaded through
+transformers' own quantization configs, as ``model.quantization`` does), two copies of the
+model are adapted on every linear layer but the head: lorakit lora and PEFT lora, same rank,
+α, targets. A step is forward + backward + AdamW step on one 64-token sequence. Figures, per
+library, and the ratios lorakit / PEFT:
+- ``saved_mb``: the bytes autograd saves for backward in one step (distinct storages, counted
+  with ``torch.autograd.graph.saved_tensors_hooks``; the frozen base weights the layers keep
+  for the input gradient included): the step's activation memory, exact and free of noise;
+- ``peak_added_mb``: peak resident set size during a step minus the resident size before it
+  (Linux /proc; allocator reuse and other processes make it noisy on a shared CPU);
+- ``seconds_per_step``: the median over interleaved repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from common import write_result
+
+import lorakit
+from lorakit.recipes.models import quantization_config, smollm2_path
+from lorakit.recipes.rundir import peak_memory_mb, reset_peak_memory
+
+TEXT = ("Question: A baker sells 14 loaves in the morning and twice as many in the afternoon. How many loaves "
+        "does she sell in a day? Answer: In the afternoon she sells 2 × 14 = 28, so 14 + 28 = 42 loaves in all.")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def load(path: str, base: str):
+    from transformers import AutoModelForCausalLM
+
+    options = {} if base == "fp32" else {"quantization_config": quantization_config(base, torch.float32), "device_map": "cpu"}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **options)
+
+
+def current_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def saved_mb(model, batch) -> float:
+    """MiB of the distinct storages autograd saves for backward in one forward + backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = model(**batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values()) / 2**20
+
+
+def stepper(model, batch):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device = torch.device("cpu")
+
+    def run() -> tuple[float, float]:
+        before = current_mb()
+        reset_peak_memory(device)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start, (peak_memory_mb(device) or float("nan")) - before
+
+    return run
+
+
+def ratio(row: dict, key: str) -> float | None:
+    """lorakit / PEFT for one figure, None when PEFT's is not positive (the RSS figure can be 0 or negative)."""
+    theirs = row["peft"][key]
+    return row["lorakit"][key] / theirs if theirs > 0 else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bases", default="nf4,int8,fp32")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=16)
+    args = parser.parse_args()
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(TEXT, return_tensors="pt", truncation=True, max_length=args.tokens)["input_ids"]
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    r = args.rank
+    figures: dict = {"tokens": int(ids.shape[1]), "rank": r, "targets": TARGETS, "repeats": args.repeats, "bases": {}}
+    for base in args.bases.split(","):
+        ours = lorakit.adapt(load(path, base), lorakit.AdapterConfig(method="lora", rank=r, alpha=2 * r, targets=TARGETS))
+        theirs = get_peft_model(load(path, base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, task_type="CAUSAL_LM"))
+        models = {"lorakit": ours, "peft": theirs}
+        saved = {k: saved_mb(m, batch) for k, m in models.items()}
+        runs = {k: stepper(m, batch) for k, m in models.items()}
+        for run in runs.values():  # warm-up: optimizer state, first-call allocations
+            run()
+        seen: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
+        for _ in range(args.repeats):
+            for key, run in runs.items():
+                seen[key].append(run())
+        row = {k: {"seconds_per_step": statistics.median(t for t, _ in v), "peak_added_mb": statistics.median(m for _, m in v),
+                   "saved_mb": saved[k]} for k, v in seen.items()}
+        row["saved_ratio"] = row["lorakit"]["saved_mb"] / row["peft"]["saved_mb"]
+        row["time_ratio"] = row["lorakit"]["seconds_per_step"] / row["peft"]["seconds_per_step"]
+        row["memory_ratio"] = row["lorakit"]["peak_added_mb"] / row["peft"]["peak_added_mb"]
+        figures["bases"][base] = row
+        print(f"{base:5s} lorakit {row['lorakit']['seconds_per_step']:7.2f} s {row['lorakit']['peak_added_mb']:8.1f} MB | "
+              f"peft {row['peft']['seconds_per_step']:7.2f} s {row['peft']['peak_added_mb']:8.1f} MB | "
+              f"time {row['time_ratio']}x memory {row['memory_ratio']}x saved {row['saved_ratio']}x "
+              f"({row['lorakit']['saved_mb']:.1f} vs {row['peft']['saved_mb']:.1f} MB)")
+        del ours, theirs, runs, models
+        write_result("qlora", figures, status="ok" if base == args.bases.split(",")[-1] else "partial")
+
+
+if __name__ == "__main__":
+    main()
