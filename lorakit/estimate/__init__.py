@@ -33,7 +33,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.adapters import LowRankAdapter
+from lorakit.adapters import LowRankAdapter, is_linear_layer
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.estimate.cache import load_stats, save_stats
@@ -89,8 +89,9 @@ def _target_layers(model: nn.Module, config: AdapterConfig, targets: list[str] |
             raise LorakitError(f"target {name!r} is not a module of this model") from None
         if isinstance(layer, LowRankAdapter):  # an installed adapter: G of its base weight (lorakit.recipes.fsdp)
             layer = layer.base_layer
-        if not hasattr(layer, "weight") or layer.weight is None or layer.weight.dim() != 2:
-            raise LorakitError(f"target {name!r} is a {type(layer).__name__}; estimation needs nn.Linear or Conv1D layers")
+        if not is_linear_layer(layer):  # not Embedding / Conv2d, whose weight is no (out × in) map of the input
+            raise LorakitError(f"target {name!r} is a {type(layer).__name__}; estimation needs nn.Linear or Conv1D layers "
+                               "(quantized or not)")
         layers[name] = layer
     k = needed_rank(config)
     for name, layer in layers.items():

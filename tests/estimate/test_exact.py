@@ -235,3 +235,9 @@ def test_a_dataloader_is_read_once_and_kept_for_every_pass():
     stats = estimate(model, config, loader, progress=False)
     assert stats.report.passes > 1 and stats.report.samples == 6  # every pass saw all six examples
     assert max_rel_error(stats, autograd_gradients(model, "bert", [batch], list(stats))) <= 1e-8
+
+
+def test_an_embedding_target_is_refused_by_name():
+    model = MODELS["llama"]()  # an Embedding's weight is 2-D too, but no (out × in) map of an input
+    with pytest.raises(LorakitError, match="'model.embed_tokens' is a Embedding; estimation needs nn.Linear"):
+        estimate(model, CONFIG, [batch_for("llama")], targets=["model.embed_tokens"], progress=False)
