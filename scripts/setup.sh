@@ -26,8 +26,9 @@ project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 specs = project["dependencies"] + [s for group in project["optional-dependencies"].values() for s in group]
 for spec in specs:
     match = re.fullmatch(r"([A-Za-z0-9_.\-\[\]]+)>=([^,;\s]+)", spec)
-    if match and not match.group(1).startswith("torch"):
-        print(f"{re.sub(r'\[.*\]', '', match.group(1))}=={match.group(2)}")
+    if match and match.group(1) != "torch":
+        name = re.sub(r"\[.*\]", "", match.group(1))  # an extra's brackets do not belong in a constraint
+        print(f"{name}=={match.group(2)}")
 PYEOF
     constraints=(-c "$VENV/floors.txt")
 fi
