@@ -52,21 +52,8 @@ def _truncated_model(tmp: Path) -> list[str]:
 def _checkpointed_run(tmp: Path) -> Path:
     """A run killed after its first checkpoint (steps 1-2 done, checkpoint at 2)."""
     config = assets.classification_config(tmp, train={"max_steps": 4, "checkpoint_every": 2}, output={"plot": False})
-    import torch
-
-    real, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def stop_at_3(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    torch.optim.AdamW.step = stop_at_3
-    try:
+    with assets.interrupted_at_step(3):
         assert main(["train", "--config", str(assets.write_yaml(tmp / "k.yaml", config)), "--quiet"]) == 130
-    finally:
-        torch.optim.AdamW.step = real
     from lorakit.recipes import checkpoint as ckpt
 
     return ckpt.latest(tmp / "run")

@@ -190,7 +190,7 @@ def test_neftune_noise_acts_in_training_only(tmp_path):
 
 # -- kill / resume -----------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_interrupted_run_resumes_bit_exactly(tmp_path, monkeypatch, method):
+def test_interrupted_run_resumes_bit_exactly(tmp_path, method):
     # dropout stays on (BERT's 0.1) so the RNG state must be restored too; 10 steps per epoch
     sections = dict(adapter={"method": method}, train={"epochs": 2, "checkpoint_every": 5},
                     optim={"lr": 1e-2 if method == "lora" else 1e-3, "warmup_steps": 3},
@@ -198,18 +198,8 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path, monkeypatch, method):
     config = assets.classification_config(tmp_path, **sections)
     assert _train(tmp_path, config, f"output.dir={tmp_path / 'whole'}") == 0
 
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def killed_at_step_12(self, *args, **kwargs):  # checkpoint at step 10 = the end of epoch 1, before its evaluation
-        calls["n"] += 1
-        if calls["n"] == 12:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", killed_at_step_12)
-    assert _train(tmp_path, config, f"output.dir={tmp_path / 'cut'}") == 130
-    monkeypatch.undo()
+    with assets.interrupted_at_step(12):  # checkpoint at step 10 = the end of epoch 1, before its evaluation
+        assert _train(tmp_path, config, f"output.dir={tmp_path / 'cut'}") == 130
     from lorakit.recipes import checkpoint as ckpt
 
     state = json.loads((ckpt.latest(tmp_path / "cut") / "state.json").read_text())

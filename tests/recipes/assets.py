@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -200,3 +202,22 @@ def gguf_llama_file(path: Path, seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+@contextmanager
+def interrupted_at_step(n: int) -> Iterator[None]:
+    """Inside, the n-th AdamW step (counted from entering) raises KeyboardInterrupt before it applies:
+    a user pressing Ctrl-C during a run. AdamW's own step is back on exit."""
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = step
+    try:
+        yield
+    finally:
+        torch.optim.AdamW.step = real_step

@@ -122,19 +122,10 @@ def _resume_worker(rank: int, world: int, port: int, config: str, root: str) -> 
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         assert main(["train", "--config", config, "--quiet", f"output.dir={root}/whole"]) == 0
-        real_step, calls = torch.optim.AdamW.step, {"n": 0}
+        import assets
 
-        def killed_at_step_7(self, *args, **kwargs):  # the checkpoint of step 6 survives
-            calls["n"] += 1
-            if calls["n"] == 7:
-                raise KeyboardInterrupt
-            return real_step(self, *args, **kwargs)
-
-        torch.optim.AdamW.step = killed_at_step_7
-        try:
+        with assets.interrupted_at_step(7):  # the checkpoint of step 6 survives
             assert main(["train", "--config", config, "--quiet", f"output.dir={root}/cut"]) == 130
-        finally:
-            torch.optim.AdamW.step = real_step
         dist.barrier()
         from lorakit.recipes import checkpoint as ckpt
 

@@ -139,21 +139,12 @@ def test_default_run_directories_started_in_the_same_second_differ():
 
 
 # -- resumable whatever happened ------------------------------------------------------------------------
-def test_resume_without_any_checkpoint_starts_over_and_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+def test_resume_without_any_checkpoint_starts_over_and_matches_an_uninterrupted_run(tmp_path, capsys):
     config = assets.classification_config(tmp_path, adapter={"method": "lora"}, train={"epochs": 1, "checkpoint_every": 50},
                                           output={"peft": False, "plot": False})
     assert _train(tmp_path, config, f"output.dir={tmp_path / 'whole'}") == 0
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def killed_at_step_3(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", killed_at_step_3)
-    assert _train(tmp_path, config, f"output.dir={tmp_path / 'cut'}") == 130
-    monkeypatch.undo()
+    with assets.interrupted_at_step(3):
+        assert _train(tmp_path, config, f"output.dir={tmp_path / 'cut'}") == 130
     err = capsys.readouterr().err
     assert f"--resume {tmp_path / 'cut'}" in err and "from the start" in err
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "interrupted"
