@@ -177,3 +177,13 @@ def test_reasoning_gym_task_by_name_is_split_by_seed_and_scored_by_its_own_score
         assert is_correct(ex["answer"], ex["answer"], "reasoning-gym", ex["source"])
         assert not is_correct(ex["answer"] + "1", ex["answer"], "reasoning-gym", ex["source"])
         assert ex["source"][1]["metadata"]["num_terms"] == 2
+
+
+def test_a_non_utf8_byte_far_into_a_file_is_named_by_its_line(tmp_path):
+    from lorakit.recipes.data.files import read_rows
+
+    rows = "".join(f"good film {i},1\n" for i in range(20000))  # ~330 kB: past any decoder's chunk
+    path = tmp_path / "big.csv"
+    path.write_bytes(b"sentence,sentiment\n" + rows.encode() + "cliché,0\n".encode("latin-1"))
+    with pytest.raises(LorakitError, match=r"big.csv: line 20002 is not UTF-8 \(byte 0xe9\)"):
+        read_rows(path)

@@ -29,15 +29,21 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         raise LorakitError(f"data file {str(path)!r} has an unknown type; use one of {', '.join(FILE_TYPES)}")
     try:
         rows = reader(path)
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise LorakitError(f"{path}: line {line} is not UTF-8 (byte 0x{exc.object[exc.start]:02x}); "
-                           "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-    for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise LorakitError(f"{path}: entry {number} is a JSON {type(row).__name__}, not an object of columns; "
-                               'write one object per example, e.g. {"text": ..., "label": ...}')
+    except UnicodeDecodeError:
+        raise LorakitError(_not_utf8(path)) from None
     return rows
+
+
+def _not_utf8(path: Path) -> str:
+    """Where ``path`` stops being UTF-8 (a text reader's error counts from the chunk it decoded, not the file)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        return (f"{path}: line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}); "
+                "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    return f"{path} is not UTF-8; save the file as UTF-8"
 
 
 def _csv(path: Path) -> list[dict[str, Any]]:
@@ -45,7 +51,7 @@ def _csv(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(f))
 
 
-def _jsonl(path: Path) -> list[Any]:
+def _jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -61,17 +67,21 @@ def _jsonl(path: Path) -> list[Any]:
     return rows
 
 
-def _json(path: Path) -> list[Any]:
+def _json(path: Path) -> list[dict[str, Any]]:
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise LorakitError(f"{path} is not valid JSON ({exc.msg}); write a list of objects") from None
     if not isinstance(rows, list):
         raise LorakitError(f"{path} must hold a JSON list of objects (or use .jsonl, one object per line)")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise LorakitError(f"{path}: entry {number} is a JSON {type(row).__name__}, not an object of columns; "
+                               'write one object per example, e.g. {"text": ..., "label": ...}')
     return rows
 
 
-def _parquet(path: Path) -> list[Any]:
+def _parquet(path: Path) -> list[dict[str, Any]]:
     if importlib.util.find_spec("pyarrow") is None:
         raise LorakitError("reading Parquet needs pyarrow; run `pip install pyarrow` or convert the file to CSV/JSONL")
     import pyarrow
@@ -84,4 +94,4 @@ def _parquet(path: Path) -> list[Any]:
                            "check the file or give it its real extension (.csv, .jsonl, .json)") from None
 
 
-READERS: dict[str, Callable[[Path], list[Any]]] = {".csv": _csv, ".jsonl": _jsonl, ".json": _json, ".parquet": _parquet}
+READERS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {".csv": _csv, ".jsonl": _jsonl, ".json": _json, ".parquet": _parquet}
