@@ -27,7 +27,7 @@ rank 0 alone writes the run directory.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -339,8 +339,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", quiet: bool = False) 
 def evaluate_model(model: str, cfg: RunConfig, split: str = "test", quiet: bool = False) -> dict[str, float]:
     """The "before" number: ``model`` as loaded (no adapter; a classifier's fresh head drawn from
     train.seed), on the split ``cfg``'s data gives, with its eval settings. Writes nothing."""
-    cfg.model.name = model
-    s = setup(cfg)
+    s = setup(replace(cfg, model=replace(cfg.model, name=model)))  # the caller's config stays as it was
     s.model.eval()
     return _evaluate_and_print(s, model, split, quiet)
 
