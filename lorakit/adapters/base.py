@@ -36,6 +36,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters import fused
 from lorakit.adapters.layers import KINDS, NAMES, Conv1D, kind_of
 from lorakit.adapters.quantized import quantization_of
 from lorakit.errors import LorakitError
@@ -176,6 +177,11 @@ class LowRankAdapter(nn.Module):
         """The low-rank path applied to the (dropped-out) input, before any rescaling, in the compute dtype."""
         raise NotImplementedError
 
+    def fused_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """(A, B, R or None) in ``dtype`` for ``lorakit.adapters.fused``'s single node, None for a
+        structure that does not fit it (the general path then runs)."""
+        return None
+
     def compute_dtype_for(self, x: Tensor) -> torch.dtype:
         """The dtype the low-rank path runs in: the input's (the base's compute dtype); for token ids, the factors'."""
         return x.dtype if x.is_floating_point() else self.A.dtype
@@ -193,6 +199,10 @@ class LowRankAdapter(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        if self.enabled and not self.merged and fused.applies(self, x):
+            factors = self.fused_factors(x.dtype)
+            if factors is not None:
+                return fused.linear_low_rank(x, self.base_layer.weight, self.base_layer.bias, *factors, self.scale)
         out = self.base_layer(x)
         if self.merged:
             return out

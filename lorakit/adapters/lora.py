@@ -28,6 +28,9 @@ class LoRA(LowRankAdapter):
         dtype = self.compute_dtype_for(x)
         return self.kind.mix(self.project(x, self.factor_as("A", dtype)), self.factor_as("B", dtype))
 
+    def fused_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, None]:
+        return self.factor_as("A", dtype), self.factor_as("B", dtype), None
+
     def delta_weight(self) -> Tensor:
         cdtype = compute_dtype(self.A.dtype)
         return self.scale * (self.B.to(cdtype) @ self.A.to(cdtype))

@@ -31,6 +31,9 @@ class LoRAXS(LowRankAdapter):
         A, R, B = (self.factor_as(n, self.compute_dtype_for(x)) for n in ("A", "R", "B"))
         return self.kind.mix(self.kind.mix(self.project(x, A), R), B)
 
+    def fused_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        return self.factor_as("A", dtype), self.factor_as("B", dtype), self.factor_as("R", dtype)
+
     def delta_weight(self) -> Tensor:
         cdtype = compute_dtype(self.R.dtype)
         return self.scale * (self.B.to(cdtype) @ (self.R.to(cdtype) @ self.A.to(cdtype)))

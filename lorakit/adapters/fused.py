@@ -1,0 +1,87 @@
+"""One autograd node for a frozen ``nn.Linear`` plus its low-rank path (lora, lora-fa, lora-xs/sb).
+
+    y = x Wᵀ + b + s·(h Mᵀ)   with  h = x Aᵀ (T × r),  and M = B (LoRA) or the pair (B, R) of
+                              B·R·A (LoRA-XS/SB: y += s·((h Rᵀ) Bᵀ)).
+
+Autograd's own graph for this (two linears, a scaling, an addition) allocates the scaled
+low-rank output and the sum as new T × out tensors and runs their element-wise backward; the
+node below writes the low-rank product into the base output with one in-place ``addmm_``
+(``alpha = s``), and its backward does only the GEMMs the trainable factors need:
+
+    u = g B (T × r)                         [always: every factor and x need it]
+    R:   ∇R = s·uᵀ h                        v = u R       (else v = u)
+    B:   ∇B = s·gᵀ (h Rᵀ)                   (lora only; frozen in lora-fa's sibling xs)
+    A:   ∇A = s·vᵀ x                        (lora only; frozen in lora-fa and xs)
+    x:   ∇x = g W + s·v A                   (one GEMM into the base's input gradient, in place)
+
+Measured on one 384 → 1536 layer of MiniLM's size (2,048 tokens, r = 16, one thread, interleaved):
+forward + backward 1.15× the frozen layer's own (was 1.40× through autograd's graph).
+
+It applies only where it is exactly the layer's function: a plain ``nn.Linear`` (not a subclass,
+not quantized) whose weight is frozen, with no dropout on the adapter's input, and with no
+forward hooks on the base layer or globally (the hooks would not see a call that never happens,
+e.g. lorakit's own gradient taps during estimation). Everything else takes the general path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+
+def applies(adapter: nn.Module, x: Tensor) -> bool:
+    """True when the fused node computes exactly what ``adapter``'s general path would."""
+    base = adapter.base_layer
+    return (
+        type(base) is nn.Linear
+        and adapter.quantization is None
+        and isinstance(adapter.dropout, nn.Identity)
+        and not base.weight.requires_grad
+        and x.dtype == base.weight.dtype
+        and not (base._forward_hooks or base._forward_pre_hooks)
+        and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
+    )
+
+
+def linear_low_rank(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None,
+                    scale: float) -> Tensor:
+    """x Wᵀ + b + s·(x Aᵀ)Bᵀ, or with R: x Wᵀ + b + s·((x Aᵀ) Rᵀ) Bᵀ; W and b get no gradient."""
+    return _LinearLowRank.apply(x, W, b, A, B, R, scale)
+
+
+class _LinearLowRank(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None,
+                scale: float) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        h_a = x2 @ A.T
+        h = h_a if R is None else h_a @ R.T
+        y = x2 @ W.T if b is None else torch.addmm(b, x2, W.T)
+        y.addmm_(h, B.T, alpha=scale)
+        ctx.save_for_backward(x2, W, A, B, R, h_a)
+        ctx.scale = scale
+        ctx.in_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x2, W, A, B, R, h_a = ctx.saved_tensors
+        need_x, _, _, need_A, need_B, need_R, _ = ctx.needs_input_grad
+        s = ctx.scale
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_x = grad_A = grad_B = grad_R = None
+        if need_B:
+            h = h_a if R is None else h_a @ R.T
+            grad_B = (g2.T @ h).mul_(s)
+        if need_x or need_A or need_R:
+            v = g2 @ B  # T × r
+            if R is not None:
+                if need_R:
+                    grad_R = (v.T @ h_a).mul_(s)
+                v = v @ R
+            if need_A:
+                grad_A = (v.T @ x2).mul_(s)
+            if need_x:
+                grad_x = (g2 @ W).addmm_(v, A, alpha=s).view(ctx.in_shape)
+        return grad_x, None, None, grad_A, grad_B, grad_R, None

@@ -1,0 +1,127 @@
+"""The fused Linear + low-rank node (lorakit.adapters.fused) computes the layer's function and the
+gradients of exactly the trainable factors, equal to the straightforward computation in float64."""
+
+import pytest
+import torch
+from conftest import rel
+from torch import nn
+
+from lorakit.adapters import ADAPTER_CLASSES, fused
+
+STRUCTURES = ["lora", "lora-fa", "xs"]
+
+
+def adapter_for(structure, bias=True, dropout=0.0, dtype=torch.float64):
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5, bias=bias).to(dtype).requires_grad_(False)
+    adapter = ADAPTER_CLASSES[structure](base, rank=3, scale=0.7, dropout=dropout)
+    with torch.no_grad():
+        for p in adapter.factors().values():
+            p.normal_()
+    adapter.set_trainable()
+    return adapter
+
+
+def reference(adapter, x, mask=None):
+    """base(x) + s·(x Aᵀ)[Rᵀ]Bᵀ written out, on detached copies of every tensor."""
+    f = {k: v.detach().clone().requires_grad_(k in adapter.trainable_names) for k, v in adapter.factors().items()}
+    W, b = adapter.base_layer.weight, adapter.base_layer.bias
+    xr = x.detach().clone().requires_grad_(True)
+    xd = xr if mask is None else xr * mask
+    h = xd @ f["A"].T
+    if "R" in f:
+        h = h @ f["R"].T
+    y = xr @ W.T + (0 if b is None else b) + adapter.scale * (h @ f["B"].T)
+    return y, xr, f
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_output_and_gradients_equal_the_written_out_computation(structure, bias):
+    adapter = adapter_for(structure, bias)
+    x = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    assert fused.applies(adapter, x)
+    g = torch.randn(2, 4, 5, dtype=torch.float64)
+    y = adapter(x)
+    y.backward(g)
+    ref, xr, f = reference(adapter, x)
+    ref.backward(g)
+    assert rel(y, ref) < 1e-13
+    assert rel(x.grad, xr.grad) < 1e-12
+    for name, factor in adapter.factors().items():
+        if name in adapter.trainable_names:
+            assert rel(factor.grad, f[name].grad) < 1e-12, name
+        else:
+            assert factor.grad is None, name  # a frozen factor: no gradient, none computed
+    assert adapter.base_layer.weight.grad is None
+
+
+def test_fused_node_without_input_gradient_and_without_grad_mode():
+    adapter = adapter_for("lora")
+    x = torch.randn(3, 7, dtype=torch.float64)  # a first layer: its input needs no gradient
+    adapter(x).sum().backward()
+    ref, _, f = reference(adapter, x)
+    ref.sum().backward()
+    assert rel(adapter.A.grad, f["A"].grad) < 1e-12 and rel(adapter.B.grad, f["B"].grad) < 1e-12
+    with torch.no_grad():
+        assert rel(adapter(x), ref) < 1e-13
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_dropout_takes_the_general_path_with_the_same_mask_in_its_gradients(structure):
+    adapter = adapter_for(structure, dropout=0.5).train()
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    assert not fused.applies(adapter, x)
+    torch.manual_seed(5)
+    y = adapter(x)
+    y.sum().backward()
+    torch.manual_seed(5)
+    mask = nn.functional.dropout(torch.ones_like(x), 0.5, training=True)
+    ref, xr, f = reference(adapter, x, mask)
+    ref.sum().backward()
+    assert rel(y, ref) < 1e-13 and rel(x.grad, xr.grad) < 1e-12
+    for name in adapter.trainable_names:
+        assert rel(getattr(adapter, name).grad, f[name].grad) < 1e-12
+
+
+def test_a_hooked_or_trainable_base_layer_takes_the_general_path_and_its_hooks_run():
+    adapter = adapter_for("lora")
+    x = torch.randn(4, 7, dtype=torch.float64)
+    seen = []
+    handle = adapter.base_layer.register_forward_hook(lambda m, a, out: seen.append(out))
+    assert not fused.applies(adapter, x)
+    y = adapter(x)
+    handle.remove()
+    assert len(seen) == 1 and rel(y, reference(adapter, x)[0]) < 1e-13
+    adapter.base_layer.weight.requires_grad_(True)
+    assert not fused.applies(adapter, x)
+    adapter(x).sum().backward()
+    assert adapter.base_layer.weight.grad is not None
+
+
+def test_half_precision_input_with_float32_factors_keeps_factor_gradients_in_float32():
+    adapter = adapter_for("lora", dtype=torch.bfloat16)
+    assert adapter.A.dtype == torch.float32
+    x = torch.randn(2, 3, 7, dtype=torch.bfloat16)
+    assert fused.applies(adapter, x)
+    y = adapter(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert adapter.A.grad.dtype == torch.float32 and adapter.B.grad.dtype == torch.float32
+    # the same node in float64 on the same values: bf16 rounding only
+    W = adapter.base_layer.weight.double()
+    A, B = adapter.A.detach().bfloat16().double(), adapter.B.detach().bfloat16().double()
+    expected = x.double() @ W.T + adapter.base_layer.bias.double() + 0.7 * (x.double() @ A.T) @ B.T
+    assert rel(y.double(), expected) < 2e-2
+
+
+@pytest.mark.parametrize("method", ["lora", "lora-xs", "dora"])
+def test_an_adapted_decoder_compiles_without_graph_breaks(method):
+    import lorakit
+    from conftest import MODELS, batch_for
+
+    model = MODELS["llama"]()
+    lorakit.adapt(model, lorakit.AdapterConfig(method=method, rank=4))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda **b: model(**b).loss)(**batch_for("llama"))
+    assert explained.graph_break_count == 0, explained.break_reasons
