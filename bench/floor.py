@@ -1,7 +1,8 @@
 """A training step against its physical floor, measured side by side in one run (issue 19).
 
     python bench/floor.py [--model minilm|smollm2] [--methods lora,dora,lora-fa,lora-xs]
-                          [--batch 32] [--length 64] [--repeats 9] [--threads 2] [--compile] [--output NAME]
+                          [--batch 32] [--length 64] [--repeats 9] [--threads 2] [--compile] [--general]
+                          [--output NAME]
 
 The floor of a LoRA step is the frozen model's forward plus the backward that propagates
 input gradients only (no weight-gradient GEMM for a frozen weight): here, the base model
@@ -13,7 +14,10 @@ MiniLM, GSM-style problems for SmolLM2), all run interleaved in one process; the
 medians over repeats of the ratio within a repeat (machine drifts cancel), on wall time and
 on process CPU time (steadier on a shared machine). lora-xs trains R only, the structure
 lora-sb trains. ``--compile`` adds lora with ``torch.compile`` (forward and backward; the
-first call compiles, outside the timing). A torch profiler summary compares one lora step
+first call compiles, outside the timing); ``--general`` adds lora through the adapters' general
+autograd path instead of the fused Linear + low-rank node. Each variant's FLOPs per step (torch's
+FlopCounterMode) give the ratio no implementation can beat without less arithmetic: the floor
+of the floor ratio. A torch profiler summary compares one lora step
 with one floor step per operator: where the extra time goes.
 """
 
@@ -28,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from unittest import mock
+
 import torch
 from torch import nn
 
@@ -35,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import minilm_classifier, rotten_tomatoes_batch, write_result  # noqa: E402
 
 import lorakit  # noqa: E402
+from lorakit.adapters import fused  # noqa: E402
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -105,13 +112,34 @@ def floor_variant(base: nn.Module, batch: dict[str, torch.Tensor]) -> Timed:
     return Timed(forward, None)
 
 
-def lorakit_variant(base: nn.Module, batch: dict[str, torch.Tensor], method: str, rank: int, compiled: bool = False) -> Timed:
+def lorakit_variant(base: nn.Module, batch: dict[str, torch.Tensor], method: str, rank: int, compiled: bool = False,
+                    general: bool = False) -> Timed:
+    """``general``: the adapters' general autograd path (base layer, then the scaled low-rank sum), not the
+    fused node of lorakit.adapters.fused, to show what the fusion gains in the same run."""
     model = copy.deepcopy(base)
     lorakit.adapt(model, lorakit.AdapterConfig(method=method, rank=rank, alpha=2 * rank))
     model.train()
     optimizer = lorakit.make_optimizer(model, lr=1e-8, max_grad_norm=1.0)  # tiny lr: the weights stay put
     engine = torch.compile(model) if compiled else model
-    return Timed(lambda: engine(**batch).loss, optimizer)
+
+    def forward() -> torch.Tensor:
+        if not general:
+            return engine(**batch).loss
+        with mock.patch.object(fused, "applies", lambda adapter, x: False):
+            return engine(**batch).loss
+
+    return Timed(forward, optimizer)
+
+
+def step_flops(variant: Timed) -> int:
+    """Floating-point operations of one step (matmuls, convolutions and attention, forward and backward),
+    counted by torch's FlopCounterMode: the ratio to the floor's is the lowest step-time ratio reachable
+    without doing less arithmetic."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        variant.step()
+    return counter.get_total_flops()
 
 
 def paired(a: list[float], b: list[float]) -> float:
@@ -144,6 +172,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time lora under torch.compile")
+    parser.add_argument("--general", action="store_true",
+                        help="also time lora through the adapters' general autograd path (no fused node)")
     parser.add_argument("--output", default=None, help="result name (default floor_<model>)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -155,8 +185,11 @@ def main() -> None:
     variants = {"floor": floor_variant(base, batch)}
     for method in args.methods.split(","):
         variants[method] = lorakit_variant(base, batch, method, args.rank)
+    if args.general:
+        variants["lora general path"] = lorakit_variant(base, batch, "lora", args.rank, general=True)
     if args.compile:
         variants["lora compiled"] = lorakit_variant(base, batch, "lora", args.rank, compiled=True)
+    flops = {name: step_flops(v) for name, v in variants.items() if name != "lora compiled"}
     load_before = os.getloadavg()
     compile_seconds = {}
     for name, v in variants.items():  # warm-up (and compilation) outside the timing
@@ -177,7 +210,15 @@ def main() -> None:
             ratios[f"{name} step / floor ({clock})"] = paired(v.times[clock]["step"], floor[clock]["step"])
             ratios[f"{name} forward / floor forward ({clock})"] = paired(v.times[clock]["forward"], floor[clock]["forward"])
             ratios[f"{name} backward / floor backward ({clock})"] = paired(v.times[clock]["backward"], floor[clock]["backward"])
+    for name, n in flops.items():
+        if name != "floor":
+            ratios[f"{name} step / floor (FLOPs)"] = n / flops["floor"]
+    if "dora" in flops and "lora" in flops:
+        ratios["dora step / lora step (FLOPs)"] = flops["dora"] / flops["lora"]
     for clock in ("cpu", "wall"):
+        if "lora general path" in variants:
+            ratios[f"fused lora step / general-path lora step ({clock})"] = paired(
+                variants["lora"].times[clock]["step"], variants["lora general path"].times[clock]["step"])
         if "dora" in variants and "lora" in variants:
             ratios[f"dora step / lora step ({clock})"] = paired(variants["dora"].times[clock]["step"], variants["lora"].times[clock]["step"])
         if "lora compiled" in variants:
@@ -212,6 +253,7 @@ def main() -> None:
             "torch_threads": args.threads,
             "load_average": {"before": load_before, "after": os.getloadavg()},
             "first_call_seconds": compile_seconds,
+            "step_flops": flops,
             "seconds_median": medians,
             "ratios": ratios,
             "profile_lora_vs_floor_ms": profile,

@@ -55,16 +55,19 @@ class DoRA(LoRA):
             return out
         if not self.enabled:
             return self.without_adapter(x, out)
-        low = self.scale * self.low_rank_output(self.dropout(x))
+        # y = r ⊙ (out − b + s·h Bᵀ) + b  with r = m / ‖V‖, written as  r ⊙ out + h (s·r ⊙ B)ᵀ + (1 − r) ⊙ b:
+        # the scaling moves onto B (out × r) and the bias, so the T × out work is one addmm and one
+        # multiply-add (not a scaled low-rank output, a sum, a bias subtraction and a product)
         ratio = self.magnitude / self.direction()[1]  # float32+; gradient reaches m only
+        dtype = self.compute_dtype_for(x)
+        h = self.project(self.dropout(x), self.factor_as("A", dtype))
+        h2, out2 = h.reshape(-1, h.shape[-1]), out.reshape(-1, out.shape[-1])
+        cdtype = ratio.dtype if out.dtype != ratio.dtype else out.dtype
+        B = (self.factor_as("B", ratio.dtype) * (self.scale * ratio)[:, None]).to(cdtype)
         bias = self.base_layer.bias
-        base_out = as_dtype(out, ratio.dtype)
-        if bias is not None:
-            base_out = base_out - bias
-        result = ratio * (base_out + low)
-        if bias is not None:
-            result = result + bias
-        return as_dtype(result, out.dtype)
+        shift = torch.zeros((), dtype=cdtype, device=out.device) if bias is None else ((1 - ratio) * bias).to(cdtype)
+        result = torch.addmm(shift, as_dtype(h2, cdtype), B.T).addcmul_(as_dtype(out2, cdtype), ratio.to(cdtype))
+        return as_dtype(result, out.dtype).view(out.shape)
 
     def merged_weight(self, W: Tensor) -> Tensor:
         V, norm = self.direction(W)

@@ -125,3 +125,38 @@ def test_an_adapted_decoder_compiles_without_graph_breaks(method):
     torch._dynamo.reset()
     explained = torch._dynamo.explain(lambda **b: model(**b).loss)(**batch_for("llama"))
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_dora_output_and_gradients_equal_the_written_out_computation(bias, dropout):
+    """y = b + (m/‖V‖)⊙(x Wᵀ + s·(x' Aᵀ)Bᵀ), ‖V‖ = row norms of W + s·BA taken as a constant (the paper's
+    detached norm), x' the dropped-out input: DoRA's rearranged forward gives it and its gradients."""
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5, bias=bias).double().requires_grad_(False)
+    adapter = ADAPTER_CLASSES["dora"](base, rank=3, scale=0.7, dropout=dropout).train()
+    with torch.no_grad():
+        adapter.A.normal_()
+        adapter.B.normal_()
+    adapter.finish_init()
+    with torch.no_grad():
+        adapter.magnitude.mul_(torch.linspace(0.5, 1.5, 5, dtype=torch.float64))
+    adapter.set_trainable()
+    x = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 4, 5, dtype=torch.float64)
+    torch.manual_seed(3)
+    y = adapter(x)
+    y.backward(g)
+    torch.manual_seed(3)
+    mask = nn.functional.dropout(torch.ones_like(x), dropout, training=True)
+    A, B, m = (adapter.A.detach().clone().requires_grad_(True), adapter.B.detach().clone().requires_grad_(True),
+               adapter.magnitude.detach().clone().requires_grad_(True))
+    xr = x.detach().clone().requires_grad_(True)
+    W = base.weight
+    norm = (W + 0.7 * B @ A).detach().norm(dim=1)
+    b = 0 if base.bias is None else base.bias
+    ref = b + (m / norm) * (xr @ W.T + 0.7 * ((xr * mask) @ A.T) @ B.T)
+    ref.backward(g)
+    assert rel(y, ref) < 1e-13
+    for got, want in ((x.grad, xr.grad), (adapter.A.grad, A.grad), (adapter.B.grad, B.grad), (adapter.magnitude.grad, m.grad)):
+        assert rel(got, want) < 1e-12
