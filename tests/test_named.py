@@ -198,3 +198,20 @@ def test_a_failed_add_leaves_the_model_as_it_was():
         lorakit.add_adapter(model, "new", AdapterConfig(method="lora-sb", rank=2))
     _unchanged(model, state)
     assert torch.equal(logits(model, BATCH), logits(single("default"), BATCH))
+
+
+def test_two_peft_folders_switch_as_in_peft(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    for name, targets in (("a", ["q_proj", "v_proj"]), ("b", ["o_proj", "up_proj"])):
+        peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+        peft_model.save_pretrained(tmp_path / name)
+    theirs = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    ours = lorakit.load(tiny_llama(), tmp_path / "a", adapter_name="a")
+    ours.load_adapter(tmp_path / "b", adapter_name="b")
+    for name in ("b", "a"):
+        theirs.set_adapter(name)
+        ours.set_adapter(name)
+        expected = logits(theirs, BATCH)
+        assert (logits(ours, BATCH) - expected).abs().max() <= 1e-6 * expected.abs().max(), name
