@@ -202,12 +202,12 @@ def vllm_side(work: Path, what: str) -> None:
             result[name] = _outputs(llm.generate(prompts, params, lora_request=LoRARequest(name, i, m["adapter"])))
         result["base"] = _outputs(llm.generate(prompts, params))
         result["command"] = (f"LLM(model={ref['base']!r}, enable_lora=True, max_lora_rank={max_rank}, max_loras=1, dtype='float32', "
-                             "max_model_len=512, enforce_eager=True); llm.generate(prompts, SamplingParams(temperature=0, "
-                             "ignore_eos=True, logprobs=1), lora_request=LoRARequest(name, id, adapter_dir))")
+                             "max_model_len=512, enforce_eager=True, seed=0); llm.generate(prompts, SamplingParams(temperature=0.0, "
+                             f"max_tokens={ref['tokens']}, ignore_eos=True, logprobs=1), lora_request=LoRARequest(name, id, adapter_dir))")
     else:
         llm = LLM(model=ref["merged"], **common)
         result["merged"] = _outputs(llm.generate(prompts, params))
-        result["command"] = f"LLM(model={ref['merged']!r}, dtype='float32', max_model_len=512, enforce_eager=True)"
+        result["command"] = f"LLM(model={ref['merged']!r}, dtype='float32', max_model_len=512, enforce_eager=True, seed=0)"
     (work / f"vllm_{what}.json").write_text(json.dumps(result))
 
 

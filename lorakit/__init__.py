@@ -9,6 +9,7 @@ from lorakit.estimate import estimate, load_stats, save_stats
 from lorakit.export import export_peft, export_vllm, merge
 from lorakit.inject import adapters_of, parameter_report
 from lorakit.io import load_adapter, save_adapter
+from lorakit.named import active_adapter, add_adapter, adapter_names, delete_adapter, set_adapter
 from lorakit.optim import enable_neftune, make_optimizer
 from lorakit.peft_format import import_peft, load
 
@@ -16,9 +17,13 @@ __all__ = [
     "METHODS",
     "AdapterConfig",
     "LorakitError",
+    "active_adapter",
     "adapt",
+    "add_adapter",
+    "adapter_names",
     "adapters_disabled",
     "adapters_of",
+    "delete_adapter",
     "export_peft",
     "export_vllm",
     "import_peft",
@@ -26,6 +31,7 @@ __all__ = [
     "load_adapter",
     "merge",
     "save_adapter",
+    "set_adapter",
     "get_config",
     "parameter_report",
     "enable_neftune",

@@ -16,6 +16,10 @@ from lorakit.inject import adapters_of, find_targets, inject, parameter_report
 from lorakit.linalg import layer_generator
 
 CONFIG_ATTR = "lorakit_config"
+# Named adapters (lorakit.named): the active one's name, and every adapter by name.
+ACTIVE_ATTR = "active_adapter"
+REGISTRY_ATTR = "lorakit_adapters"
+DEFAULT_ADAPTER = "default"
 
 
 def adapt(
@@ -62,13 +66,14 @@ def mark_adapted(model: nn.Module, config: AdapterConfig) -> None:
     """Record ``config`` on the model and bind ``AdaptedModelCalls`` on it (a guarded
     ``save_pretrained`` and the calls a PEFT user expects on the model)."""
     setattr(model, CONFIG_ATTR, config)
+    model.__dict__.setdefault(ACTIVE_ATTR, DEFAULT_ADAPTER)  # PEFT's model.active_adapter
     for name in AdaptedModelCalls.names(model):
         setattr(model, name, functools.partial(getattr(AdaptedModelCalls, name), model))
 
 
 def unmark_adapted(model: nn.Module) -> None:
     """Undo ``mark_adapted`` (the adapters are gone: the model's own methods are right again)."""
-    for attr in (CONFIG_ATTR, *AdaptedModelCalls.names(model)):
+    for attr in (CONFIG_ATTR, ACTIVE_ATTR, REGISTRY_ATTR, *AdaptedModelCalls.names(model)):
         model.__dict__.pop(attr, None)
 
 
@@ -76,14 +81,17 @@ class AdaptedModelCalls:
     """Methods bound on each adapted model (as partials: the model still pickles and deep-copies).
     PEFT's ``disable_adapter()``, ``merge_and_unload()``,
     ``print_trainable_parameters()`` (= ``lorakit.adapters_disabled`` / ``merge`` /
-    ``parameter_report``), and a ``save_pretrained`` that refuses: an adapted model's state holds
+    ``parameter_report``), ``add_adapter``, ``set_adapter``, ``delete_adapter`` and
+    ``load_adapter(dir, adapter_name)`` (``lorakit.named``; ``model.active_adapter`` is the active
+    adapter's name), and a ``save_pretrained`` that refuses: an adapted model's state holds
     ``base_layer``/``A``/``B`` keys that ``from_pretrained`` cannot load (allowed only when
     ``transformers.Trainer._save`` calls it: checkpoints that the same adapted model reloads)."""
 
     @staticmethod
     def names(model: nn.Module) -> list[str]:
         guarded = ["save_pretrained"] if callable(getattr(type(model), "save_pretrained", None)) else []
-        return [*guarded, "disable_adapter", "merge_and_unload", "print_trainable_parameters"]
+        return [*guarded, "disable_adapter", "merge_and_unload", "print_trainable_parameters",
+                "add_adapter", "set_adapter", "delete_adapter", "load_adapter"]
 
     @staticmethod
     def save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -100,10 +108,39 @@ class AdaptedModelCalls:
         return adapters_disabled(model)
 
     @staticmethod
-    def merge_and_unload(model: nn.Module) -> nn.Module:
+    def merge_and_unload(model: nn.Module, adapter_name: str | None = None, adapter_names: list[str] | None = None) -> nn.Module:
         from lorakit.export import merge  # export imports this module
 
-        return merge(model)
+        if adapter_names is not None:  # PEFT's spelling; lorakit folds one adapter in
+            if len(adapter_names) != 1 or adapter_name not in (None, adapter_names[0]):
+                raise LorakitError(f"merge_and_unload folds one adapter into the base, got {adapter_names!r}; "
+                                   "name one (adapter_name='...')")
+            adapter_name = adapter_names[0]
+        return merge(model, adapter_name=adapter_name)
+
+    @staticmethod
+    def add_adapter(model: nn.Module, adapter_name: str, config: AdapterConfig, **options: Any) -> nn.Module:
+        from lorakit.named import add_adapter  # named imports this module
+
+        return add_adapter(model, adapter_name, config, **options)
+
+    @staticmethod
+    def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+        from lorakit.named import set_adapter
+
+        return set_adapter(model, adapter_name)
+
+    @staticmethod
+    def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+        from lorakit.named import delete_adapter
+
+        return delete_adapter(model, adapter_name)
+
+    @staticmethod
+    def load_adapter(model: nn.Module, directory: Any, adapter_name: str, **options: Any) -> nn.Module:
+        from lorakit.peft_format import load
+
+        return load(model, directory, adapter_name=adapter_name, **options)
 
     @staticmethod
     def print_trainable_parameters(model: nn.Module) -> None:

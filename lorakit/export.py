@@ -25,17 +25,21 @@ from lorakit.errors import LorakitError
 from lorakit.inject import adapters_of, resolve_modules_to_save, unwrap
 from lorakit.files import output_directory, write_json
 from lorakit.io import check_finite
+from lorakit.named import activated, set_adapter
 
 PEFT_PREFIX = "base_model.model."
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold every adapter into its base weight and remove the adapters: a plain model again.
 
     The result is the model's own class (e.g. a transformers model that ``save_pretrained``
-    writes and ``from_pretrained`` reloads).
+    writes and ``from_pretrained`` reloads). With several named adapters (``lorakit.named``) the
+    active one, or ``adapter_name``, is folded in and the others are dropped.
     """
     get_config(model)
+    if adapter_name is not None:
+        set_adapter(model, adapter_name)
     for adapter in adapters_of(model).values():  # refuse before touching any layer
         adapter.check_writable_base("merge into")
     for adapter in adapters_of(model).values():
@@ -104,12 +108,14 @@ def peft_adapter(model: nn.Module, base_model_name_or_path: str | None = None) -
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, adapter_name: str | None = None) -> Path:
     """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors; merged or not, the
     factors are the same) that ``peft.PeftModel.from_pretrained(<original base model>, directory)``
     loads to the same function. ``directory`` must be new or empty unless ``overwrite`` (then
-    those two files are replaced and every other file is kept)."""
-    tensors, peft_config = peft_adapter(model, base_model_name_or_path)
+    those two files are replaced and every other file is kept). ``adapter_name``: that named
+    adapter instead of the active one."""
+    with activated(model, adapter_name):
+        tensors, peft_config = peft_adapter(model, base_model_name_or_path)
     check_finite(tensors)
     with output_directory(directory, overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -147,15 +153,17 @@ def check_vllm_servable(model: nn.Module) -> int:
 
 
 def export_vllm(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, adapter_name: str | None = None) -> Path:
     """Write a PEFT LoRA adapter that vLLM serves on the original base model
     (``LLM(base, enable_lora=True, max_lora_rank=...)`` + ``LoRARequest(name, 1, directory)``), or refuse
     with the reason and what to do instead: DoRA and ``modules_to_save`` (export merged), a rank
     above 512 after conversion. Inits that moved the base (pissa, lora-ga, ...) are exported
     relative to the original base (rank 2r), as vLLM needs. ``vllm_serve_hint(directory)`` gives
-    the serve command with the ``--max-lora-rank`` the adapter needs."""
-    check_vllm_servable(model)
-    return export_peft(model, directory, base_model_name_or_path, overwrite)
+    the serve command with the ``--max-lora-rank`` the adapter needs. ``adapter_name``: that named
+    adapter instead of the active one."""
+    with activated(model, adapter_name):
+        check_vllm_servable(model)
+        return export_peft(model, directory, base_model_name_or_path, overwrite)
 
 
 def vllm_serve_hint(directory: str | os.PathLike) -> str:

@@ -68,7 +68,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     saved = resolve_modules_to_save(model, config)
     modules = {n: m for n, m in model.named_modules() if n and not _under(n, saved)}
     if any(isinstance(m, LowRankAdapter) for m in modules.values()):
-        raise LorakitError("model already has lorakit adapters; merge them (lorakit.merge) or start from a fresh model")
+        raise LorakitError("model already has lorakit adapters; merge them (lorakit.merge), add another beside them "
+                           "(lorakit.add_adapter(model, name, config)) or start from a fresh model")
     targets = config.targets
     if targets == "all-linear":
         heads = _output_head_names(model)

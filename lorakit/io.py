@@ -27,6 +27,7 @@ from lorakit.errors import LorakitError
 from lorakit.files import output_directory, write_json
 from lorakit.inject import adapters_of, build_adapters, install_adapters, resolve_modules_to_save
 from lorakit.linalg import compute_dtype
+from lorakit.named import activated
 
 CONFIG_FILE = "lorakit_adapter.json"
 TENSOR_FILE = "adapter.safetensors"
@@ -124,7 +125,8 @@ def model_class_name(model: nn.Module) -> str:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, overwrite: bool = False,
-                 entries: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Path:
+                 entries: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+                 adapter_name: str | None = None) -> Path:
     """Write the model's adapters (and modules_to_save) to ``directory``.
 
     ``directory`` must be new or empty, unless ``overwrite``: then lorakit's two files in it are
@@ -132,8 +134,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, overwrite: bool
     holds the tensor file's SHA-256, so a damaged file is refused on load. Non-finite tensors
     are refused (a diverged run must not ship its adapter). ``entries``: the (tensors, layers)
     of ``layer_entries`` / ``module_entries`` collected already, e.g. gathered from FSDP shards
-    (lorakit.recipes.fsdp); default: read from the model.
+    (lorakit.recipes.fsdp); default: read from the model. ``adapter_name``: that named adapter
+    (``lorakit.named``) instead of the active one.
     """
+    if adapter_name is not None:
+        with activated(model, adapter_name):
+            return save_adapter(model, directory, overwrite, entries)
     config = get_config(model)
     adapters = adapters_of(model)
     if any(a.merged for a in adapters.values()):

@@ -28,6 +28,7 @@ from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.export import PEFT_PREFIX
 from lorakit.inject import adapters_of, build_adapters, install_adapters
+from lorakit.named import adapter_names, load_beside, rename_active
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_TENSORS = "adapter_model.safetensors"
@@ -177,13 +178,16 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
-def load(model: nn.Module | str | os.PathLike, directory: str | os.PathLike, **options: Any) -> nn.Module:
+def load(model: nn.Module | str | os.PathLike, directory: str | os.PathLike, adapter_name: str | None = None,
+         **options: Any) -> nn.Module:
     """Add a saved adapter to a base model: ``lorakit.load(model_or_path, adapter_dir)``.
 
     ``directory`` is a lorakit adapter (``lorakit.save_adapter``; ``options`` go to
     ``lorakit.load_adapter``) or a PEFT LoRA adapter folder (``lorakit.import_peft``).
     ``model`` is a model object or what ``from_pretrained`` takes (a folder or hub name),
-    loaded with the class the adapter was saved for.
+    loaded with the class the adapter was saved for. ``adapter_name`` names the adapter
+    (``lorakit.named``; default "default"); on a model that has adapters already it is required,
+    and the loaded adapter is added beside them, inactive (PEFT's ``load_adapter``).
     """
     from lorakit.io import CONFIG_FILE, load_adapter, read_adapter_meta
 
@@ -200,8 +204,17 @@ def load(model: nn.Module | str | os.PathLike, directory: str | os.PathLike, **o
             class_name = TASK_CLASSES.get(read_peft_config(directory).get("task_type"), "AutoModel")
         cls = getattr(transformers, class_name, transformers.AutoModel)
         model = cls.from_pretrained(str(model))
+    if adapters_of(model):
+        if adapter_name is None:
+            raise LorakitError(f"the model has adapters already ({', '.join(adapter_names(model))}); pass "
+                               "adapter_name=... to add this one beside them")
+        return load_beside(model, directory, adapter_name, **options)
     if lorakit_format:
-        return load_adapter(model, directory, **options)
-    if options:
+        load_adapter(model, directory, **options)
+    elif options:
         raise LorakitError(f"options {sorted(options)} apply to lorakit adapters only, not to the PEFT folder {directory}")
-    return import_peft(model, directory)
+    else:
+        import_peft(model, directory)
+    if adapter_name is not None:
+        rename_active(model, adapter_name)
+    return model

@@ -19,14 +19,16 @@ sys.path.insert(0, str(Path(__file__).parent / "recipes"))
 import assets  # noqa: E402
 
 from lorakit.cli import main  # noqa: E402
+from lorakit.errors import LorakitError  # noqa: E402
 
 
 @dataclass
 class Case:
     name: str  # what the user did
     pattern: str  # a regex the one-line message must match
-    argv: Callable[[Path], list[str]]  # the command, given a scratch directory with a tiny model and data
+    argv: Callable[[Path], list[str]] | None  # the command, given a scratch directory with a tiny model and data
     writes_run: bool = False  # the case resumes / exports an existing run (which must stay as it was)
+    call: Callable[[Path], object] | None = None  # a library call instead of a command: raises a one-line LorakitError
 
 
 def _config(tmp: Path, **sections) -> str:
@@ -155,6 +157,17 @@ def _bigbench_without_scores(tmp: Path) -> list[str]:
     return ["train", "--config", str(config), "--quiet", f"data.source={task.parent}"]
 
 
+def _set_unknown_adapter(tmp: Path) -> None:
+    """Python: two named adapters on a tiny model, then set_adapter to a name it does not have."""
+    import lorakit
+
+    from conftest import tiny_llama
+
+    model = lorakit.adapt(tiny_llama(), lorakit.AdapterConfig(rank=2, targets=["q_proj"]))
+    lorakit.add_adapter(model, "math", lorakit.AdapterConfig(rank=2, targets=["v_proj"]))
+    lorakit.set_adapter(model, "maths")
+
+
 CASES = [
     Case("a YAML config whose top level is a list", r"holds a YAML list, not a mapping of sections", _yaml_list),
     Case("an override value that is not valid YAML", r"override 'adapter.targets=\[query': the value is not valid YAML",
@@ -228,10 +241,18 @@ CASES = [
              t / "g.jsonl", [{"sentence": "good film", "sentiment": "pos", "doc": 1}, {"sentence": "bad", "sentiment": "neg"}]))})),
     Case("eval with neither a run directory nor --model", r"takes one RUN_DIR, or --model NAME_OR_PATH --config FILE.yaml",
          lambda t: ["eval", "--config", _config(t)]),
+    Case("Python: set_adapter to an unknown name", r"no adapter named 'maths' \(did you mean 'math'\?\); its adapters: default, math",
+         None, call=_set_unknown_adapter),
 ]
 
 
 def _run(case: Case, tmp: Path, capsys) -> str:
+    if case.call is not None:
+        with pytest.raises(LorakitError) as raised:
+            case.call(tmp)
+        message = str(raised.value)
+        assert "\n" not in message and not list(tmp.iterdir()), message
+        return message
     argv = case.argv(tmp)
     capsys.readouterr()
     before = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
@@ -276,7 +297,8 @@ if __name__ == "__main__":  # rewrite docs/bad-input.md from the table (messages
         rows.append(f"| {case.name} | `{shown}` |")
     doc = Path(__file__).parents[1] / "docs" / "bad-input.md"
     doc.write_text("# Bad input: what lorakit says\n\nEach row is a case of `tests/test_bad_input.py`: exit status 2, "
-                   "this one line on stderr, and no run directory left behind (resume cases leave the run as it was). "
+                   "this one line on stderr, and no run directory left behind (resume cases leave the run as it was); "
+                   "rows marked Python are library calls, raising a LorakitError with this one-line message. "
                    "Regenerate with `python tests/test_bad_input.py`.\n\n| input | message |\n| --- | --- |\n"
                    + "\n".join(rows) + "\n")
     print(f"wrote {doc}")
