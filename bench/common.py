@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -83,3 +85,74 @@ def rotten_tomatoes_batch(tokenizer, size: int, max_length: int = 64, offset: in
     batch = tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     batch["labels"] = torch.tensor([r["label"] for r in rows])
     return dict(batch)
+
+
+# -- added memory of one call, measured in a fresh worker process (bench/estimation.py, bench/scaling.py) --
+# Every block over 64 KiB gets its own mmap and goes back to the OS when freed, so the resident
+# set follows the live allocations (glibc otherwise keeps freed heap and the peak stops meaning much).
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+MEMORY_METHOD = ("peak RSS (VmHWM after clear_refs=5) minus RSS after loading and a warm-up forward, fresh subprocess "
+                 "per run, MALLOC_MMAP_THRESHOLD_=65536")
+
+
+def proc_status(key: str) -> int:
+    """A /proc/self/status field in bytes (Linux)."""
+    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def measure_added(fn: Callable[[], Any]) -> dict[str, float]:
+    """Seconds and added peak resident memory of ``fn()``: the kernel's peak-RSS counter is reset
+    (``/proc/self/clear_refs`` ← 5) after a gc, the RSS then is the baseline, and the peak during
+    the call minus it is what the call added (tensors, autograd buffers, everything)."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    baseline = proc_status("VmRSS")
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "added_bytes": proc_status("VmHWM") - baseline, "baseline_bytes": baseline}
+
+
+def run_worker(command: list[str]) -> dict[str, Any]:
+    """Run a measurement in a fresh process (with WORKER_ENV); its last stdout line is its JSON result."""
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=WORKER_ENV).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def lora_ga_init(method: str, model, batches: list[dict], rank: int, targets: list[str], budget: int | None = None) -> None:
+    """One LoRA-GA estimation + initialisation of ``model`` by ``method``:
+    - ``peft``: PEFT's ``preprocess_loraga`` (target weights require grad, one forward/backward per
+      batch, gradients kept in ``.grad``), then ``get_peft_model``;
+    - ``lorakit-exact`` / ``lorakit-sketch``: ``lorakit.adapt`` with that estimator; a ``-budget``
+      suffix passes ``memory_budget=budget`` bytes, a ``-ckpt`` suffix ``estimate_checkpointing``;
+    - ``floor``: a forward/backward over the same batches with every weight frozen and no
+      estimator — the activation memory every backward-based estimator pays."""
+    if method == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        handle = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+        for batch in batches:
+            model(**batch, use_cache=False).loss.backward()
+        handle.remove()
+    elif method == "peft":
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraGAConfig, preprocess_loraga
+
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+
+        def train_step() -> None:
+            for batch in batches:
+                model(**batch, use_cache=False).loss.backward()
+
+        preprocess_loraga(model, config, train_step)
+        get_peft_model(model, config)
+    else:
+        import lorakit
+
+        parts = method.split("-")
+        options = {"estimator": parts[1], "estimate_checkpointing": "ckpt" in parts}
+        if "budget" in parts:
+            options["memory_budget"] = budget
+        samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+        config = lorakit.AdapterConfig(method="lora-ga", rank=rank, targets=targets, num_samples=samples, **options)
+        lorakit.adapt(model, config, data=batches, progress=False)

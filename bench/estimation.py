@@ -7,7 +7,9 @@ Rotten Tomatoes snippets as causal-LM text (labels = input ids, padding masked w
 - PEFT: `preprocess_loraga(model, config, train_step)` (target weights require grad, one
   forward/backward per batch, gradients kept in `.grad`) then `get_peft_model`;
 - lorakit: `lorakit.adapt(model, AdapterConfig(method="lora-ga", estimator=...), data=batches)`
-  with the exact estimator (one pass, G per layer) and the sketch (q = 1: four passes).
+  with the exact estimator (one pass, G per layer), the sketch (q = 1: four passes), and the
+  sketch with activation checkpointing (`estimate_checkpointing`, "sketch-ckpt": each block's
+  activations recomputed in backward, issue 16).
 Each measurement runs in a fresh subprocess that loads the model first (weights copied out
 of the safetensors mmap and one warm-up forward, so neither page-ins nor one-time
 allocations are charged to the method; peft is imported before too), then resets the
@@ -21,7 +23,9 @@ span, on `--threads` intra-op threads (default 1: on a shared 2-core machine two
 mostly measure barrier waits); the methods take turns `--repeats` times and the median is
 kept. Ratios are lorakit / PEFT.
 Targets (issue 3): exact ≤ 1.0× PEFT's time at ≤ 1.0× its memory; sketch ≤ 0.25× PEFT's
-added memory at ≤ 3× its time. "floor" is a forward/backward over the same batches with all
+added memory at ≤ 3× its time (issue 16: the same for the sketch with checkpointing).
+The measurement helpers (worker environment, peak-RSS accounting, the methods' calls) live in
+bench/common.py, shared with bench/scaling.py. "floor" is a forward/backward over the same batches with all
 weights frozen and no estimator: the activation memory every backward-based estimator pays;
 "above floor" compares what each method adds beyond it (G, sketches, .grad buffers).
 """
@@ -29,26 +33,16 @@ weights frozen and no estimator: the activation memory every backward-based esti
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import re
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MEMORY_METHOD, lora_ga_init, measure_added, run_worker, write_result  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("peft", "lorakit-exact", "lorakit-sketch", "floor")
-# Every block over 64 KiB gets its own mmap and goes back to the OS when freed, so the resident
-# set follows the live allocations (glibc otherwise keeps freed heap and the peak stops meaning much).
-WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def _status(key: str) -> int:
-    """A /proc/self/status field in bytes (Linux)."""
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+METHODS = ("peft", "lorakit-exact", "lorakit-sketch", "lorakit-sketch-ckpt", "floor")
 
 
 def _batches(tokenizer, samples: int, length: int, batch_size: int) -> list[dict]:
@@ -71,11 +65,10 @@ def worker(method: str, samples: int, length: int, rank: int, batch_size: int, t
     import torch
 
     torch.set_num_threads(threads)
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraGAConfig, preprocess_loraga
+    import peft  # noqa: F401  (imported before the measurement, like everything else)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import lorakit
+    import lorakit  # noqa: F401
     from lorakit.recipes.models import smollm2_path
 
     torch.manual_seed(0)
@@ -89,31 +82,7 @@ def worker(method: str, samples: int, length: int, rank: int, batch_size: int, t
         for p in model.parameters():  # the weights are mmapped from safetensors: make them resident now
             p.data = p.data.clone()
         model(input_ids=batches[0]["input_ids"][:1], use_cache=False)  # one-time allocations (thread pools, caches)
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
-    baseline = _status("VmRSS")
-    start = time.perf_counter()
-    if method == "floor":  # what any backward-based estimator pays: activations, weights frozen
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
-        for batch in batches:
-            model(**batch, use_cache=False).loss.backward()
-    elif method == "peft":
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
-
-        def train_step() -> None:
-            for batch in batches:
-                model(**batch, use_cache=False).loss.backward()
-
-        preprocess_loraga(model, config, train_step)
-        model = get_peft_model(model, config)
-    else:
-        estimator = method.split("-")[1]
-        config = lorakit.AdapterConfig(method="lora-ga", rank=rank, targets=TARGETS, estimator=estimator, num_samples=samples)
-        lorakit.adapt(model, config, data=batches)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "added_bytes": _status("VmHWM") - baseline, "baseline_bytes": baseline}
+    return measure_added(lambda: lora_ga_init(method, model, batches, rank, TARGETS))
 
 
 def main() -> None:
@@ -130,9 +99,6 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.samples, args.length, args.rank, args.batch_size, args.threads)))
         return
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import write_result
-
     from lorakit.recipes.models import smollm2_path
 
     smollm2_path()  # convert the GGUF once, outside the measurements
@@ -140,8 +106,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for method in METHODS:
             command = [sys.executable, __file__, "--worker", method, "--samples", str(args.samples), "--length", str(args.length), "--rank", str(args.rank), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-            out = subprocess.run(command, capture_output=True, text=True, check=True, env=WORKER_ENV).stdout
-            runs[method].append(json.loads(out.strip().splitlines()[-1]))
+            runs[method].append(run_worker(command))
             print(f"[{repeat + 1}/{args.repeats}] {method:15s} {runs[method][-1]['seconds']:7.1f} s  +{runs[method][-1]['added_bytes'] / 2**20:7.0f} MiB", flush=True)
     summary = {
         m: {
@@ -159,11 +124,12 @@ def main() -> None:
             "memory": summary[m]["added_MiB"] / peft["added_MiB"],
             "memory_above_floor": (summary[m]["added_MiB"] - floor) / (peft["added_MiB"] - floor),
         }
-        for m in ("lorakit-exact", "lorakit-sketch")
+        for m in ("lorakit-exact", "lorakit-sketch", "lorakit-sketch-ckpt")
     }
     targets = {
         "lorakit-exact": {"time": 1.0, "memory": 1.0},
         "lorakit-sketch": {"time": 3.0, "memory": 0.25},
+        "lorakit-sketch-ckpt": {"time": 3.0, "memory": 0.25},
     }
     print(f"\nSmolLM2-135M, {len(TARGETS) * 30} layers, {args.samples} samples × {args.length} tokens, rank {args.rank}")
     print(f"{'method':16s} {'time (s)':>9s} {'added MiB':>10s} {'time ratio':>11s} {'memory ratio':>13s} {'above floor':>12s}")
@@ -186,7 +152,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "repeats": args.repeats,
             "threads": args.threads,
-            "memory_method": "peak RSS (VmHWM after clear_refs=5) minus RSS after loading and a warm-up forward, fresh subprocess per run, MALLOC_MMAP_THRESHOLD_=65536",
+            "memory_method": MEMORY_METHOD,
             "methods": summary,
             "ratios_vs_peft": ratios,
             "targets": targets,

@@ -89,10 +89,13 @@ class EstimationOptions:
     """Gradient statistics for the data-driven inits: ``num_samples`` examples, ``estimator``
     (auto / exact / sketch), ``memory_budget`` (bytes or '2GB'), the sketch's ``power_iters`` and
     ``oversample``, ``device`` (where exact gradients accumulate, e.g. 'cpu'), ``dropout``
-    (keep dropout on while estimating) and ``weighting`` of a sequence model's tokens: 'token'
+    (keep dropout on while estimating), ``weighting`` of a sequence model's tokens: 'token'
     (G of the mean over all supervised tokens — the loss transformers' LMs and lorakit's recipe
-    train on) or 'example' (every example weighs the same). Flat names: num_samples, estimator,
-    memory_budget, power_iters, oversample, estimate_device, estimate_dropout, estimate_weighting."""
+    train on) or 'example' (every example weighs the same), and ``checkpointing`` (recompute each
+    block's activations in the backward pass: the estimate's added memory is its own state plus
+    one block's activations; the statistics are the same). Flat names: num_samples, estimator,
+    memory_budget, power_iters, oversample, estimate_device, estimate_dropout, estimate_weighting,
+    estimate_checkpointing."""
 
     num_samples: int = 64
     estimator: str = "auto"
@@ -102,6 +105,7 @@ class EstimationOptions:
     device: str | None = None
     dropout: bool = False
     weighting: str = "token"
+    checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _count("estimation", "num_samples", self.num_samples, 1)
@@ -113,6 +117,9 @@ class EstimationOptions:
         parse_bytes(self.memory_budget)
         if self.weighting not in ("token", "example"):
             raise LorakitError(f"estimation.weighting={self.weighting!r} is not valid; choose 'token' (the training loss) or 'example'")
+        if not isinstance(self.checkpointing, bool):
+            raise LorakitError(f"estimation.checkpointing (estimate_checkpointing)={self.checkpointing!r} is not valid; "
+                               "choose true or false")
 
     @property
     def memory_budget_bytes(self) -> int | None:
@@ -128,6 +135,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "memory_budget": ("estimation", "memory_budget"), "power_iters": ("estimation", "power_iters"),
     "oversample": ("estimation", "oversample"), "estimate_device": ("estimation", "device"),
     "estimate_dropout": ("estimation", "dropout"), "estimate_weighting": ("estimation", "weighting"),
+    "estimate_checkpointing": ("estimation", "checkpointing"),
     "xs_init_std": ("lora_xs", "init_std"),
     "direction": ("lora_ga", "direction"), "ga_scale": ("lora_ga", "scale"), "stable_gamma": ("lora_ga", "stable_gamma"),
     "update": ("lora_sb", "update"), "lr": ("lora_sb", "lr"), "warmup_steps": ("lora_sb", "warmup_steps"),

@@ -20,6 +20,8 @@ Estimators (``config.estimation.estimator``):
 - ``"auto"`` (default): ``"exact"`` in one pass when there is no ``memory_budget`` or all
   target G fit it; otherwise ``"exact"`` in layer groups when the init needs G itself
   (lora-sb with ``update="sign"``), else ``"sketch"``.
+With ``checkpointing``, each block's activations are recomputed in backward (the same statistics for
+less memory; ``lorakit.estimate.checkpointing``).
 Under torch.distributed each rank passes its own shard of the data and uses its share of
 ``num_samples``; the statistics are summed over ranks after each pass (identical on every rank).
 """
@@ -37,6 +39,7 @@ from lorakit.adapters import LowRankAdapter, is_linear_layer
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.estimate.cache import load_stats, save_stats
+from lorakit.estimate.checkpointing import activation_checkpointing
 from lorakit.estimate.data import collect_batches
 from lorakit.estimate.distributed import local_share, rank_and_world
 from lorakit.estimate.engine import estimation_mode, run_pass
@@ -149,7 +152,7 @@ def estimate(
         samples = run_pass(model, batches, layers, accumulators, loss_fn, bar)
 
     try:
-        with estimation_mode(model, options.dropout):
+        with estimation_mode(model, options.dropout), activation_checkpointing(model, layers, options.checkpointing, options.dropout):
             if estimator == "exact":
                 for group in groups:
                     accumulators = {n: GradientAccumulator(layers[n], options.device) for n in group}

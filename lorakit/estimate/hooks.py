@@ -1,7 +1,14 @@
 """Capture each target layer's input x and output gradient δ = ∂L/∂y, weights frozen.
 
-    forward:  x ──► layer (W frozen) ──► y      (forward hook keeps x, puts a hook on y)
-    backward:                 δ = ∂L/∂y ◄──     (tensor hook hands (x, δ) to the sink)
+    forward:  x ──► layer (W frozen) ──► y ──► tap ──► y   (forward hook: the tap saves x)
+    backward:                 δ = ∂L/∂y ◄──────── δ        (the tap's backward hands (x, δ) to the sink)
+
+The tap is an identity autograd node that keeps x as a saved tensor of the graph, so activation
+checkpointing treats x like any activation: it is dropped after a checkpointed block's forward and
+recomputed with the block in backward. The forward hooks of a checkpointed block run twice (the
+forward, then the recomputation inside backward), but only the first graph's taps are
+backpropagated (non-reentrant checkpointing; under reentrant checkpointing the first forward runs
+without grad and only the recomputed taps exist), so each (x, δ) pair reaches the sink once.
 
 For ``y = x Wᵀ (+ b)`` (nn.Linear, or Conv1D's ``x W + b``), ∂L/∂W = Σ_tokens δᵀ x, so the
 pair (x, δ) is all any estimator needs; W never requires grad and no ``.grad`` buffer is
@@ -37,6 +44,23 @@ def _input_requires_grad(module: nn.Module, args):
     return None
 
 
+class _Tap(torch.autograd.Function):
+    """y ↦ y whose backward calls ``on_grad(x, δ)``; x is a saved tensor (freed with the graph, or
+    recomputed by activation checkpointing)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, on_grad: Callable[[Tensor, Tensor], None]) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.on_grad = on_grad
+        return y.clone()  # not y itself: an output returned as-is would be a view, which in-place ops may not modify
+
+    @staticmethod
+    def backward(ctx, delta: Tensor):
+        (x,) = ctx.saved_tensors
+        ctx.on_grad(x, delta)
+        return None, delta, None
+
+
 @contextmanager
 def tap_gradients(model: nn.Module, layers: dict[str, nn.Module], sink: Sink) -> Iterator[set[str]]:
     """While active, every backward through a layer calls ``sink(name, x, δ)``.
@@ -48,18 +72,15 @@ def tap_gradients(model: nn.Module, layers: dict[str, nn.Module], sink: Sink) ->
     handles = []
 
     def watch(name: str):
-        def forward_hook(module: nn.Module, args, output) -> None:
-            # Under no_grad (e.g. the first forward of activation checkpointing) nothing to watch.
+        def on_grad(x: Tensor, delta: Tensor) -> None:
+            reached.add(name)
+            sink(name, x, delta)
+
+        def forward_hook(module: nn.Module, args, output) -> Tensor | None:
+            # Under no_grad (e.g. the first forward of reentrant checkpointing) nothing to watch.
             if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
-                return
-            held = [args[0].detach()]  # dropped once used: x must not outlive this layer's backward
-
-            def on_grad(delta: Tensor) -> None:
-                reached.add(name)
-                if held:
-                    sink(name, held.pop(), delta)
-
-            output.register_hook(on_grad)
+                return None
+            return _Tap.apply(args[0].detach(), output, on_grad)
 
         return forward_hook
 

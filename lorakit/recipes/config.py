@@ -116,7 +116,8 @@ class TrainSection:
     """``max_steps`` is the step budget (default: the main job's 125 steps of 32 examples);
     null lets ``epochs`` decide. ``gradient_checkpointing``: recompute each block's activations
     in the backward pass instead of keeping them (transformers' own gradient_checkpointing_enable;
-    less memory, about one more forward per step, the same gradients). ``threads``: CPU threads (default: a fixed count per machine, see runtime.cpu_threads).
+    less memory, about one more forward per step, the same gradients); lora-ga / lora-sb's
+    estimation passes then checkpoint too (adapter.estimate_checkpointing). ``threads``: CPU threads (default: a fixed count per machine, see runtime.cpu_threads).
     Under torchrun, ``batch_size`` is per process and ``dist_timeout`` (seconds) bounds every
     wait for the other processes; ``parallel``: ddp (a full model per process) or fsdp (the
     model sharded over the processes with FSDP2, see lorakit/recipes/fsdp.py). ``compile``: train
@@ -223,11 +224,14 @@ class RunConfig:
 
     def adapter_config(self, warmup_steps: int = 0) -> AdapterConfig:
         """The AdapterConfig; an init that starts from the training step (lora-sb's η) takes the
-        optimizer's lr and warm-up unless the adapter section sets them."""
+        optimizer's lr and warm-up unless the adapter section sets them; with
+        train.gradient_checkpointing the estimation passes checkpoint too unless it says otherwise."""
         if self.is_full:
             raise LorakitError("adapter.method is 'full' (full fine-tuning): there is no adapter config")
         options = dict(self.adapter)
         options.setdefault("seed", self.train.seed)
+        if self.train.gradient_checkpointing and "checkpointing" not in (options.get("estimation") or {}):
+            options.setdefault("estimate_checkpointing", True)  # lora-ga / lora-sb estimate checkpointed too
         try:
             config = AdapterConfig(**options)
             sb = config.lora_sb

@@ -100,7 +100,7 @@ def gradient_checkpointing(model: nn.Module, on: bool) -> None:
     default, non-reentrant torch.utils.checkpoint; it also makes the input embeddings' output
     require grad, as frozen-base training needs). Active in training mode only, so evaluation and
     generation run as before. Called once the adapters are attached (lora-ga / lora-sb estimate
-    without it)."""
+    checkpointed through their own estimation.checkpointing, which RunConfig.adapter_config sets)."""
     if not on:
         return
     if not getattr(model, "supports_gradient_checkpointing", False):

@@ -214,3 +214,41 @@ def test_labels_of_methods_with_the_same_parameter_count_do_not_overlap():
     assert abs(sum(ys) / 4 - sum(points[m][1] for m in column) / 4) < 1e-12  # centred on its points
     assert placed["lora-fa"][2] == -1 and placed["lora"][2] == 1  # lora-fa's labels go away from the crowded column
     assert placed["full"][1] == points["full"][1]  # a lone point keeps its own height
+
+
+def scaling_figures(monkeypatch, sketch_memory: float) -> dict:
+    """Two sizes, PEFT and sketch + checkpointing; the larger is the benchmark's largest (1.1B)."""
+    sys.path.insert(0, str(Path(report.__file__).parent))
+    import scaling
+
+    rows = []
+    for size, peft_mib in ((0, 100.0), (len(scaling.SIZES) - 1, 1000.0)):
+        facts = scaling.size_facts(*scaling.SIZES[size])
+        runs = {"peft": {"seconds": 10.0, "added_MiB": peft_mib},
+                "lorakit-sketch-ckpt": {"seconds": 20.0, "added_MiB": sketch_memory * peft_mib}}
+        rows.append({**facts, "runs": runs})
+    out = {}
+    monkeypatch.setattr(scaling, "write_result", lambda name, figures, status="ok": out.update(figures=figures, status=status))
+    scaling.summarise(rows, ["peft", "lorakit-sketch-ckpt"], {"samples": 4, "tokens_per_sample": 64, "rank": 16})
+    return out
+
+
+def test_scaling_target_fits_and_extrapolation_come_from_the_json(tmp_path, monkeypatch):
+    results, out = tmp_path / "results", tmp_path / "docs"
+    made = scaling_figures(monkeypatch, sketch_memory=0.2)
+    assert made["status"] == "targets-missed" and made["figures"]["target_met"] is False
+    # both curves are exactly linear in their predictors here: the fit carries them to 7B without residual
+    fit = made["figures"]["fits"]["peft"]["memory_vs_predictor"]
+    assert fit["worst_relative_residual"] < 1e-9
+    seven = made["figures"]["extrapolation"]["Llama-2-7B"]
+    assert seven["added_MiB"]["peft"] == pytest.approx(fit["intercept"] + fit["slope"] * seven["target_parameters"])
+    write(results, "scaling", made["figures"], status=made["status"])
+    text = report.write(results, out).read_text()
+    assert "| lorakit sketch + checkpointing memory ÷ PEFT | 0.200× | <= 0.1 | **MISSED** |" in text
+    assert "sketch + checkpointing memory 0.200× PEFT's (target <= 0.1×)" in text.split("## Targets missed")[1]
+    assert "**Extrapolation, not a measurement.**" in text and "| Llama-2-70B | 64 |" in text
+    assert (out / "scaling_memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    made = scaling_figures(monkeypatch, sketch_memory=0.05)
+    write(results, "scaling", made["figures"], status=made["status"])
+    text = report.write(results, out).read_text()
+    assert "| lorakit sketch + checkpointing memory ÷ PEFT | 0.050× | <= 0.1 | met |" in text
