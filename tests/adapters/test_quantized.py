@@ -4,7 +4,8 @@ quantization configs (bitsandbytes nf4 / fp4 / int8, torchao int8 weight-only), 
 Relations: the adapted model at init computes the quantized base's function; the gradients of
 A and B (and of the layer input) equal an independent computation on the dequantized weight;
 a few training steps lower the loss; save → load gives identical logits; estimated G equals
-autograd's gradient w.r.t. the dequantized weights; merge and W-moving inits are refused."""
+autograd's gradient w.r.t. the dequantized weights; merge is refused (inits that move W:
+test_qpissa.py)."""
 
 from __future__ import annotations
 
@@ -164,21 +165,6 @@ def test_estimated_gradient_is_autograds_on_the_dequantized_weights(base_dir, qu
     tol = 2e-2 if quant == "int8" else 1e-5  # int8: every layer's activations cast to float16
     for name, g in zip(layers, grads):
         assert rel(stats[name].grad, g) < tol, name
-
-
-@pytest.mark.parametrize("quant", ["nf4", "int8"])
-@pytest.mark.parametrize("method, options, alternative", [
-    ("pissa", {}, "lora-xs"), ("svd-fa", {}, "lora-fa"), ("lora-ga", {}, "lora-sb"),
-    ("lora-sb", {"preserve_init": True}, "preserve_init=False"),
-])
-def test_inits_that_move_w_are_refused_and_leave_the_model(base_dir, quant, method, options, alternative):
-    model = load(base_dir, quant)
-    batch = batch_for("llama")
-    with pytest.raises(LorakitError) as err:
-        lorakit.adapt(model, config(method, **options), data=[batch])
-    message = str(err.value)
-    assert "\n" not in message and LABELS[quant] in message and alternative in message
-    assert not adapters_of(model)
 
 
 @pytest.mark.parametrize("quant", ["nf4", "torchao-int8"])
