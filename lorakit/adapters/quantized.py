@@ -279,3 +279,35 @@ def quantization_summary(model: nn.Module) -> dict[str, float | int | str] | Non
     return {"backend": ", ".join(sorted({e.backend for e in report.values()})), "layers": len(report),
             "mean_plain": sum(plain) / len(plain), "mean_residual": sum(residual) / len(residual),
             "max_residual": max(residual)}
+
+
+def plain_linear(layer: nn.Module, W: Tensor, dtype: torch.dtype) -> nn.Linear:
+    """An nn.Linear computing x Wᵀ + b with W (out × in, any precision) and the layer's bias cast once to ``dtype``."""
+    linear = torch.nn.utils.skip_init(nn.Linear, W.shape[1], W.shape[0], bias=layer.bias is not None, device=W.device,
+                                      dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(W)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+    linear.requires_grad_(False)
+    return linear
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every quantized Linear left in ``model`` by an nn.Linear holding its dequantized weight in ``dtype``,
+    and drop transformers' quantization state (``hf_quantizer``, ``config.quantization_config``) so that
+    ``save_pretrained`` writes a plain model. Returns how many layers it replaced."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        backend = quantization_of(module) if isinstance(module, nn.Linear) else None
+        if backend is None:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, plain_linear(module, backend.dequantize(module).float(), dtype))
+        replaced += 1
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)  # transformers' own: the model is plain again
+    if getattr(getattr(model, "config", None), "dtype", None) is not None:
+        model.config.dtype = dtype
+    return replaced
