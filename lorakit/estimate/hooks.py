@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters.layers import kind_of
 from lorakit.inject import input_embeddings
 
 # (layer name, x (..., in), δ (..., out)) -> None
@@ -47,7 +48,7 @@ def tap_gradients(model: nn.Module, layers: dict[str, nn.Module], sink: Sink) ->
     reached: set[str] = set()
     handles = []
 
-    def watch(name: str):
+    def watch(name: str, layer: nn.Module):
         def forward_hook(module: nn.Module, args, output) -> None:
             # Under no_grad (e.g. the first forward of activation checkpointing) nothing to watch.
             if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
@@ -56,8 +57,8 @@ def tap_gradients(model: nn.Module, layers: dict[str, nn.Module], sink: Sink) ->
 
             def on_grad(delta: Tensor) -> None:
                 reached.add(name)
-                if held:
-                    sink(name, held.pop(), delta)
+                if held:  # as matrices (tokens × in, tokens × out): a Conv2d's input unfolded (LayerKind.rows)
+                    sink(name, *kind_of(layer).rows(layer, held.pop(), delta))
 
             output.register_hook(on_grad)
 
@@ -69,7 +70,7 @@ def tap_gradients(model: nn.Module, layers: dict[str, nn.Module], sink: Sink) ->
             handles.append(embeddings.register_forward_hook(_embeddings_require_grad))
         for name, layer in layers.items():
             handles.append(layer.register_forward_pre_hook(_input_requires_grad))
-            handles.append(layer.register_forward_hook(watch(name)))
+            handles.append(layer.register_forward_hook(watch(name, layer)))
         yield reached
     finally:
         for handle in handles:

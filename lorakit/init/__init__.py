@@ -49,13 +49,13 @@ class Initialisation:
 
     def check_layers(self, config: Any, layers: dict[str, nn.Module]) -> None:
         """Raise LorakitError when it would move the weight of a quantized layer its backend cannot re-quantize,
-        or estimate gradients on a layer kind the estimator does not handle (Conv2d, Embedding)."""
+        or estimate gradients on a layer kind the estimator does not handle (Embedding)."""
         if self.data_driven:
             for name, layer in layers.items():
                 kind = kind_of(layer)
                 if kind is not None and not kind.estimable:
                     raise LorakitError(
-                        f"init {self.name!r} estimates G from nn.Linear and Conv1D layers, but target {name!r} is a "
+                        f"init {self.name!r} estimates G from nn.Linear, Conv1D and Conv2d layers, but target {name!r} is a "
                         f"{type(layer).__name__}; leave it out of targets or use a data-free init (lora, pissa, lora-xs)"
                     )
         if not self.moves_base(config):
