@@ -35,6 +35,7 @@ of every adapted layer's input (+31 % of the step's memory at 64 tokens, growing
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
@@ -45,6 +46,7 @@ from lorakit.adapters.quantized import quantization_of
 from lorakit.errors import LorakitError
 from lorakit.linalg import compute_dtype
 
+logger = logging.getLogger("lorakit")
 SUPPORTED_LAYERS: tuple[type, ...] = tuple(t for kind in KINDS for t in kind.types)
 
 
@@ -295,6 +297,8 @@ class LowRankAdapter(nn.Module):
         plain = relative_error(W, self.backend.roundtrip(layer, W).to(W.dtype), W)
         self.backend.store(layer, quantized)
         self.quantization_error = QuantizationError(self.quantization, plain, residual)
+        logger.info("lorakit: re-quantized a %s base (%d × %d) as W − s·B₀A₀: quantization error %.4f of ‖W‖ "
+                    "(re-quantizing W unchanged: %.4f)", self.quantization, *new.shape, residual, plain)
 
     def extra_repr(self) -> str:
         return (

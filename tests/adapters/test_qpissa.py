@@ -9,6 +9,7 @@ save → load is identical; the PEFT export is relative to the loaded quantized 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import pytest
 import torch
 from conftest import batch_for, rel
@@ -87,7 +88,7 @@ def nf4_linear(W: torch.Tensor) -> nn.Module:
 SMOLLM2_LAYER = "model.layers.0.self_attn.q_proj.weight"  # 576 × 576
 
 
-def test_the_requantized_residual_of_a_real_smollm2_layer_has_less_error_than_q_of_w():
+def test_the_requantized_residual_of_a_real_smollm2_layer_has_less_error_than_q_of_w(caplog):
     """PiSSA's claim (QPiSSA, Meng et al. 2024, Table 5) on SmolLM2-135M's layer-0 q_proj at rank 16 in nf4:
     ‖W − s·BA − Q(W − s·BA)‖/‖W‖ = 0.055 against ‖W − Q(W)‖/‖W‖ = 0.101, with W the full-precision weight.
     lorakit adapting the loaded 4-bit layer sees only W̃ = deq(Q(W)): its residual error relative to W̃ is
@@ -103,8 +104,10 @@ def test_the_requantized_residual_of_a_real_smollm2_layer_has_less_error_than_q_
     residual_target = adapters_of(adapted)["0"].base_weight.float()  # W − s·BA in full precision
     residual = relative_error(residual_target, backend.roundtrip(quantized, residual_target), W)
     assert 0.09 < plain < 0.11 and residual < 0.6 * plain
-    in_place = lorakit.adapt(nn.Sequential(quantized), AdapterConfig(method="pissa", rank=16, alpha=32))
+    with caplog.at_level(logging.INFO, logger="lorakit"):
+        in_place = lorakit.adapt(nn.Sequential(quantized), AdapterConfig(method="pissa", rank=16, alpha=32))
     error = quantization_report(in_place)["0"]
+    assert f"re-quantized a bnb-nf4 base (576 × 576) as W − s·B₀A₀: quantization error {error.residual:.4f}" in caplog.text
     assert error.plain < 1e-6 and abs(error.residual - residual) < 0.05 * residual
     adapter = adapters_of(in_place)["0"]
     to_full = relative_error(adapter.base_weight.float() + adapter.delta_weight().float(), W, W)
