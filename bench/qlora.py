@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread, both libraries side by side
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 

@@ -7,7 +7,7 @@ structure (e.g. ``method="dora", init="pissa"``). What an initialisation needs, 
 works with is stated by its class in ``lorakit.init`` (``config.initialisation``).
 
 Options come in small typed groups: ``svd`` (the SVD of W or G), ``estimation`` (gradient
-statistics for lora-ga / lora-sb) and one group per method that has options (``lora_xs``,
+statistics for lora-ga / lora-sb) and one group per method that has options (``pissa``, ``lora_xs``,
 ``lora_ga``, ``lora_sb``). Pass a group as a dataclass or a dict, or use the flat keywords
 (``AdapterConfig(method="lora-sb", num_samples=32, lr=1e-3)``), which go to their group.
 """
@@ -23,7 +23,7 @@ from typing import Any
 from lorakit import defaults
 from lorakit.errors import LorakitError
 from lorakit.init import INITIALISATIONS, Initialisation, initialisation, suggest
-from lorakit.init.data_free import XSOptions
+from lorakit.init.data_free import PiSSAOptions, XSOptions
 from lorakit.init.gradient import GAOptions, SBOptions
 from lorakit.linalg import DTYPES
 
@@ -41,7 +41,8 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 ADAPTERS = ("lora", "lora-fa", "xs", "dora")
 ADAPTER_DTYPES = (None, *DTYPES)
-__all__ = ["AdapterConfig", "EstimationOptions", "GAOptions", "METHODS", "SBOptions", "SVDOptions", "XSOptions", "suggest"]
+__all__ = ["AdapterConfig", "EstimationOptions", "GAOptions", "METHODS", "PiSSAOptions", "SBOptions", "SVDOptions", "XSOptions",
+           "suggest"]
 
 
 def parse_bytes(value: int | float | str | None) -> int | None:
@@ -127,7 +128,7 @@ class EstimationOptions:
 
 
 # option group -> its class; flat keyword -> (group, option)
-GROUPS: dict[str, type] = {"svd": SVDOptions, "estimation": EstimationOptions, "lora_xs": XSOptions,
+GROUPS: dict[str, type] = {"svd": SVDOptions, "estimation": EstimationOptions, "pissa": PiSSAOptions, "lora_xs": XSOptions,
                            "lora_ga": GAOptions, "lora_sb": SBOptions}
 FLAT: dict[str, tuple[str, str]] = {
     "svd": ("svd", "method"), "svd_oversample": ("svd", "oversample"), "svd_power_iters": ("svd", "power_iters"),
@@ -136,7 +137,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "oversample": ("estimation", "oversample"), "estimate_device": ("estimation", "device"),
     "estimate_dropout": ("estimation", "dropout"), "estimate_weighting": ("estimation", "weighting"),
     "estimate_checkpointing": ("estimation", "checkpointing"),
-    "xs_init_std": ("lora_xs", "init_std"),
+    "loftq_iters": ("pissa", "loftq_iters"), "xs_init_std": ("lora_xs", "init_std"),
     "direction": ("lora_ga", "direction"), "ga_scale": ("lora_ga", "scale"), "stable_gamma": ("lora_ga", "stable_gamma"),
     "update": ("lora_sb", "update"), "lr": ("lora_sb", "lr"), "warmup_steps": ("lora_sb", "warmup_steps"),
     "eta": ("lora_sb", "eta"), "preserve_init": ("lora_sb", "preserve_init"),
@@ -159,7 +160,7 @@ class AdapterConfig:
     bf16/fp16 base, else the base layer's; the low-rank matmuls run in the layer's compute dtype),
     ``adapter`` / ``init`` to override either half of the method.
 
-    Option groups (see the module doc): ``svd``, ``estimation``, ``lora_xs``, ``lora_ga``,
+    Option groups (see the module doc): ``svd``, ``estimation``, ``pissa``, ``lora_xs``, ``lora_ga``,
     ``lora_sb``; ``AdapterConfig.options()`` lists every flat keyword.
     """
 
@@ -176,6 +177,7 @@ class AdapterConfig:
     adapter_dtype: str | None = None
     svd: SVDOptions = field(default_factory=SVDOptions)
     estimation: EstimationOptions = field(default_factory=EstimationOptions)
+    pissa: PiSSAOptions = field(default_factory=PiSSAOptions)
     lora_xs: XSOptions = field(default_factory=XSOptions)
     lora_ga: GAOptions = field(default_factory=GAOptions)
     lora_sb: SBOptions = field(default_factory=SBOptions)

@@ -10,12 +10,14 @@ lora_alpha is chosen per exported rank to keep s: 2α at rank 2r, α·√2 under
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -28,25 +30,57 @@ from lorakit.io import check_finite
 from lorakit.named import activated, set_adapter
 
 PEFT_PREFIX = "base_model.model."
+logger = logging.getLogger("lorakit")
 
 
-def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+def merge(model: nn.Module, adapter_name: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Fold every adapter into its base weight and remove the adapters: a plain model again.
 
     The result is the model's own class (e.g. a transformers model that ``save_pretrained``
     writes and ``from_pretrained`` reloads). With several named adapters (``lorakit.named``) the
-    active one, or ``adapter_name``, is folded in and the others are dropped.
+    active one, or ``adapter_name``, is folded in and the others are dropped. On a quantized base
+    (``merge_dequantized``) the result is a plain model in ``dtype`` (default: the model's own
+    dtype, else float32).
     """
     get_config(model)
     if adapter_name is not None:
         set_adapter(model, adapter_name)
-    for adapter in adapters_of(model).values():  # refuse before touching any layer
+    adapters = adapters_of(model)
+    if any(a.quantization is not None for a in adapters.values()):
+        return merge_dequantized(model, dtype)
+    for adapter in adapters.values():  # refuse before touching any layer
         adapter.check_writable_base("merge into")
-    for adapter in adapters_of(model).values():
+    for adapter in adapters.values():
         adapter.set_enabled(True)
         adapter.merge()
     unwrap(model)
     unmark_adapted(model)
+    return model
+
+
+def merge_dequantized(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """``merge`` on a quantized base: a 4-/8-bit weight cannot take W + ΔW, so every adapted layer becomes an
+    nn.Linear holding its dequantized weight plus ΔW (added in float32, cast once to ``dtype``), and every other
+    quantized layer an nn.Linear holding its dequantized weight: a plain, unquantized model (logged)."""
+    from lorakit.adapters.quantized import dequantize_model, plain_linear
+
+    dtype = dtype or getattr(model, "dtype", None) or torch.float32
+    adapters = adapters_of(model)
+    labels = sorted({a.quantization for a in adapters.values() if a.quantization is not None})
+    for adapter in adapters.values():
+        if adapter.quantization is None:
+            adapter.set_enabled(True)
+            adapter.merge()
+            continue
+        adapter.set_enabled(True)
+        W = adapter.base_weight.float()
+        adapter.base_layer = plain_linear(adapter.base_layer, adapter.merged_weight(W), dtype)
+        adapter.merged = True
+    unwrap(model)
+    unmark_adapted(model)
+    others = dequantize_model(model, dtype)
+    logger.warning("lorakit: merged into the dequantized %s base: a plain %s model (%d adapted layers, %d other quantized "
+                "layers dequantized)", ", ".join(labels), str(dtype).removeprefix("torch."), len(adapters), others)
     return model
 
 

@@ -99,7 +99,8 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
 def layer_entries(name: str, adapter: LowRankAdapter) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One adapter's tensors in the saved file (its tensors and its base weight's fingerprint) and its layer description."""
     tensors = {f"{ADAPTER_PREFIX}{name}.{key}": value.contiguous() for key, value in adapter_tensors(adapter).items()}
-    tensors[f"{FINGERPRINT_PREFIX}{name}"] = base_fingerprint(original_base_weight(adapter))
+    original = adapter.original_fingerprint  # a re-quantized base no longer holds the original exactly
+    tensors[f"{FINGERPRINT_PREFIX}{name}"] = base_fingerprint(original_base_weight(adapter)) if original is None else original
     layer = {
         "structure": adapter.structure,
         "shape": [adapter.out_features, adapter.in_features],

@@ -186,8 +186,6 @@ CASES = [
          lambda t: _train(t, "optim.max_grad_norm=-1")),
     Case("an unknown model.quantization", r"model.quantization='nf5' is not valid \(did you mean 'nf4'\?\); choose one of nf4, fp4",
          lambda t: _train(t, "model.quantization=nf5")),
-    Case("a merged export of a quantized base", r"output.merged cannot merge into a quantized base \(model.quantization=nf4\)",
-         lambda t: _train(t, "model.quantization=nf4", "output.merged=true")),
     Case("full fine-tuning of a quantized base", r"full fine-tuning cannot train a quantized base",
          lambda t: _train(t, "model.quantization=int8", "adapter.method=full")),
     Case("resume with a truncated rng.safetensors", r"checkpoint .*step-00000002 is damaged \(rng.safetensors",

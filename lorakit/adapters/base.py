@@ -16,7 +16,11 @@ relative to the original W at export.
 
 Quantized bases (``lorakit.adapters.quantized``): a bitsandbytes 4-/8-bit or torchao int8
 Linear is wrapped as it is; ``base_weight`` is then its dequantized weight (a new tensor, read
-only), and merging or moving W is refused: a 4-bit weight cannot take W + ΔW in place.
+only), and merging in place is refused: a 4-bit weight cannot take W + ΔW and give it back. An
+offset is stored re-quantized: the base holds Q(W − s·B₀A₀) (computed from the dequantized W in
+float32, quantized by the layer's backend with its own settings), and ``quantization_error``
+records how far that is from W − s·B₀A₀ (QPiSSA). Disabled, the adapter then computes the
+original layer up to that error.
 
 Dtype: the factors are ordinary parameters, so ``model.to(dtype)`` casts them with the rest
 of the model. At construction they take ``dtype`` if given, else float32 on a half-precision
@@ -31,6 +35,7 @@ of every adapted layer's input (+31 % of the step's memory at 64 tokens, growing
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
@@ -42,6 +47,7 @@ from lorakit.adapters.quantized import quantization_of
 from lorakit.errors import LorakitError
 from lorakit.linalg import compute_dtype
 
+logger = logging.getLogger("lorakit")
 SUPPORTED_LAYERS: tuple[type, ...] = tuple(t for kind in KINDS for t in kind.types)
 
 
@@ -96,7 +102,10 @@ class LowRankAdapter(nn.Module):
         self.kind = kind
         self.base_layer = base_layer
         backend = quantization_of(base_layer)
+        self.backend = backend
         self.quantization = None if backend is None else backend.label(base_layer)  # e.g. 'bnb-nf4'
+        self.quantization_error = None  # a QuantizationError once an offset re-quantized the base
+        self.original_fingerprint = None  # a quantized base's original weight, sampled before re-quantizing it
         if backend is not None:
             backend.prepare(base_layer)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
@@ -122,7 +131,10 @@ class LowRankAdapter(nn.Module):
         return weight_out_in(self.base_layer)
 
     def _write_base_weight(self, new: Tensor) -> None:
-        self.check_writable_base("change")
+        """Set the base weight to ``new`` (out × in); a quantized base stores Q(new) (its backend, its settings)."""
+        if self.backend is not None:
+            self.backend.store(self.base_layer, self.backend.quantize(self.base_layer, new))
+            return
         with torch.no_grad():
             self.base_weight.copy_(new)  # a view for Conv1D: writes through the transpose
 
@@ -264,19 +276,39 @@ class LowRankAdapter(nn.Module):
         return -self.scale * (self.offset_B.to(cdtype) @ self.offset_A.to(cdtype))
 
     def set_base_offset(self, B0: Tensor, A0: Tensor) -> None:
-        """Replace the base W by W − s·B₀A₀ (computed in float32+, cast once)."""
+        """Replace the base W by W − s·B₀A₀ (computed in float32+, cast or re-quantized once)."""
         if self.merged:
             raise LorakitError("cannot change the base of a merged adapter; call unmerge() first")
-        if self.has_offset:
-            self._write_base_weight(self.base_weight.to(compute_dtype(self.base_weight.dtype)) - self.base_offset())
+        W = self.base_weight.to(compute_dtype(self.base_weight.dtype))
+        if self.has_offset:  # back to the original first (for a quantized base: up to its quantization error)
+            W = W - self.base_offset()
         self.offset_B = B0.detach().clone().to(**self.tensor_options())
         self.offset_A = A0.detach().clone().to(**self.tensor_options())
-        self.apply_base_offset()
+        self._write_offset_base(W)
 
     def apply_base_offset(self) -> None:
         """Add the stored offset to the base weight (after loading the offset from disk)."""
-        W = self.base_weight
-        self._write_base_weight(W.to(compute_dtype(W.dtype)) + self.base_offset().to(W.device))
+        self._write_offset_base(self.base_weight.to(compute_dtype(self.base_weight.dtype)))
+
+    def _write_offset_base(self, W: Tensor) -> None:
+        """Write W − s·B₀A₀ over the original weight ``W``; for a quantized base, record its quantization error."""
+        new = W + self.base_offset().to(W.device)
+        if self.backend is None:
+            self._write_base_weight(new)
+            return
+        from lorakit.adapters.quantized import QuantizationError, relative_error
+        from lorakit.io import base_fingerprint  # io imports the adapters: imported here, at call time
+
+        if self.original_fingerprint is None:
+            self.original_fingerprint = base_fingerprint(W)
+        layer = self.base_layer
+        quantized = self.backend.quantize(layer, new)
+        residual = relative_error(new, self.backend.dequantize_weight(layer, quantized).to(new.dtype), W)
+        plain = relative_error(W, self.backend.roundtrip(layer, W).to(W.dtype), W)
+        self.backend.store(layer, quantized)
+        self.quantization_error = QuantizationError(self.quantization, plain, residual)
+        logger.info("lorakit: re-quantized a %s base (%d × %d) as W − s·B₀A₀: quantization error %.4f of ‖W‖ "
+                    "(re-quantizing W unchanged: %.4f)", self.quantization, *new.shape, residual, plain)
 
     def extra_repr(self) -> str:
         return (

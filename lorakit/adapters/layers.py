@@ -11,6 +11,11 @@ or out × r factor mixes channels after it (``mix``):
 | nn.Conv2d | weight reshaped (out, in·kh·kw) | conv2d(x, A as r×in×kh×kw), the layer's stride, padding, dilation | 1×1 conv | lora_A.weight (r, in, kh, kw), lora_B.weight (out, r, 1, 1) |
 | nn.Embedding | weight transposed (dim, vocab) | rows of Aᵀ for the ids | h Mᵀ | lora_embedding_A (r, vocab), lora_embedding_B (dim, r) |
 
+Gradient estimation (lora-ga, lora-sb) needs ∂L/∂W = Δᵀ X from the layer's input and output gradient
+(``rows``): for Linear and Conv1D the tokens' inputs, for Conv2d the unfolded input patches (PEFT's
+reshaped (out, in·kh·kw) weight). Embedding is not estimable (its input is token ids): a data-driven
+init on it is refused with one line.
+
 These are PEFT's layouts (LoRA on Conv2d as in PEFT: A a conv with the layer's kernel, B a
 1×1 conv), so exports load in PEFT. Refused: Conv2d with groups > 1 or a padding mode other
 than zeros, Embedding with max_norm (it renormalises the weight in place). An Embedding
@@ -54,6 +59,11 @@ class LayerKind:
     def mix(self, h: Tensor, M: Tensor) -> Tensor:
         return h @ M.T
 
+    def rows(self, layer: nn.Module, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """The layer's input and output gradient as matrices X (tokens × in) and Δ (tokens × out) with
+        ∂L/∂W = Δᵀ X (out × in): what gradient estimation accumulates (``estimable`` kinds only)."""
+        return x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])
+
     def peft_tensors(self, layer: nn.Module, lora_B: Tensor, lora_A: Tensor) -> dict[str, Tensor]:
         """PEFT's keys (after the module name) for the exported factors s·lora_B·lora_A."""
         return {"lora_A.weight": lora_A, "lora_B.weight": lora_B}
@@ -80,6 +90,7 @@ class LinearKind(LayerKind):
 class Conv2dKind(LayerKind):
     types = (nn.Conv2d,)
     name = "conv2d"
+    estimable = True
 
     def check(self, layer: nn.Module) -> None:
         if layer.groups != 1:
@@ -99,6 +110,12 @@ class Conv2dKind(LayerKind):
 
     def mix(self, h: Tensor, M: Tensor) -> Tensor:
         return F.conv2d(h, M[:, :, None, None])
+
+    def rows(self, layer: nn.Module, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """X: the unfolded input patches (one row per output position, in·kh·kw columns, in the order of the
+        reshaped weight); Δ: the output gradient at those positions. ∂L/∂W (reshaped (out, in·kh·kw)) = Δᵀ X."""
+        patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (N, in·kh·kw, L)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1]), delta.flatten(2).transpose(1, 2).reshape(-1, delta.shape[1])
 
     def peft_tensors(self, layer: nn.Module, lora_B: Tensor, lora_A: Tensor) -> dict[str, Tensor]:
         return {"lora_A.weight": lora_A.reshape(lora_A.shape[0], *layer.weight.shape[1:]),

@@ -5,8 +5,17 @@ its own class and quantized storage, stays frozen, and computes ``base(x)`` with
 kernels; the low-rank path s·B·A runs beside it with the factors in float32 (or
 ``adapter_dtype``). Whatever reads W (SVD inits such as lora-xs, DoRA's row norms, the
 save fingerprint, shapes) reads the dequantized weight (out × in) from the backend's own
-dequantization routine. Nothing writes W: merging in place, and initialisations that move
-W (``Initialisation.moves_base``), are refused with an error naming the backend.
+dequantization routine. Merging in place is refused with an error naming the backend.
+
+Initialisations that move W (pissa, svd-fa, lora-ga; lora-sb with ``preserve_init``: the QPiSSA
+recipe of Meng et al., 2024) compute the residual W − s·B₀A₀ from the dequantized weight in
+float32 and store it re-quantized by the same backend with the layer's own settings
+(``QuantizedBackend.quantize``: bitsandbytes' ``Params4bit`` / ``Int8Params``, torchao's
+``quantize_``). The new base then holds Q(W − s·B₀A₀), so the adapted model at init computes the
+loaded model's function up to that quantization error, ‖W − s·B₀A₀ − Q(W − s·B₀A₀)‖ / ‖W‖,
+reported per layer (``QuantizationError``) beside ‖W − Q(W)‖ / ‖W‖. Here W is the weight lorakit
+reads, the dequantized base: re-quantizing it unchanged is (almost) exact, so the plain figure is
+near 0 and the residual's figure is what the init changed.
 
 Backends (each a small class, one table):
 - ``bnb-nf4`` / ``bnb-fp4``: bitsandbytes ``Linear4bit`` (``bnb.functional.dequantize_4bit``);
@@ -20,8 +29,10 @@ library cannot exist otherwise.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
@@ -44,7 +55,27 @@ class QuantizedBackend:
 
     def dequantize(self, layer: nn.Module) -> Tensor:
         """The layer's weight (out × in), dequantized, as a new floating-point tensor."""
+        return self.dequantize_weight(layer, layer.weight)
+
+    def dequantize_weight(self, layer: nn.Module, weight: Tensor) -> Tensor:
+        """A weight of this layer's kind (the layer's own or one ``quantize`` made), dequantized."""
         raise NotImplementedError
+
+    def check_quantizable(self, layer: nn.Module) -> None:
+        """Raise LorakitError when ``quantize`` cannot re-quantize this layer's weight (its settings)."""
+
+    def quantize(self, layer: nn.Module, W: Tensor) -> nn.Parameter:
+        """Q(W): a new frozen weight holding W (out × in) quantized by this backend with the layer's own
+        settings; the layer is not changed (``store`` installs it)."""
+        raise NotImplementedError
+
+    def store(self, layer: nn.Module, weight: nn.Parameter) -> None:
+        """Make ``weight`` (from ``quantize``) the layer's weight."""
+        layer.weight = weight
+
+    def roundtrip(self, layer: nn.Module, W: Tensor) -> Tensor:
+        """Q(W) dequantized, in float32 (the layer is not changed)."""
+        return self.dequantize_weight(layer, self.quantize(layer, W)).float()
 
     @classmethod
     def loaded(cls) -> bool:
@@ -75,10 +106,24 @@ class BitsAndBytes4bit(QuantizedBackend):
             )
         layer.support_avx512bf16_for_cpu = False
 
-    def dequantize(self, layer: nn.Module) -> Tensor:
+    def dequantize_weight(self, layer: nn.Module, weight: Tensor) -> Tensor:
         import bitsandbytes as bnb
 
-        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+    def quantize(self, layer: nn.Module, W: Tensor) -> nn.Parameter:
+        import bitsandbytes as bnb
+
+        old = layer.weight  # the same block size, double quantization, 4-bit type, storage and float dtype
+        new = bnb.nn.Params4bit(W.detach().to(old.quant_state.dtype).contiguous(), requires_grad=False,
+                                blocksize=old.blocksize, compress_statistics=old.compress_statistics,
+                                quant_type=old.quant_type, quant_storage=old.quant_storage)
+        return new._quantize(old.device)  # bitsandbytes' quantize_4bit
+
+    def store(self, layer: nn.Module, weight: nn.Parameter) -> None:
+        weight.module = layer
+        layer.weight = weight
+        layer.quant_state = weight.quant_state
 
 
 class BitsAndBytes8bit(QuantizedBackend):
@@ -99,6 +144,21 @@ class BitsAndBytes8bit(QuantizedBackend):
         scales = layer.state.SCB if layer.state.SCB is not None else layer.weight.SCB
         return bnb.functional.int8_vectorwise_dequant(layer.weight.data, scales.to(layer.weight.device))
 
+    def dequantize_weight(self, layer: nn.Module, weight: Tensor) -> Tensor:
+        import bitsandbytes as bnb
+
+        return bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB.to(weight.device))
+
+    def quantize(self, layer: nn.Module, W: Tensor) -> nn.Parameter:
+        import bitsandbytes as bnb
+
+        new = bnb.nn.Int8Params(W.detach().contiguous(), requires_grad=False, has_fp16_weights=False)
+        return new._quantize(layer.weight.device)  # bitsandbytes' int8_vectorwise_quant (from fp16, as at load)
+
+    def store(self, layer: nn.Module, weight: nn.Parameter) -> None:
+        layer.weight = weight
+        layer.state.CB = layer.state.SCB = None  # the next forward takes the new weight's (init_8bit_state)
+
 
 class TorchAOInt8(QuantizedBackend):
     package = "torchao"
@@ -111,8 +171,40 @@ class TorchAOInt8(QuantizedBackend):
     def label(self, layer: nn.Module) -> str:
         return "torchao-int8"
 
-    def dequantize(self, layer: nn.Module) -> Tensor:
-        return layer.weight.dequantize()
+    def dequantize_weight(self, layer: nn.Module, weight: Tensor) -> Tensor:
+        return weight.dequantize()
+
+    def granularity(self, layer: nn.Module):
+        """torchao's granularity of the layer's int8 weight-only quantization, None for another scheme."""
+        from torchao.quantization import PerGroup, PerRow, PerTensor
+
+        weight = layer.weight
+        out, inp = weight.shape
+        block = list(weight.block_size)
+        if weight.act_quant_kwargs is not None:
+            return None
+        return PerRow() if block == [1, inp] else PerTensor() if block == [out, inp] else PerGroup(block[1]) if block[0] == 1 else None
+
+    def check_quantizable(self, layer: nn.Module) -> None:
+        if self.granularity(layer) is None:
+            raise LorakitError(
+                f"the torchao-int8 layer's weight (block size {list(layer.weight.block_size)}, activation quantization "
+                f"{layer.weight.act_quant_kwargs is not None}) is not int8 weight-only per row, group or tensor, which "
+                "lorakit re-quantizes; use an init that keeps W (lora, lora-xs, lora-sb) on this base"
+            )
+
+    def quantize(self, layer: nn.Module, W: Tensor) -> nn.Parameter:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        self.check_quantizable(layer)
+        old = layer.weight
+        out, inp = old.shape
+        granularity = self.granularity(layer)
+        fresh = torch.nn.utils.skip_init(nn.Linear, inp, out, bias=False, device=old.device, dtype=old.dtype)
+        with torch.no_grad():
+            fresh.weight.copy_(W)
+        quantize_(fresh, Int8WeightOnlyConfig(granularity=granularity, set_inductor_config=False))
+        return fresh.weight
 
 
 BACKENDS: tuple[QuantizedBackend, ...] = (BitsAndBytes4bit(), BitsAndBytes8bit(), TorchAOInt8())
@@ -151,3 +243,71 @@ def quantization_label(layer: nn.Module) -> str | None:
     """'bnb-nf4', 'bnb-fp4', 'bnb-int8', 'torchao-int8', or None for an unquantized layer."""
     backend = quantization_of(layer)
     return None if backend is None else backend.label(layer)
+
+
+@dataclass
+class QuantizationError:
+    """Relative quantization errors of one re-quantized base (W: the dequantized weight before the change):
+    ``plain`` = ‖W − Q(W)‖ / ‖W‖, ``residual`` = ‖W' − Q(W')‖ / ‖W‖ for the new base W' = W − s·B₀A₀."""
+
+    backend: str
+    plain: float
+    residual: float
+
+
+def relative_error(W: Tensor, approximation: Tensor, reference: Tensor) -> float:
+    """‖W − approximation‖ / ‖reference‖ in float32+."""
+    difference, reference = (W - approximation).detach().double(), reference.detach().double()
+    return float(torch.linalg.norm(difference) / torch.linalg.norm(reference).clamp_min(1e-30))
+
+
+def quantization_report(model: nn.Module) -> dict[str, QuantizationError]:
+    """The quantization errors of the bases an initialisation re-quantized (QPiSSA), by layer name."""
+    from lorakit.inject import adapters_of
+
+    return {name: a.quantization_error for name, a in adapters_of(model).items() if a.quantization_error is not None}
+
+
+def quantization_summary(model: nn.Module) -> dict[str, float | int | str] | None:
+    """Mean and worst of ``quantization_report`` (what a run records in run.json and prints); None when no
+    initialisation re-quantized a base."""
+    report = quantization_report(model)
+    if not report:
+        return None
+    plain = [e.plain for e in report.values()]
+    residual = [e.residual for e in report.values()]
+    return {"backend": ", ".join(sorted({e.backend for e in report.values()})), "layers": len(report),
+            "mean_plain": sum(plain) / len(plain), "mean_residual": sum(residual) / len(residual),
+            "max_residual": max(residual)}
+
+
+def plain_linear(layer: nn.Module, W: Tensor, dtype: torch.dtype) -> nn.Linear:
+    """An nn.Linear computing x Wᵀ + b with W (out × in, any precision) and the layer's bias cast once to ``dtype``."""
+    linear = torch.nn.utils.skip_init(nn.Linear, W.shape[1], W.shape[0], bias=layer.bias is not None, device=W.device,
+                                      dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(W)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+    linear.requires_grad_(False)
+    return linear
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every quantized Linear left in ``model`` by an nn.Linear holding its dequantized weight in ``dtype``,
+    and drop transformers' quantization state (``hf_quantizer``, ``config.quantization_config``) so that
+    ``save_pretrained`` writes a plain model. Returns how many layers it replaced."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        backend = quantization_of(module) if isinstance(module, nn.Linear) else None
+        if backend is None:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, plain_linear(module, backend.dequantize(module).float(), dtype))
+        replaced += 1
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)  # transformers' own: the model is plain again
+    if getattr(getattr(model, "config", None), "dtype", None) is not None:
+        model.config.dtype = dtype
+    return replaced

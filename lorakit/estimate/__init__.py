@@ -35,7 +35,8 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.adapters import LowRankAdapter, is_linear_layer
+from lorakit.adapters import LowRankAdapter
+from lorakit.adapters.layers import kind_of
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.estimate.cache import load_stats, save_stats
@@ -92,9 +93,11 @@ def _target_layers(model: nn.Module, config: AdapterConfig, targets: list[str] |
             raise LorakitError(f"target {name!r} is not a module of this model") from None
         if isinstance(layer, LowRankAdapter):  # an installed adapter: G of its base weight (lorakit.recipes.fsdp)
             layer = layer.base_layer
-        if not is_linear_layer(layer):  # not Embedding / Conv2d, whose weight is no (out × in) map of the input
-            raise LorakitError(f"target {name!r} is a {type(layer).__name__}; estimation needs nn.Linear or Conv1D layers "
-                               "(quantized or not)")
+        kind = kind_of(layer)
+        if kind is None or not kind.estimable:  # not Embedding, whose input is token ids (lorakit.adapters.layers)
+            raise LorakitError(f"target {name!r} is a {type(layer).__name__}; estimation needs nn.Linear, Conv1D (quantized "
+                               "or not) or nn.Conv2d layers")
+        kind.check(layer)
         layers[name] = layer
     k = needed_rank(config)
     for name, layer in layers.items():

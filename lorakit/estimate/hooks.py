@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters.layers import kind_of
 from lorakit.inject import input_embeddings
 
 # (layer name, x (..., in), δ (..., out)) -> None
@@ -71,10 +72,12 @@ def tap_gradients(model: nn.Module, layers: dict[str, nn.Module], sink: Sink) ->
     reached: set[str] = set()
     handles = []
 
-    def watch(name: str):
+    def watch(name: str, layer: nn.Module):
+        rows = kind_of(layer).rows
+
         def on_grad(x: Tensor, delta: Tensor) -> None:
             reached.add(name)
-            sink(name, x, delta)
+            sink(name, *rows(layer, x, delta))  # as matrices (tokens × in, tokens × out): a Conv2d's input unfolded
 
         def forward_hook(module: nn.Module, args, output) -> Tensor | None:
             # Under no_grad (e.g. the first forward of reentrant checkpointing) nothing to watch.
@@ -90,7 +93,7 @@ def tap_gradients(model: nn.Module, layers: dict[str, nn.Module], sink: Sink) ->
             handles.append(embeddings.register_forward_hook(_embeddings_require_grad))
         for name, layer in layers.items():
             handles.append(layer.register_forward_pre_hook(_input_requires_grad))
-            handles.append(layer.register_forward_hook(watch(name)))
+            handles.append(layer.register_forward_hook(watch(name, layer)))
         yield reached
     finally:
         for handle in handles:

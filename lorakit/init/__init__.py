@@ -19,7 +19,7 @@ from torch import nn
 from lorakit import defaults
 from lorakit.adapters import LowRankAdapter
 from lorakit.adapters.layers import kind_of
-from lorakit.adapters.quantized import quantization_label
+from lorakit.adapters.quantized import quantization_of
 from lorakit.errors import LorakitError
 
 
@@ -42,32 +42,28 @@ class Initialisation:
     uses_training_lr: ClassVar[bool] = False  # its start depends on the training lr and warm-up
     option_groups: ClassVar[tuple[str, ...]] = ()  # AdapterConfig option groups it reads
     training_lr: ClassVar[float] = defaults.LR  # the learning rate lorakit train uses when optim.lr is not set
-    on_quantized: ClassVar[str] = ""  # the alternative on a quantized base, for an init that moves W
 
     def moves_base(self, config: Any) -> bool:
         """True when, with these options, it replaces W by W − s·B₀A₀."""
         return self.changes_base
 
     def check_layers(self, config: Any, layers: dict[str, nn.Module]) -> None:
-        """Raise LorakitError when it would move the weight of a quantized layer (which cannot hold it),
-        or estimate gradients on a layer kind the estimator does not handle (Conv2d, Embedding)."""
+        """Raise LorakitError when it would move the weight of a quantized layer its backend cannot re-quantize,
+        or estimate gradients on a layer kind the estimator does not handle (Embedding)."""
         if self.data_driven:
             for name, layer in layers.items():
                 kind = kind_of(layer)
                 if kind is not None and not kind.estimable:
                     raise LorakitError(
-                        f"init {self.name!r} estimates G from nn.Linear and Conv1D layers, but target {name!r} is a "
+                        f"init {self.name!r} estimates G from nn.Linear, Conv1D and Conv2d layers, but target {name!r} is a "
                         f"{type(layer).__name__}; leave it out of targets or use a data-free init (lora, pissa, lora-xs)"
                     )
         if not self.moves_base(config):
             return
-        for name, layer in layers.items():
-            label = quantization_label(layer)
-            if label is not None:
-                raise LorakitError(
-                    f"init {self.name!r} moves the base weight (W − s·B₀A₀), which the {label} quantized layer "
-                    f"{name!r} cannot hold; {self.on_quantized}"
-                )
+        for layer in layers.values():  # the base becomes Q(W − s·B₀A₀): every quantized layer must re-quantize
+            backend = quantization_of(layer)
+            if backend is not None:
+                backend.check_quantizable(layer)
 
     def directions(self, config: Any) -> int:
         """Singular directions of G a data-driven init uses (its estimator needs that many)."""

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from lorakit.adapters import LowRankAdapter
 from lorakit.init import Initialisation, register, set_factor
+from lorakit.adapters.quantized import relative_error
+from lorakit.errors import LorakitError
 from lorakit.linalg import TopSVD, top_svd
+
+logger = logging.getLogger("lorakit")
 
 ZERO_B = ("lora", "lora-fa", "dora")  # the structures with a B factor that starts at 0
 
@@ -47,23 +53,66 @@ def svd_of_base(adapter: LowRankAdapter, config, generator: torch.Generator) -> 
                    power_iters=svd.power_iters, generator=generator)
 
 
+@dataclass
+class PiSSAOptions:
+    """pissa / svd-fa: ``loftq_iters`` rounds of LoftQ's alternation on a quantized base (0: QPiSSA as is).
+    Flat name: loftq_iters."""
+
+    loftq_iters: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.loftq_iters, int) or isinstance(self.loftq_iters, bool) or self.loftq_iters < 0:
+            raise LorakitError(f"pissa.loftq_iters (loftq_iters) must be a non-negative integer, got {self.loftq_iters!r}")
+
+
+def pissa_factors(svd: TopSVD, scale: float) -> tuple[Tensor, Tensor]:
+    """(B, A) = (U√(Σ/s), √(Σ/s)Vᵀ): s·BA = U Σ Vᵀ."""
+    U, S, V = svd
+    root = torch.sqrt(S / scale)
+    return U * root, root[:, None] * V.T
+
+
+def loftq(adapter: LowRankAdapter, config, generator: torch.Generator, B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """LoftQ's alternation (Li et al., 2023, arXiv 2310.08659) from PiSSA's (B, A), on the dequantized W of a
+    quantized base: ``loftq_iters`` times, Q = Q(W − s·BA) by the layer's backend, then (B, A) from
+    SVD_r(W − Q). Returns the iterate (the start included) whose new base is nearest its target, i.e. with
+    the least ‖W − s·BA − Q(W − s·BA)‖ / ‖W‖, so the iterations never increase the error."""
+    W = adapter.base_weight.float()
+    layer, backend, s = adapter.base_layer, adapter.backend, adapter.scale
+    best, errors = None, []
+    for step in range(config.pissa.loftq_iters + 1):
+        target = W - s * (B @ A)
+        Q = backend.roundtrip(layer, target)
+        errors.append(relative_error(target, Q, W))
+        if best is None or errors[-1] < best[0]:
+            best = (errors[-1], B, A)
+        if step == config.pissa.loftq_iters:
+            break
+        svd = config.svd
+        B, A = pissa_factors(top_svd(W - Q, adapter.rank, method=svd.method, oversample=svd.oversample,
+                                     power_iters=svd.power_iters, generator=generator), s)
+    logger.debug("lorakit: loftq errors %s", ", ".join(f"{e:.5f}" for e in errors))
+    return best[1], best[2]
+
+
 @register
 class PiSSAInit(Initialisation):
     """PiSSA (Meng et al., 2024, arXiv 2404.02948): SVD_r(W) = UΣVᵀ, B = U√(Σ/s), A = √(Σ/s)Vᵀ,
-    base W − s·BA (computed in float32+ from the cast factors): the function is unchanged."""
+    base W − s·BA (computed in float32+ from the cast factors): the function is unchanged.
+    On a quantized base (QPiSSA) the base becomes Q(W − s·BA) (``lorakit.adapters.quantized``);
+    ``pissa.loftq_iters`` > 0 refines (B, A) by LoftQ's alternation (``loftq``) first."""
 
     name = "pissa"
     structures = ZERO_B
     changes_base = True
-    on_quantized = ("use method 'lora' (or 'lora-xs', an SVD init that keeps W; 'lora-fa' for svd-fa), "
-                    "or load the base unquantized")
-    option_groups = ("svd",)
+    option_groups = ("svd", "pissa")
 
     def initialise(self, adapter: LowRankAdapter, config, generator: torch.Generator, stats=None) -> None:
-        U, S, V = svd_of_base(adapter, config, generator)
-        root = torch.sqrt(S / adapter.scale)
-        set_factor(adapter.B, U * root)
-        set_factor(adapter.A, root[:, None] * V.T)
+        B, A = pissa_factors(svd_of_base(adapter, config, generator), adapter.scale)
+        if adapter.backend is not None and config.pissa.loftq_iters:
+            B, A = loftq(adapter, config, generator, B, A)
+        set_factor(adapter.B, B)
+        set_factor(adapter.A, A)
         adapter.set_base_offset(adapter.B, adapter.A)
 
 

@@ -99,7 +99,6 @@ class LoRAGAInit(Initialisation):
     structures = ("lora", "lora-fa", "dora")
     data_driven = True
     changes_base = True
-    on_quantized = "use method 'lora-sb' (a gradient init that keeps W), or load the base unquantized"
     rslora = True
     option_groups = ("svd", "estimation", "lora_ga")
     training_lr = 1e-4  # the paper trains at full fine-tuning's rates: its first step matches full FT's
@@ -187,8 +186,6 @@ class LoRASBInit(Initialisation):
     uses_training_lr = True
     option_groups = ("svd", "estimation", "lora_sb")
     training_lr = 1e-2  # the LoRA-XS structure: only the r × r core R trains
-
-    on_quantized = "set preserve_init=False (start from W + trunc_r(ΔW₁), the paper's choice)"
 
     def moves_base(self, config) -> bool:
         return config.lora_sb.preserve_init

@@ -246,14 +246,11 @@ class RunConfig:
 
 
 def _check_quantized_run(cfg: RunConfig) -> None:
-    """What a quantized base cannot do: train its own weights, or take the adapter merged into them."""
+    """What a quantized base cannot do: train its own weights. (output.merged writes a dequantized plain model.)"""
     q = cfg.model.quantization
     if cfg.adapter.get("method") == FULL:
         raise LorakitError(f"full fine-tuning cannot train a quantized base (model.quantization={q}); "
                            "use an adapter method, or model.quantization=null")
-    if cfg.output.merged:
-        raise LorakitError(f"output.merged cannot merge into a quantized base (model.quantization={q}); set "
-                           "output.merged=false and use the PEFT adapter, or train with model.quantization=null")
 
 
 def _check_template(template: str) -> None:

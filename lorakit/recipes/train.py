@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 import lorakit
+from lorakit.adapters.quantized import quantization_summary
 from lorakit.errors import LorakitError
 from lorakit.estimate.distributed import peer_errors
 from lorakit.files import atomic_file, check_output_directory, json_text, output_directory
@@ -149,6 +150,12 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, A
     info = {"format": RUN_FORMAT, "lorakit_version": lorakit.__version__, "task": cfg.task, "method": cfg.method,
             "base_model": s.loaded.path, "label_names": s.splits.label_names, "status": "training",
             "init_seconds": init_seconds, "world_size": ctx.world}
+    requantized = quantization_summary(s.model)
+    if requantized is not None:  # an init moved W on a quantized base (QPiSSA): what re-quantizing it cost
+        info["quantization_error"] = requantized
+        say(f"re-quantized {requantized['layers']} {requantized['backend']} bases as W − s·B₀A₀: quantization error "
+            f"{requantized['mean_residual']:.4f} (mean, max {requantized['max_residual']:.4f}) of ‖W‖, "
+            f"against {requantized['mean_plain']:.4f} for re-quantizing W unchanged")
     if not opened.resuming:
         opened.lock = _on_main(ctx, lambda: create_run_dir(run_dir), "creating the run directory")
     if main:

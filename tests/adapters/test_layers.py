@@ -147,7 +147,8 @@ def test_unsupported_convolutions_and_inits_are_one_line_errors():
         (Grouped(), AdapterConfig(rank=2, targets=["conv"]), r"layer 'conv': cannot adapt a Conv2d with groups=2"),
         (tiny_unet(), AdapterConfig(rank=40, targets=["conv_in"]), r"layer 'conv_in': rank 40 exceeds the layer's size \(16 × 36\)"),
         (tiny_unet(), AdapterConfig(method="dora", rank=2, targets=["conv_in"]), r"DoRA adapts nn.Linear and Conv1D layers, not Conv2d"),
-        (tiny_unet(), AdapterConfig(method="lora-ga", rank=2, targets=["conv_in"]), r"init 'lora-ga' estimates G from nn.Linear"),
+        (tiny_llama(), AdapterConfig(method="lora-ga", rank=2, targets=["embed_tokens"]),
+         r"init 'lora-ga' estimates G from nn.Linear, Conv1D and Conv2d layers, but target 'model.embed_tokens' is a Embedding"),
     ]
     for model, cfg, message in cases:
         with pytest.raises(LorakitError, match=message) as err:

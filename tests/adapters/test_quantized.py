@@ -4,7 +4,8 @@ quantization configs (bitsandbytes nf4 / fp4 / int8, torchao int8 weight-only), 
 Relations: the adapted model at init computes the quantized base's function; the gradients of
 A and B (and of the layer input) equal an independent computation on the dequantized weight;
 a few training steps lower the loss; save → load gives identical logits; estimated G equals
-autograd's gradient w.r.t. the dequantized weights; merge and W-moving inits are refused."""
+autograd's gradient w.r.t. the dequantized weights; merging in place is refused (inits that move
+W: test_qpissa.py; the dequantizing merge: test_merge_dequantized.py)."""
 
 from __future__ import annotations
 
@@ -166,30 +167,16 @@ def test_estimated_gradient_is_autograds_on_the_dequantized_weights(base_dir, qu
         assert rel(stats[name].grad, g) < tol, name
 
 
-@pytest.mark.parametrize("quant", ["nf4", "int8"])
-@pytest.mark.parametrize("method, options, alternative", [
-    ("pissa", {}, "lora-xs"), ("svd-fa", {}, "lora-fa"), ("lora-ga", {}, "lora-sb"),
-    ("lora-sb", {"preserve_init": True}, "preserve_init=False"),
-])
-def test_inits_that_move_w_are_refused_and_leave_the_model(base_dir, quant, method, options, alternative):
-    model = load(base_dir, quant)
-    batch = batch_for("llama")
-    with pytest.raises(LorakitError) as err:
-        lorakit.adapt(model, config(method, **options), data=[batch])
-    message = str(err.value)
-    assert "\n" not in message and LABELS[quant] in message and alternative in message
-    assert not adapters_of(model)
-
-
 @pytest.mark.parametrize("quant", ["nf4", "torchao-int8"])
-def test_merge_is_refused_and_leaves_the_model(base_dir, quant):
+def test_merge_in_place_is_refused_and_leaves_the_model(base_dir, quant):
     model = load(base_dir, quant)
     batch = batch_for("llama")
     lorakit.adapt(model, config())
     perturb_trainables(model)
     before = logits(model, batch)
-    with pytest.raises(LorakitError, match=f"cannot merge into the {LABELS[quant]} quantized base weight"):
-        lorakit.merge(model)
+    for adapter in adapters_of(model).values():
+        with pytest.raises(LorakitError, match=f"cannot merge into the {LABELS[quant]} quantized base weight in place"):
+            adapter.merge()
     assert len(adapters_of(model)) == 6 and not any(a.merged for a in adapters_of(model).values())
     assert torch.equal(logits(model, batch), before)
 
