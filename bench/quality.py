@@ -2,7 +2,7 @@
 
     nice python bench/quality.py --config bench/configs/quality_minilm.yaml --budget quick
     nice python bench/quality.py --config bench/configs/quality_minilm.yaml --budget full
-    nice python bench/quality.py --config bench/configs/quality_smollm2.yaml --budget quick
+    nice python bench/quality.py --config bench/configs/quality_smollm2_reasoning.yaml --budget short --threads 1
     ... [--methods lora,pissa] [--workdir runs/bench] [--threads 1] [--resume]
 
 A config (bench/configs/*.yaml) holds a lorakit train config (`base`), per-method overrides
@@ -264,7 +264,7 @@ def main() -> None:
     seeds = [int(s) for s in budget.get("seeds", [0])]
     window = int(budget.get("smooth", 8))
     select = spec.get("select", {"metric": "accuracy", "mode": "max"})
-    metric = "accuracy" if base.get("task", "classification") == "classification" else "exact_match"
+    metric = "exact_match" if base.get("task", "classification") == "causal-lm" else "accuracy"  # multiple-choice: accuracy
     reference = spec.get("reference", "lora")
     result_name = args.output or f"{spec['name']}_{args.budget}"
     workdir = Path(args.workdir) / f"{spec['name']}_{args.budget}"

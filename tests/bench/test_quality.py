@@ -135,3 +135,27 @@ def test_an_extended_grid_is_trained_at_the_first_seed_once_and_recorded(tmp_pat
     assert entry["lr"] == 2e-3 and entry["lr_grid_extended"] == ["0.002", "0.004"]
     assert entry["lr_grid"] == {"0.0005": 0.6, "0.001": 0.7, "0.002": 0.8, "0.004": 0.75}
     assert entry["test_per_seed"] == [0.8, 0.81] and saved["figures"]["extend_grid"] == 2
+
+
+@pytest.mark.parametrize("task, metric", [("multiple-choice", "accuracy"), ("causal-lm", "exact_match"),
+                                          ("classification", "accuracy")])
+def test_the_summarised_metric_follows_the_task(tmp_path, monkeypatch, task, metric):
+    """Multiple choice is scored by accuracy (its runs have no exact_match); causal-LM by exact match."""
+    config = tmp_path / "exp.yaml"
+    config.write_text(json.dumps({"name": "exp", "base": {"task": task, "train": {}},
+                                  "budgets": {"b": {"seeds": [0], "lr_search": False}}, "methods": {"lora": {"lr": 1e-3}}}))
+    workdir = tmp_path / "runs"
+    spec = {"task": task, "train": {"seed": 0}, "optim": {"lr": 1e-3}, "output": {}}
+    finished_run(workdir / "exp_b" / "lora-lr0.001-seed0", spec, 0.0)
+    test = {"accuracy": 0.6, "accuracy_norm": 0.5} if metric == "accuracy" else {"exact_match": 0.3, "loss": 1.0}
+    (workdir / "exp_b" / "lora-lr0.001-seed0" / "results.json").write_text(json.dumps(
+        {"test": test, "trainable_params": 10, "total_params": 100, "init_seconds": 1.0, "train_seconds": 2.0,
+         "peak_memory_mb": 3.0, "steps": 1}))
+    saved: dict = {}
+    monkeypatch.setattr(quality, "write_result", lambda name, figures, status: saved.update(figures=figures, status=status))
+    monkeypatch.setattr(quality.subprocess, "run", lambda *a, **k: pytest.fail("--gather trained a run"))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--config", str(config), "--budget", "b", "--workdir", str(workdir), "--gather"])
+    quality.main()
+    entry = saved["figures"]["methods"]["lora"]
+    assert saved["figures"]["metric"] == metric and entry["status"] == "ok" and entry["mean"] == test[metric]
+    assert entry["test_other_mean"] == {k: v for k, v in test.items() if k != metric}
