@@ -662,34 +662,24 @@ def scaling_section(rep: Report, result: dict[str, Any]) -> None:
                 "or if adapt initialised each group's layers right after its pass.", "")
     scaling_extrapolation(rep, f)
 
-    def draw(ax):
-        palette = colours(methods)
-        for m in methods:
-            have = [r for r in rows if m in r["runs"]]
-            ax.plot([r["parameters"] for r in have], [r["runs"][m]["added_MiB"] for r in have], marker="o",
-                    label=SCALING_LABELS.get(m, m), color=palette[m])
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("parameters")
-        ax.set_ylabel("added memory (MiB)")
-        ax.legend(fontsize=7)
-        ax.set_title("LoRA-GA estimation: added memory vs model size", fontsize=9)
+    def curves(key: str, ylabel: str, what: str) -> Callable[[Any], None]:
+        def draw(ax):
+            palette = colours(methods)
+            for m in methods:
+                have = [r for r in rows if m in r["runs"]]
+                ax.plot([r["parameters"] for r in have], [r["runs"][m][key] for r in have], marker="o",
+                        label=SCALING_LABELS.get(m, m), color=palette[m])
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("parameters")
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=7)
+            ax.set_title(f"LoRA-GA estimation: {what} vs model size", fontsize=9)
+        return draw
 
-    def draw_time(ax):
-        palette = colours(methods)
-        for m in methods:
-            have = [r for r in rows if m in r["runs"]]
-            ax.plot([r["parameters"] for r in have], [r["runs"][m]["seconds"] for r in have], marker="o",
-                    label=SCALING_LABELS.get(m, m), color=palette[m])
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("parameters")
-        ax.set_ylabel("seconds")
-        ax.legend(fontsize=7)
-        ax.set_title("LoRA-GA estimation: time vs model size", fontsize=9)
-
-    rep.plot("scaling_memory.png", draw, "LoRA-GA estimation added memory against parameter count")
-    rep.plot("scaling_time.png", draw_time, "LoRA-GA estimation time against parameter count")
+    rep.plot("scaling_memory.png", curves("added_MiB", "added memory (MiB)", "added memory"),
+             "LoRA-GA estimation added memory against parameter count")
+    rep.plot("scaling_time.png", curves("seconds", "seconds", "time"), "LoRA-GA estimation time against parameter count")
 
 
 def scaling_extrapolation(rep: Report, f: dict[str, Any]) -> None:
