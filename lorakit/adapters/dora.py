@@ -62,11 +62,12 @@ class DoRA(LoRA):
         dtype = self.compute_dtype_for(x)
         h = self.project(self.dropout(x), self.factor_as("A", dtype))
         h2, out2 = h.reshape(-1, h.shape[-1]), out.reshape(-1, out.shape[-1])
-        cdtype = ratio.dtype if out.dtype != ratio.dtype else out.dtype
-        B = (self.factor_as("B", ratio.dtype) * (self.scale * ratio)[:, None]).to(cdtype)
+        cdtype = ratio.dtype  # the product runs in float32+ (as the norm), cast back once
+        B = self.factor_as("B", cdtype) * (self.scale * ratio)[:, None]
         bias = self.base_layer.bias
-        shift = torch.zeros((), dtype=cdtype, device=out.device) if bias is None else ((1 - ratio) * bias).to(cdtype)
-        result = torch.addmm(shift, as_dtype(h2, cdtype), B.T).addcmul_(as_dtype(out2, cdtype), ratio.to(cdtype))
+        h2 = as_dtype(h2, cdtype)
+        low = h2 @ B.T if bias is None else torch.addmm((1 - ratio) * as_dtype(bias, cdtype), h2, B.T)
+        result = low.addcmul_(as_dtype(out2, cdtype), ratio)
         return as_dtype(result, out.dtype).view(out.shape)
 
     def merged_weight(self, W: Tensor) -> Tensor:
