@@ -48,7 +48,7 @@ def adapt(
             )
         from lorakit.estimate import estimate
 
-        stats = estimate(model, config, data, targets=names, progress=progress)
+        stats = estimate(model, config, data, targets=names, progress=progress, compact=compactor(config))
     if config.needs_data:
         missing = [n for n in names if n not in stats]
         if missing:
@@ -154,6 +154,12 @@ def _called_by_trainer_save(frame: Any) -> bool:
     trainer_class = getattr(trainer_module, "Trainer", None)
     return (trainer_class is not None and frame.f_code.co_name == "_save"
             and isinstance(frame.f_locals.get("self"), trainer_class))
+
+
+def compactor(config: AdapterConfig):
+    """``estimate(compact=...)`` for statistics that ``initialise_adapter`` consumes at once: each layer's
+    G reduced to what its init needs (``Initialisation.compact``), with the generator the init gets."""
+    return lambda name, stats: config.initialisation.compact(config, layer_generator(config.seed, name), stats)
 
 
 def initialise_adapter(adapter: LowRankAdapter, name: str, config: AdapterConfig, layer_stats: Any = None) -> None:

@@ -14,7 +14,9 @@ The model runs in eval mode (dropout off) unless ``estimate_dropout``; its modes
 Estimators (``config.estimation.estimator``):
 - ``"exact"``: G per layer (out × in, float32; float64 for float64 models), on
   ``estimate_device`` if given. With ``memory_budget``, layers are split into consecutive
-  groups whose G fit the budget, one pass per group.
+  groups whose G fit the budget, one pass per group; under ``lorakit.adapt`` each group's G is
+  reduced to what the init needs (its top singular triplets) before the next group's pass, so
+  the budget bounds the peak.
 - ``"sketch"``: randomized SVD of G from 2q + 2 passes (``power_iters`` = q), O((out+in)·k)
   memory per layer, k = 2·rank (lora-ga) or rank (lora-sb) plus ``oversample``.
 - ``"auto"`` (default): ``"exact"`` in one pass when there is no ``memory_budget`` or all
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -118,6 +120,7 @@ def estimate(
     *,
     loss_fn: LossFn | None = None,
     progress: bool = True,
+    compact: Callable[[str, LayerStats], LayerStats] | None = None,
 ) -> GradientStatistics:
     """Estimate the gradient statistics of every target layer of the plain (un-adapted) model.
 
@@ -126,6 +129,9 @@ def estimate(
     name of an installed adapter means its base layer).
     ``loss_fn(outputs, batch) -> (per-example loss terms ℓ (b,), weights w (b,))`` overrides the
     default (G = ∇Σℓ / Σw; a bool second value marks valid examples whose ℓ are their means). Returns layer name -> ``LayerStats``, with ``.report``.
+    ``compact(name, layer_stats)``: applied to each exact layer group's statistics as soon as the group
+    is estimated, before the next group's G exist (``lorakit.adapt`` passes the init's own
+    ``Initialisation.compact``, so ``memory_budget`` bounds the peak, not only each pass).
     """
     start = time.perf_counter()
     layers = _target_layers(model, config, targets)
@@ -160,7 +166,10 @@ def estimate(
                 for group in groups:
                     accumulators = {n: GradientAccumulator(layers[n], options.device) for n in group}
                     one_pass(accumulators)
-                    stats.update({n: LayerStats(grad=acc.G) for n, acc in accumulators.items()})
+                    for n in group:
+                        found = LayerStats(grad=accumulators.pop(n).G)
+                        stats[n] = compact(n, found) if compact is not None else found
+                        del found  # with compact, this G is freed here, before the next group's pass
             else:
                 svds = sketch_svd(layers, k, options.oversample, options.power_iters, config.seed, one_pass)
                 stats.update({n: LayerStats(svd=svd, rank=k) for n, svd in svds.items()})

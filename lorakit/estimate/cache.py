@@ -30,6 +30,9 @@ def save_stats(stats: dict[str, LayerStats], path: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for name, layer in stats.items():
+        if layer.of != "gradient":
+            raise LorakitError(f"layer {name!r} holds compacted statistics (the SVD of {layer.of}), which are not "
+                               "saved; save the statistics lorakit.estimate returns without compact=")
         if layer.grad is not None:
             tensors[f"{name}/G"] = layer.grad
         else:

@@ -18,11 +18,15 @@ class LayerStats:
     ``grad``: G = ∂L/∂W (out × in, float32+) from the exact estimators; or
     ``svd``: G ≈ U diag(S) Vᵀ from the sketch (U: out × l, S: l, V: in × l), of which the
     first ``rank`` triplets are the ones the sketch was sized for (l = rank + oversampling).
+    ``of``: the matrix ``svd`` decomposes — ``"gradient"`` (G), or ``"first-update"`` (lora-sb's
+    ΔW₁, when ``lorakit.adapt`` compacts G as soon as its layer group is estimated; see
+    ``Initialisation.compact``).
     """
 
     grad: Tensor | None = None
     svd: TopSVD | None = None
     rank: int = 0
+    of: str = "gradient"
 
     @property
     def kind(self) -> str:
@@ -36,6 +40,8 @@ class LayerStats:
 
     def gradient(self) -> Tensor:
         """G itself (exact estimators only)."""
+        if self.of != "gradient":
+            raise LorakitError(f"these statistics hold the top singular triplets of {self.of!r}, not G; re-estimate")
         if self.grad is None:
             raise LorakitError(
                 "these statistics come from the sketch estimator and hold no full gradient; re-estimate with "
@@ -51,7 +57,7 @@ class LayerStats:
         power_iters: int = 4,
         generator: torch.Generator | None = None,
     ) -> TopSVD:
-        """Top-k singular triplets of G in float32+ (from G, or the first k of the sketch)."""
+        """Top-k singular triplets in float32+ (of G from G, or the first k of the sketch or compacted form)."""
         if self.grad is not None:
             return top_svd(self.grad, k, method, oversample, power_iters, generator)
         if k > self.rank:

@@ -76,6 +76,12 @@ class Initialisation:
     def check(self, config: Any) -> None:
         """Raise LorakitError for option combinations it cannot honour."""
 
+    def compact(self, config: Any, generator: torch.Generator, stats: Any) -> Any:
+        """What ``initialise`` needs of one layer's gradient statistics, as small as it can be held
+        (``lorakit.adapt`` calls it as each layer group is estimated, with the generator ``initialise``
+        will get, so the factors are the same). Default: the statistics themselves."""
+        return stats
+
     def initialise(self, adapter: LowRankAdapter, config: Any, generator: torch.Generator, stats: Any) -> None:
         raise NotImplementedError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -106,6 +107,10 @@ class LoRAGAInit(Initialisation):
     def directions(self, config) -> int:
         return 2 * config.rank
 
+    def compact(self, config, generator: torch.Generator, stats):
+        k = self.directions(config)  # the top 2r triplets of G are all it uses
+        return dataclasses.replace(stats, grad=None, svd=_top_svd_of_gradient(stats, k, config, generator), rank=k)
+
     def initialise(self, adapter: LowRankAdapter, config, generator: torch.Generator, stats=None) -> None:
         layer = _layer_stats(adapter, stats, self.name)
         svd = _top_svd_of_gradient(layer, 2 * adapter.rank, config, generator)
@@ -165,6 +170,8 @@ def first_step_size(options: SBOptions) -> float:
 
 def first_update_svd(layer, config, rank: int, generator: torch.Generator) -> TopSVD:
     """SVD_r(ΔW₁) with ΔW₁ = −η·sign(G) (update='sign') or −η·G (update='gradient')."""
+    if layer.of == "first-update":  # compacted by LoRASBInit.compact
+        return layer.top_svd(rank)
     eta = first_step_size(config.lora_sb)
     if config.lora_sb.update == "sign":
         G = layer.gradient()
@@ -199,6 +206,11 @@ class LoRASBInit(Initialisation):
                 "lora-sb's update='sign' needs the exact gradient; use estimator='exact' (with memory_budget "
                 "to bound memory) or update='gradient' with the sketch"
             )
+
+    def compact(self, config, generator: torch.Generator, stats):
+        # SVD_r(ΔW₁) is all it uses (for update='sign' not a function of G's own top triplets)
+        svd = first_update_svd(stats, config, config.rank, generator)
+        return dataclasses.replace(stats, grad=None, svd=svd, rank=config.rank, of="first-update")
 
     def initialise(self, adapter: LowRankAdapter, config, generator: torch.Generator, stats=None) -> None:
         layer = _layer_stats(adapter, stats, self.name)

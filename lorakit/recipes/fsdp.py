@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.adaptation import CONFIG_ATTR, initialise_adapter
+from lorakit.adaptation import CONFIG_ATTR, compactor, initialise_adapter
 from lorakit.adapters import LowRankAdapter
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
@@ -157,7 +157,7 @@ def adapt_sharded(model: nn.Module, config: AdapterConfig, data: Any, mesh: Any,
 
         # the taps sit on the adapters' base layers: with zero factors their x and ∂L/∂y are the plain model's
         with peer_errors("estimating on the sharded model"):
-            stats = estimate(model, config, data, targets=names, progress=progress)
+            stats = estimate(model, config, data, targets=names, progress=progress, compact=compactor(config))
     by_unit: dict[str, list[str]] = {}
     for name in names:
         by_unit.setdefault(_owner(name, units), []).append(name)
