@@ -149,3 +149,29 @@ def test_cli_vllm_export_prints_the_serve_line(tmp_path, capsys):
     assert f"--max-lora-rank 8 --lora-modules adapter={folder.resolve()}" in out  # pissa: rank 2r = 8
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
     _vllm_validates(folder)
+
+
+@pytest.mark.parametrize("method, rank", [("lora", 5), ("pissa", 4), ("lora-xs", 12)])
+def test_vllm_serve_hint_gives_both_server_forms_with_the_rank_of_the_written_tensors(tmp_path, method, rank):
+    import shlex
+
+    from safetensors.torch import load_file
+
+    from lorakit.export import vllm_max_lora_rank, vllm_serve_hint
+
+    model = lorakit.adapt(MODELS["llama"](), lorakit.AdapterConfig(method=method, rank=rank))
+    folder = tmp_path / "an adapter"  # a space: the lines must stay copy-pasteable
+    lorakit.export_vllm(model, folder, base_model_name_or_path="org/base model")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    written = max(t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight"))
+    serve, module = vllm_serve_hint(folder).splitlines()
+    first = shlex.split(serve.rsplit("  (", 1)[0])
+    second = shlex.split(module.split(": ", 1)[1])
+    assert first[:3] == ["vllm", "serve", "org/base model"]
+    assert second[:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "org/base model"]
+    assert first[3:] == second[5:]  # the same server options in both forms
+    options = first[3:]
+    assert "--enable-lora" in options
+    assert int(options[options.index("--max-lora-rank") + 1]) == vllm_max_lora_rank(written)
+    assert options[options.index("--lora-modules") + 1] == f"adapter={folder.resolve()}"
+    assert f"(adapter rank {written})" in serve
