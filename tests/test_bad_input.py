@@ -168,6 +168,48 @@ def _set_unknown_adapter(tmp: Path) -> None:
     lorakit.set_adapter(model, "maths")
 
 
+def _import_peft_folder(tmp: Path, build_peft, target) -> None:
+    """Python: a PEFT adapter saved by PEFT itself, imported into ``target()``; the folder is removed after
+    (the import itself writes nothing)."""
+    import shutil
+
+    import lorakit
+
+    folder = tmp / "peft-adapter"
+    try:
+        build_peft().save_pretrained(folder)
+        lorakit.import_peft(target(), folder)
+    finally:
+        shutil.rmtree(folder)
+
+
+def _peft_ia3():
+    from peft import IA3Config, get_peft_model
+
+    from conftest import tiny_llama
+
+    return get_peft_model(tiny_llama(), IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]))
+
+
+def _peft_lora():
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_llama
+
+    return get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+
+
+def _other_shaped_llama():
+    import torch
+
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    layer = model.model.layers[1].mlp.down_proj
+    model.model.layers[1].mlp.down_proj = torch.nn.Linear(layer.in_features * 2, layer.out_features, bias=False, dtype=layer.weight.dtype)
+    return model
+
+
 CASES = [
     Case("a YAML config whose top level is a list", r"holds a YAML list, not a mapping of sections", _yaml_list),
     Case("an override value that is not valid YAML", r"override 'adapter.targets=\[query': the value is not valid YAML",
@@ -239,6 +281,10 @@ CASES = [
              t / "g.jsonl", [{"sentence": "good film", "sentiment": "pos", "doc": 1}, {"sentence": "bad", "sentiment": "neg"}]))})),
     Case("eval with neither a run directory nor --model", r"takes one RUN_DIR, or --model NAME_OR_PATH --config FILE.yaml",
          lambda t: ["eval", "--config", _config(t)]),
+    Case("Python: import a PEFT IA3 adapter", r"is a PEFT IA3 adapter; lorakit imports PEFT LoRA adapters",
+         None, call=lambda t: _import_peft_folder(t, _peft_ia3, __import__("conftest").tiny_llama)),
+    Case("Python: import a PEFT LoRA adapter of another base", r"layer 'model.layers.1.mlp.down_proj' is .* here",
+         None, call=lambda t: _import_peft_folder(t, _peft_lora, _other_shaped_llama)),
     Case("Python: set_adapter to an unknown name", r"no adapter named 'maths' \(did you mean 'math'\?\); its adapters: default, math",
          None, call=_set_unknown_adapter),
 ]

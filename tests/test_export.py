@@ -1,6 +1,8 @@
 """Leaving lorakit: merged plain models and PEFT adapters relative to the original base."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +151,110 @@ def test_cli_vllm_export_prints_the_serve_line(tmp_path, capsys):
     assert f"--max-lora-rank 8 --lora-modules adapter={folder.resolve()}" in out  # pissa: rank 2r = 8
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
     _vllm_validates(folder)
+
+
+@pytest.mark.parametrize("method, rank", [("lora", 5), ("pissa", 4), ("lora-xs", 12)])
+def test_vllm_serve_hint_gives_both_server_forms_with_the_rank_of_the_written_tensors(tmp_path, method, rank):
+    import shlex
+
+    from safetensors.torch import load_file
+
+    from lorakit.export import vllm_max_lora_rank, vllm_serve_hint
+
+    model = lorakit.adapt(MODELS["llama"](), lorakit.AdapterConfig(method=method, rank=rank))
+    folder = tmp_path / "an adapter"  # a space: the lines must stay copy-pasteable
+    lorakit.export_vllm(model, folder, base_model_name_or_path="org/base model")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    written = max(t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight"))
+    serve, module = vllm_serve_hint(folder).splitlines()
+    first = shlex.split(serve.rsplit("  (", 1)[0])
+    second = shlex.split(module.split(": ", 1)[1])
+    assert first[:3] == ["vllm", "serve", "org/base model"]
+    assert second[:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "org/base model"]
+    assert first[3:] == second[5:]  # the same server options in both forms
+    options = first[3:]
+    assert "--enable-lora" in options
+    assert int(options[options.index("--max-lora-rank") + 1]) == vllm_max_lora_rank(written)
+    assert options[options.index("--lora-modules") + 1] == f"adapter={folder.resolve()}"
+    assert f"(adapter rank {written})" in serve
+
+
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"  # made by bench/vllm_check.py
+VLLM_LOADER = """
+import json, sys
+import torch
+from safetensors.torch import load_file
+from vllm.config.lora import LoRAConfig
+from vllm.lora.lora_model import LoRAModel
+from vllm.lora.peft_helper import PEFTHelper
+
+report = {}
+for name, folder, max_rank, smaller in json.loads(sys.argv[1]):
+    helper = PEFTHelper.from_local_dir(folder, None)
+    try:
+        helper.validate_legal(LoRAConfig(max_lora_rank=max_rank))
+    except ValueError as error:
+        report[name] = {"refused": str(error)}
+        continue
+    try:
+        helper.validate_legal(LoRAConfig(max_lora_rank=smaller))
+        refused_smaller = False
+    except ValueError:
+        refused_smaller = True
+    modules = {t.rsplit(".", 1)[-1] for t in helper.target_modules}
+    model = LoRAModel.from_local_checkpoint(folder, modules, helper, device="cpu", dtype=torch.float64)
+    expected = load_file(folder + ".delta.safetensors")
+    errors = {}
+    for module, weights in model.loras.items():
+        delta = weights.scaling * weights.lora_b.double() @ weights.lora_a.double()
+        errors[module] = ((delta - expected[module]).norm() / expected[module].norm()).item()
+    report[name] = {"refused_smaller": refused_smaller, "modules": sorted(expected), "errors": errors}
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason="no .venv-vllm (bench/vllm_check.py builds it)")
+def test_vllms_own_loader_accepts_our_vllm_exports_with_the_merged_delta_and_refuses_dora(tmp_path):
+    """In vLLM's environment: PEFTHelper.validate_legal passes at the --max-lora-rank we name (and fails one
+    allowed value lower), LoRAModel.from_local_checkpoint loads every module, and its scaling·B·A equals
+    the change lorakit's merge makes to the original base weight; a DoRA PEFT export is refused by vLLM too."""
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    from lorakit.export import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+
+    batch = batch_for("llama")
+    data = [{k: v for k, v in batch.items()}]
+    jobs = []
+    for method, rslora in [("lora", False), ("lora", True), ("pissa", False), ("lora-xs", False), ("svd-fa", False),
+                           ("lora-ga", False), ("lora-sb", False)]:
+        name = method + ("-rs" if rslora else "")
+        model = lorakit.adapt(MODELS["llama"](), lorakit.AdapterConfig(method=method, rank=4, use_rslora=rslora), data=data,
+                              progress=False)
+        perturb_trainables(model, scale=0.05)
+        folder = tmp_path / name
+        lorakit.export_vllm(model, folder)
+        rank = json.loads((folder / "adapter_config.json").read_text())["r"]
+        original = dict(MODELS["llama"]().named_parameters())
+        merged = dict(lorakit.merge(model).named_parameters())
+        targets = json.loads((folder / "adapter_config.json").read_text())["target_modules"]
+        save_file({t: (merged[f"{t}.weight"] - original[f"{t}.weight"]).detach().contiguous() for t in targets},
+                  str(folder) + ".delta.safetensors")
+        allowed = vllm_max_lora_rank(rank)
+        jobs.append([name, str(folder), allowed, VLLM_MAX_LORA_RANKS[VLLM_MAX_LORA_RANKS.index(allowed) - 1]])
+    dora = lorakit.adapt(MODELS["llama"](), lorakit.AdapterConfig(method="dora", rank=4))
+    lorakit.export_peft(dora, tmp_path / "dora")  # what export_vllm refuses: vLLM must refuse it as well
+    jobs.append(["dora", str(tmp_path / "dora"), 8, 1])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(VLLM_PYTHON), "-c", VLLM_LOADER, json.dumps(jobs)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "DoRA" in report.pop("dora")["refused"]
+    assert set(report) == {j[0] for j in jobs[:-1]}
+    for name, row in report.items():
+        assert "refused" not in row, (name, row)
+        assert row["refused_smaller"], name
+        assert sorted(row["errors"]) == row["modules"], name  # every adapted module loaded, none extra
+        assert max(row["errors"].values()) < 1e-12, (name, row["errors"])

@@ -293,3 +293,21 @@ def test_scaling_target_fits_and_extrapolation_come_from_the_json(tmp_path, monk
     write(results, "scaling", made["figures"], status=made["status"])
     text = report.write(results, out).read_text()
     assert "| lorakit sketch + checkpointing memory ÷ PEFT | 0.050× | <= 0.1 | met |" in text
+
+
+def test_vllm_section_puts_offline_and_server_equality_side_by_side(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs"
+    row = lambda equal: {"prompts": 4, "equal": equal, "first_divergences": [], "max_abs_logprob_diff_on_common_prefix": 3e-5}  # noqa: E731
+    methods = {"lora": {**row(4), "exported_rank": 8, "max_lora_rank": 8, "prompts_differing_from_base": 3},
+               "pissa": {**row(4), "exported_rank": 16, "max_lora_rank": 16, "prompts_differing_from_base": 2}}
+    write(results, "vllm_check", {"vllm": "0.99.0", "steps": 3, "rank": 8, "prompts": 4, "tokens": 16, "methods": methods,
+                                  "commands": ["LLM(model='b')"], "merged_model": {"method": "pissa", **row(4)},
+                                  "serve": {"vllm": "0.99.0", "command": "python -m vllm.entrypoints.openai.api_server --model b",
+                                            "server_start_seconds": 42.0, "request": {"temperature": 0.0},
+                                            "methods": {"lora": row(4), "pissa": row(3)}}}, status="mismatch")
+    text = report.write(results, out).read_text()
+    assert "| lora | 8 | 8 | 4/4 | 3.0e-05 | 4/4 | 3.0e-05 | 3 |" in text
+    assert "| pissa | 16 | 16 | 4/4 | 3.0e-05 | 3/4 | 3.0e-05 | 2 |" in text
+    assert "`python -m vllm.entrypoints.openai.api_server --model b`" in text
+    assert "equal to the merged model for lora (1/2 methods, 4 prompts each)" in text
+    assert "- issue 17, vLLM: pissa's served greedy tokens differ from lorakit's merged model (offline 4/4, server 3/4)." in text
