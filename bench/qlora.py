@@ -1,6 +1,6 @@
 """QLoRA memory and time on SmolLM2-135M: lorakit lora vs PEFT lora on the same quantized base (issue 15).
 
-    nice python bench/qlora.py [--bases nf4,int8,fp32] [--repeats 2] [--tokens 64] [--rank 16]
+    nice python bench/qlora.py [--bases nf4,int8,fp32] [--repeats 5] [--tokens 64] [--rank 16] [--threads 1]
 
 For each base (bitsandbytes nf4, bitsandbytes int8, unquantized fp32; loaded through
 transformers' own quantization configs, as ``model.quantization`` does), two copies of the
@@ -12,7 +12,8 @@ library, and the ratios lorakit / PEFT:
   for the input gradient included): the step's activation memory, exact and free of noise;
 - ``peak_added_mb``: peak resident set size during a step minus the resident size before it
   (Linux /proc; allocator reuse and other processes make it noisy on a shared CPU);
-- ``seconds_per_step``: the median over interleaved repeats.
+- ``seconds_per_step``: the median over interleaved repeats (the libraries alternate which goes
+  first in each repeat).
 """
 
 from __future__ import annotations
@@ -95,11 +96,12 @@ def ratio(row: dict, key: str) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bases", default="nf4,int8,fp32")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread, both libraries side by side
+    torch.set_num_threads(args.threads)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
@@ -108,7 +110,8 @@ def main() -> None:
     ids = tokenizer(TEXT, return_tensors="pt", truncation=True, max_length=args.tokens)["input_ids"]
     batch = {"input_ids": ids, "labels": ids.clone()}
     r = args.rank
-    figures: dict = {"tokens": int(ids.shape[1]), "rank": r, "targets": TARGETS, "repeats": args.repeats, "bases": {}}
+    figures: dict = {"tokens": int(ids.shape[1]), "rank": r, "targets": TARGETS, "repeats": args.repeats,
+                     "threads": args.threads, "bases": {}}
     for base in args.bases.split(","):
         ours = lorakit.adapt(load(path, base), lorakit.AdapterConfig(method="lora", rank=r, alpha=2 * r, targets=TARGETS))
         theirs = get_peft_model(load(path, base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, task_type="CAUSAL_LM"))
@@ -118,9 +121,9 @@ def main() -> None:
         for run in runs.values():  # warm-up: optimizer state, first-call allocations
             run()
         seen: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
-        for _ in range(args.repeats):
-            for key, run in runs.items():
-                seen[key].append(run())
+        for repeat in range(args.repeats):
+            for key in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
+                seen[key].append(runs[key]())
         row = {k: {"seconds_per_step": statistics.median(t for t, _ in v), "peak_added_mb": statistics.median(m for _, m in v),
                    "saved_mb": saved[k]} for k, v in seen.items()}
         row["saved_ratio"] = row["lorakit"]["saved_mb"] / row["peft"]["saved_mb"]

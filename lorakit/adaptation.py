@@ -10,6 +10,7 @@ from typing import Any, Iterator, Mapping
 from torch import nn
 
 from lorakit.adapters import LowRankAdapter
+from lorakit.adapters.quantized import FullPrecisionWeights, check_full_precision, full_precision_source
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import adapters_of, find_targets, inject, parameter_report
@@ -39,6 +40,8 @@ def adapt(
     config = config or AdapterConfig()
     names = find_targets(model, config)
     config.initialisation.check_layers(config, {n: model.get_submodule(n) for n in names})
+    full_precision = full_precision_source(model, config.full_precision_checkpoint)
+    check_full_precision(full_precision, {n: model.get_submodule(n) for n in names})
     estimated_here = config.needs_data and stats is None
     if estimated_here:
         if data is None:
@@ -55,7 +58,8 @@ def adapt(
             raise LorakitError(f"the gradient statistics have no entry for layer {missing[0]!r}; re-run lorakit.estimate for these targets")
     adapters = inject(model, config, names)
     for name, adapter in adapters.items():
-        initialise_adapter(adapter, name, config, stats[name] if config.needs_data else None)
+        with full_precision_of(adapter, name, full_precision):
+            initialise_adapter(adapter, name, config, stats[name] if config.needs_data else None)
         if estimated_here:
             del stats[name]  # free each layer's G once used: init then never holds all of them
     mark_adapted(model, config)
@@ -154,6 +158,20 @@ def _called_by_trainer_save(frame: Any) -> bool:
     trainer_class = getattr(trainer_module, "Trainer", None)
     return (trainer_class is not None and frame.f_code.co_name == "_save"
             and isinstance(frame.f_locals.get("self"), trainer_class))
+
+
+@contextmanager
+def full_precision_of(adapter: LowRankAdapter, name: str, source: FullPrecisionWeights | None) -> Iterator[None]:
+    """Inside, a quantized ``adapter``'s ``original_weight`` is its full-precision W from ``source`` (one
+    layer's weight in memory at a time); nothing for a plain layer or no source."""
+    if source is None or adapter.backend is None:
+        yield
+        return
+    adapter.full_precision = source.weight(name, (adapter.out_features, adapter.in_features), adapter.base_weight.device)
+    try:
+        yield
+    finally:
+        adapter.full_precision = None
 
 
 def initialise_adapter(adapter: LowRankAdapter, name: str, config: AdapterConfig, layer_stats: Any = None) -> None:
