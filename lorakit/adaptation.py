@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
@@ -10,12 +11,14 @@ from typing import Any, Iterator, Mapping
 from torch import nn
 
 from lorakit.adapters import LowRankAdapter
-from lorakit.adapters.quantized import FullPrecisionWeights, check_full_precision, full_precision_source
+from lorakit.adapters.quantized import (FullPrecisionWeights, check_full_precision, full_precision_source,
+                                        requantization_warning)
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import adapters_of, find_targets, inject, parameter_report
 from lorakit.linalg import layer_generator
 
+logger = logging.getLogger("lorakit")
 CONFIG_ATTR = "lorakit_config"
 # Named adapters (lorakit.named): the active one's name, and every adapter by name.
 ACTIVE_ATTR = "active_adapter"
@@ -62,6 +65,10 @@ def adapt(
             initialise_adapter(adapter, name, config, stats[name] if config.needs_data else None)
         if estimated_here:
             del stats[name]  # free each layer's G once used: init then never holds all of them
+    warning = requantization_warning({n: a.quantization_error for n, a in adapters.items() if a.quantization_error},
+                                     config.init_method)
+    if warning is not None:
+        logger.warning(warning)
     mark_adapted(model, config)
     return model
 

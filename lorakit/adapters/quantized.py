@@ -260,12 +260,38 @@ def quantization_label(layer: nn.Module) -> str | None:
 
 @dataclass
 class QuantizationError:
-    """Relative quantization errors of one re-quantized base (W: the dequantized weight before the change):
-    ``plain`` = ‖W − Q(W)‖ / ‖W‖, ``residual`` = ‖W' − Q(W')‖ / ‖W‖ for the new base W' = W − s·B₀A₀."""
+    """Relative quantization errors of one re-quantized base (W: the weight before the change, dequantized or
+    the full-precision checkpoint's): ``plain`` = ‖W − Q(W)‖ / ‖W‖, ``residual`` = ‖W' − Q(W')‖ / ‖W‖ for
+    the new base W' = W − s·B₀A₀, ``own`` = ‖W' − Q(W')‖ / ‖W'‖ (the format's error on the matrix it
+    quantized). ``reference`` is what Q(W) costs: ``plain``, or for a dequantized W (which re-quantizes
+    to itself) the format's error ``own``."""
 
     backend: str
     plain: float
     residual: float
+    own: float | None = None
+
+    @property
+    def reference(self) -> float:
+        return max(self.plain, self.own or 0.0)
+
+
+# an init whose re-quantized bases lose more than this many times Q(W)'s error is warned about
+REQUANTIZATION_MARGIN = 1.5
+
+
+def requantization_warning(report: dict[str, QuantizationError], init: str) -> str | None:
+    """One line when ``init`` re-quantized bases whose error exceeds REQUANTIZATION_MARGIN × Q(W)'s (e.g.
+    lora-ga on 4 bits, whose offset s·B₀A₀ is not small next to W), else None."""
+    worse = {name: e for name, e in report.items() if e.residual > REQUANTIZATION_MARGIN * e.reference}
+    if not worse:
+        return None
+    worst_name, worst = max(worse.items(), key=lambda item: item[1].residual / max(item[1].reference, 1e-30))
+    backends = ", ".join(sorted({e.backend for e in worse.values()}))
+    return (f"lorakit: {init} re-quantized {len(worse)} of {len(report)} {backends} bases as W − s·B₀A₀ with a "
+            f"quantization error over {REQUANTIZATION_MARGIN:g}× Q(W)'s (worst {worst_name}: {worst.residual:.3f} of "
+            f"‖W‖ against {worst.reference:.3f}): the model at init is that far from the loaded one; use lora-sb, or an "
+            "init that keeps W (lora, lora-xs), on this base")
 
 
 def relative_error(W: Tensor, approximation: Tensor, reference: Tensor) -> float:
