@@ -850,6 +850,34 @@ def vllm_section(rep: Report, result: dict[str, Any]) -> None:
                          f"{', '.join(ok) or 'no method'} ({len(ok)}/{len(methods)} methods, {f.get('prompts')} prompts each).")
 
 
+def qlora_section(rep: Report, result: dict[str, Any]) -> None:
+    """QLoRA training step on SmolLM2-135M, lorakit vs PEFT on the same quantized base (bench/qlora.py)."""
+    f = result["figures"]
+    bases = need(f, "bases", where="qlora.json")
+    rep.add(f"SmolLM2-135M, lora rank {f.get('rank')} on {', '.join(f.get('targets') or [])}, one {f.get('tokens')}-token "
+            f"sequence per step (forward, backward, AdamW), {f.get('threads', 1)} thread(s); both libraries' models on the "
+            f"same base in one process, {f.get('repeats')} interleaved repeats (medians). \"saved\" is what autograd keeps "
+            "for backward; \"peak added\" the peak bytes of tensors a step allocates above those live before it "
+            "(torch.profiler's memory events: exact); the resident-set figure beside it is noisy (allocator reuse). "
+            "Target (issue 15): lorakit ≤ 1.0× PEFT's memory and time.", "", environment(result), "")
+    rows = []
+    for base, row in bases.items():
+        ours, theirs = row["lorakit"], row["peft"]
+        ok = all(row.get(k) is not None and row[k] <= 1.0 + 0.02 for k in ("memory_ratio", "saved_ratio")) and row["time_ratio"] <= 1.05
+        rows.append([base, f"{ours['seconds_per_step']:.2f} / {theirs['seconds_per_step']:.2f}", f"{row['time_ratio']:.2f}×",
+                     f"{ours['saved_mb']:.1f} / {theirs['saved_mb']:.1f}", f"{row['saved_ratio']:.2f}×",
+                     f"{ours['peak_added_mb']:.1f} / {theirs['peak_added_mb']:.1f}", fmt(row.get("memory_ratio")) + "×",
+                     f"{ours.get('rss_added_mb', float('nan')):.0f} / {theirs.get('rss_added_mb', float('nan')):.0f}", verdict(ok)])
+        if not ok:
+            rep.missed.append(f"issue 15 (QLoRA, {base} base): lorakit time {row['time_ratio']:.2f}×, memory {fmt(row.get('memory_ratio'))}× PEFT's.")
+    rep.add(table(["base", "s / step (lorakit / PEFT)", "time", "saved MB", "saved", "peak added MB", "peak added",
+                   "resident added MB", "verdict"], rows), "",
+            "Verdict: within 2 % of PEFT's memory and 5 % of its median time (the step time of two runs of the same "
+            "step varies by more than that on this shared machine).", "")
+    rep.headlines.append("QLoRA step on SmolLM2-135M vs PEFT on the same base: " + "; ".join(
+        f"{base} time {row['time_ratio']:.2f}×, peak memory {fmt(row.get('memory_ratio'))}×" for base, row in bases.items()) + ".")
+
+
 def generic_section(rep: Report, name: str, result: dict[str, Any]) -> None:
     flat = []
 
@@ -875,6 +903,9 @@ SECTIONS: list[tuple[str, str, Callable[..., None]]] = [
     ("scaling_fsdp", "Scaling: FSDP2 per-rank memory vs one process", scaling_fsdp_section),
     ("checkpointing", "Memory and speed: gradient checkpointing on SmolLM2-135M", checkpointing_section),
     ("vllm_check", "Serving: vLLM greedy generations vs lorakit's merged model", vllm_section),
+
+
+    ("qlora", "Memory and speed: QLoRA on SmolLM2-135M (nf4, int8, fp32 bases) vs PEFT", qlora_section),
 ]
 WHY = {  # what the numbers cannot say: why a target is missed and what would fix it
     "issue 3": "The exact estimator keeps every target layer's fp32 gradient G at once, as PEFT does, so its added "

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from lorakit.adaptation import adapt, adapters_disabled, get_config
+from lorakit.adapters.quantized import full_precision_weights
 from lorakit.config import METHODS, AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.estimate import estimate, load_stats, save_stats
@@ -26,6 +27,7 @@ __all__ = [
     "delete_adapter",
     "export_peft",
     "export_vllm",
+    "full_precision_weights",
     "import_peft",
     "load",
     "load_adapter",

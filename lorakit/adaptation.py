@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
@@ -10,11 +11,14 @@ from typing import Any, Iterator, Mapping
 from torch import nn
 
 from lorakit.adapters import LowRankAdapter
+from lorakit.adapters.quantized import (FullPrecisionWeights, check_full_precision, full_precision_source,
+                                        requantization_warning)
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import adapters_of, find_targets, inject, parameter_report
 from lorakit.linalg import layer_generator
 
+logger = logging.getLogger("lorakit")
 CONFIG_ATTR = "lorakit_config"
 # Named adapters (lorakit.named): the active one's name, and every adapter by name.
 ACTIVE_ATTR = "active_adapter"
@@ -39,6 +43,8 @@ def adapt(
     config = config or AdapterConfig()
     names = find_targets(model, config)
     config.initialisation.check_layers(config, {n: model.get_submodule(n) for n in names})
+    full_precision = full_precision_source(model, config.full_precision_checkpoint)
+    check_full_precision(full_precision, {n: model.get_submodule(n) for n in names})
     estimated_here = config.needs_data and stats is None
     if estimated_here:
         if data is None:
@@ -55,9 +61,14 @@ def adapt(
             raise LorakitError(f"the gradient statistics have no entry for layer {missing[0]!r}; re-run lorakit.estimate for these targets")
     adapters = inject(model, config, names)
     for name, adapter in adapters.items():
-        initialise_adapter(adapter, name, config, stats[name] if config.needs_data else None)
+        with full_precision_of(adapter, name, full_precision):
+            initialise_adapter(adapter, name, config, stats[name] if config.needs_data else None)
         if estimated_here:
-            del stats[name]  # free each layer's G once used: init then never holds all of them
+            del stats[name]  # free each layer's statistics once used
+    warning = requantization_warning({n: a.quantization_error for n, a in adapters.items() if a.quantization_error},
+                                     config.init_method)
+    if warning is not None:
+        logger.warning(warning)
     mark_adapted(model, config)
     return model
 
@@ -160,6 +171,20 @@ def compactor(config: AdapterConfig):
     """``estimate(compact=...)`` for statistics that ``initialise_adapter`` consumes at once: each layer's
     G reduced to what its init needs (``Initialisation.compact``), with the generator the init gets."""
     return lambda name, stats: config.initialisation.compact(config, layer_generator(config.seed, name), stats)
+
+
+@contextmanager
+def full_precision_of(adapter: LowRankAdapter, name: str, source: FullPrecisionWeights | None) -> Iterator[None]:
+    """Inside, a quantized ``adapter``'s ``original_weight`` is its full-precision W from ``source`` (one
+    layer's weight in memory at a time); nothing for a plain layer or no source."""
+    if source is None or adapter.backend is None:
+        yield
+        return
+    adapter.full_precision = source.weight(name, (adapter.out_features, adapter.in_features), adapter.base_weight.device)
+    try:
+        yield
+    finally:
+        adapter.full_precision = None
 
 
 def initialise_adapter(adapter: LowRankAdapter, name: str, config: AdapterConfig, layer_stats: Any = None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,7 +144,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "eta": ("lora_sb", "eta"), "preserve_init": ("lora_sb", "preserve_init"),
 }
 CORE = ("method", "rank", "alpha", "targets", "use_rslora", "dropout", "modules_to_save", "adapter", "init", "seed",
-        "adapter_dtype")
+        "adapter_dtype", "full_precision_checkpoint")
 
 
 @dataclass(init=False)
@@ -158,7 +159,10 @@ class AdapterConfig:
     the head of a sequence-classification model), ``seed`` for random initialisations,
     ``adapter_dtype``, the dtype the factors are stored and updated in (default: float32 on a
     bf16/fp16 base, else the base layer's; the low-rank matmuls run in the layer's compute dtype),
-    ``adapter`` / ``init`` to override either half of the method.
+    ``adapter`` / ``init`` to override either half of the method, ``full_precision_checkpoint``: on a
+    quantized base, the safetensors file or folder of the unquantized model it was quantized from;
+    inits that read W (pissa, svd-fa, lora-xs, LoftQ) and the re-quantized residual W − s·B₀A₀ then use
+    its full-precision weights (QPiSSA as in the PiSSA paper; ``lorakit.adapters.quantized``).
 
     Option groups (see the module doc): ``svd``, ``estimation``, ``pissa``, ``lora_xs``, ``lora_ga``,
     ``lora_sb``; ``AdapterConfig.options()`` lists every flat keyword.
@@ -175,6 +179,7 @@ class AdapterConfig:
     init: str | None = None
     seed: int = 0
     adapter_dtype: str | None = None
+    full_precision_checkpoint: str | None = None
     svd: SVDOptions = field(default_factory=SVDOptions)
     estimation: EstimationOptions = field(default_factory=EstimationOptions)
     pissa: PiSSAOptions = field(default_factory=PiSSAOptions)
@@ -245,6 +250,12 @@ class AdapterConfig:
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise LorakitError(f"adapter_dtype={self.adapter_dtype!r} is not valid; choose None (float32 on a half-precision base, else the base layer's) or one of "
                                f"{', '.join(ADAPTER_DTYPES[1:])}")
+        if isinstance(self.full_precision_checkpoint, os.PathLike):
+            self.full_precision_checkpoint = os.fspath(self.full_precision_checkpoint)
+        if self.full_precision_checkpoint is not None and (not isinstance(self.full_precision_checkpoint, str)
+                                                           or not self.full_precision_checkpoint):
+            raise LorakitError(f"full_precision_checkpoint must be the path of a safetensors file or folder, got "
+                               f"{self.full_precision_checkpoint!r}")
         init.check(self)
 
     def _validate_targets(self) -> None:

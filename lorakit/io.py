@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lorakit
-from lorakit.adaptation import get_config, mark_adapted
+from lorakit.adaptation import full_precision_of, get_config, mark_adapted
 from lorakit.adapters import LowRankAdapter, is_supported_layer, weight_out_in
+from lorakit.adapters.quantized import FullPrecisionWeights, full_precision_source
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError
 from lorakit.files import output_directory, write_json
@@ -107,6 +108,8 @@ def layer_entries(name: str, adapter: LowRankAdapter) -> tuple[dict[str, torch.T
         "base_dtype": str(adapter.base_weight.dtype).removeprefix("torch."),
         "has_offset": adapter.has_offset,
     }
+    if adapter.from_full_precision:  # its base is Q(W − s·B₀A₀) of the full-precision checkpoint's W
+        layer["full_precision"] = True
     return tensors, layer
 
 
@@ -203,7 +206,8 @@ def read_tensors(directory: str | os.PathLike, sha256: str | None = None) -> dic
         raise LorakitError(f"{path} is corrupt or truncated ({type(exc).__name__}); the adapter cannot be loaded") from None
 
 
-def _check_layers_match(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], check_base: bool) -> None:
+def _check_layers_match(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], check_base: bool,
+                        full_precision: FullPrecisionWeights | None = None) -> None:
     modules = dict(model.named_modules())
     for name, layer in meta["layers"].items():
         module = modules.get(name)
@@ -216,6 +220,13 @@ def _check_layers_match(model: nn.Module, meta: dict[str, Any], tensors: dict[st
                 f"adapter does not match the model: layer {name!r} is {tuple(W.shape)} here but "
                 f"{tuple(layer['shape'])} in the adapter; load it onto the model it was trained on"
             )
+        if layer.get("full_precision"):  # the base was re-quantized from the full-precision W: it is needed again
+            if full_precision is None:
+                raise LorakitError(f"the base of layer {name!r} was re-quantized from a full-precision checkpoint; load the "
+                                   "adapter inside lorakit.full_precision_weights(model, CHECKPOINT) with that checkpoint")
+            full_precision.check(name, tuple(W.shape))
+            if check_base:
+                W = full_precision.weight(name, tuple(W.shape))
         if check_base:
             _check_base_weight(name, W, layer, tensors.get(f"{FINGERPRINT_PREFIX}{name}"))
 
@@ -250,7 +261,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: boo
         config = AdapterConfig.from_dict(meta["config"])
     except (LorakitError, TypeError) as exc:
         raise LorakitError(f"{Path(directory) / CONFIG_FILE} holds an invalid config ({exc}); the adapter cannot be loaded") from None
-    _check_layers_match(model, meta, tensors, check_base)
+    full_precision = full_precision_source(model, config.full_precision_checkpoint) if any(
+        layer.get("full_precision") for layer in meta["layers"].values()) else None
+    _check_layers_match(model, meta, tensors, check_base, full_precision)
     adapters = build_adapters(model, config, list(meta["layers"]))  # beside the model: nothing changed yet
     expected = {}
     for name, adapter in adapters.items():
@@ -286,8 +299,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: boo
         for key, target in expected.items():
             if key.startswith(MODULE_PREFIX):
                 target.copy_(tensors[key])
-    for adapter in adapters.values():
+    for name, adapter in adapters.items():
         if adapter.has_offset:
-            adapter.apply_base_offset()
+            with full_precision_of(adapter, name, full_precision if meta["layers"][name].get("full_precision") else None):
+                adapter.apply_base_offset()
     mark_adapted(model, config)
     return model

@@ -20,7 +20,8 @@ only), and merging in place is refused: a 4-bit weight cannot take W + ΔW and g
 offset is stored re-quantized: the base holds Q(W − s·B₀A₀) (computed from the dequantized W in
 float32, quantized by the layer's backend with its own settings), and ``quantization_error``
 records how far that is from W − s·B₀A₀ (QPiSSA). Disabled, the adapter then computes the
-original layer up to that error.
+original layer up to that error. With the full-precision checkpoint supplied
+(``full_precision``, set only while initialising or loading), W is that checkpoint's weight instead.
 
 Dtype: the factors are ordinary parameters, so ``model.to(dtype)`` casts them with the rest
 of the model. At construction they take ``dtype`` if given, else float32 on a half-precision
@@ -106,6 +107,10 @@ class LowRankAdapter(nn.Module):
         self.quantization = None if backend is None else backend.label(base_layer)  # e.g. 'bnb-nf4'
         self.quantization_error = None  # a QuantizationError once an offset re-quantized the base
         self.original_fingerprint = None  # a quantized base's original weight, sampled before re-quantizing it
+        # the full-precision W of a quantized base (out × in, float32), set only while initialising or loading
+        # (lorakit.adapters.quantized.FullPrecisionWeights); from_full_precision: the offset base came from it
+        self.full_precision: Tensor | None = None
+        self.from_full_precision = False
         if backend is not None:
             backend.prepare(base_layer)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
@@ -129,6 +134,12 @@ class LowRankAdapter(nn.Module):
     @property
     def base_weight(self) -> Tensor:
         return weight_out_in(self.base_layer)
+
+    @property
+    def original_weight(self) -> Tensor:
+        """The W an initialisation reads (SVD, residual): the full-precision checkpoint's weight of a
+        quantized base when one is supplied, else ``base_weight``."""
+        return self.base_weight if self.full_precision is None else self.full_precision
 
     def _write_base_weight(self, new: Tensor) -> None:
         """Set the base weight to ``new`` (out × in); a quantized base stores Q(new) (its backend, its settings)."""
@@ -279,8 +290,8 @@ class LowRankAdapter(nn.Module):
         """Replace the base W by W − s·B₀A₀ (computed in float32+, cast or re-quantized once)."""
         if self.merged:
             raise LorakitError("cannot change the base of a merged adapter; call unmerge() first")
-        W = self.base_weight.to(compute_dtype(self.base_weight.dtype))
-        if self.has_offset:  # back to the original first (for a quantized base: up to its quantization error)
+        W = self.original_weight.to(compute_dtype(self.base_weight.dtype))
+        if self.has_offset and self.full_precision is None:  # back to the original first (quantized: up to its error)
             W = W - self.base_offset()
         self.offset_B = B0.detach().clone().to(**self.tensor_options())
         self.offset_A = A0.detach().clone().to(**self.tensor_options())
@@ -288,10 +299,11 @@ class LowRankAdapter(nn.Module):
 
     def apply_base_offset(self) -> None:
         """Add the stored offset to the base weight (after loading the offset from disk)."""
-        self._write_offset_base(self.base_weight.to(compute_dtype(self.base_weight.dtype)))
+        self._write_offset_base(self.original_weight.to(compute_dtype(self.base_weight.dtype)))
 
     def _write_offset_base(self, W: Tensor) -> None:
-        """Write W − s·B₀A₀ over the original weight ``W``; for a quantized base, record its quantization error."""
+        """Write W − s·B₀A₀ over the original weight ``W``; for a quantized base, record its quantization error
+        (relative to ``W``: the full-precision weight when one was supplied, else the dequantized one)."""
         new = W + self.base_offset().to(W.device)
         if self.backend is None:
             self._write_base_weight(new)
@@ -306,9 +318,12 @@ class LowRankAdapter(nn.Module):
         residual = relative_error(new, self.backend.dequantize_weight(layer, quantized).to(new.dtype), W)
         plain = relative_error(W, self.backend.roundtrip(layer, W).to(W.dtype), W)
         self.backend.store(layer, quantized)
-        self.quantization_error = QuantizationError(self.quantization, plain, residual)
-        logger.info("lorakit: re-quantized a %s base (%d × %d) as W − s·B₀A₀: quantization error %.4f of ‖W‖ "
-                    "(re-quantizing W unchanged: %.4f)", self.quantization, *new.shape, residual, plain)
+        own = relative_error(new, self.backend.dequantize_weight(layer, quantized).to(new.dtype), new)
+        self.quantization_error = QuantizationError(self.quantization, plain, residual, own)
+        self.from_full_precision = self.full_precision is not None
+        logger.info("lorakit: re-quantized a %s base (%d × %d) as W − s·B₀A₀%s: quantization error %.4f of ‖W‖ "
+                    "(re-quantizing W unchanged: %.4f)", self.quantization, *new.shape,
+                    " (W: the full-precision checkpoint's)" if self.from_full_precision else "", residual, plain)
 
     def extra_repr(self) -> str:
         return (

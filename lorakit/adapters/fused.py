@@ -59,7 +59,14 @@ class _LinearLowRank(torch.autograd.Function):
         h = h_a if R is None else h_a @ R.T
         y = x2 @ W.T if b is None else torch.addmm(b, x2, W.T)
         y.addmm_(h, B.T, alpha=scale)
-        ctx.save_for_backward(x2, W, A, B, R, h_a)
+        # only what the needed gradients read, as autograd's own graph does: when the input needs no gradient
+        # (the first layer's q/k/v), neither W nor A is kept (both are parameters, so this costs no memory, but
+        # the saved-tensor count of bench/qlora.py sees them), and x only when A trains
+        need_x, _, _, need_A, need_B, need_R, _ = ctx.needs_input_grad
+        keep = {"x": need_A, "W": need_x, "A": need_x, "B": need_x or need_A or need_R,
+                "R": R is not None and (need_x or need_A or need_B), "h": need_B or need_R}
+        ctx.save_for_backward(*(t if keep[k] else None for k, t in
+                                zip(keep, (x2, W, A, B, R, h_a))))
         ctx.scale = scale
         ctx.in_shape = x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -76,9 +83,9 @@ class _LinearLowRank(torch.autograd.Function):
             grad_B = (g2.T @ h).mul_(s)
         if need_x or need_A or need_R:
             v = g2 @ B  # T × r
-            if R is not None:
-                if need_R:
-                    grad_R = (v.T @ h_a).mul_(s)
+            if need_R:
+                grad_R = (v.T @ h_a).mul_(s)
+            if R is not None:  # kept when A or x needs v = (g B) R
                 v = v @ R
             if need_A:
                 grad_A = (v.T @ x2).mul_(s)

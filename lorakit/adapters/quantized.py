@@ -17,6 +17,16 @@ reported per layer (``QuantizationError``) beside ‖W − Q(W)‖ / ‖W‖. He
 reads, the dequantized base: re-quantizing it unchanged is (almost) exact, so the plain figure is
 near 0 and the residual's figure is what the init changed.
 
+The PiSSA paper's QPiSSA starts from the full-precision W instead: its principal components and the
+residual W − s·B₀A₀ come from the unquantized checkpoint, and only the residual is quantized.
+``FullPrecisionWeights`` supplies those weights from the safetensors checkpoint the model was
+quantized from (``AdapterConfig(full_precision_checkpoint=PATH)``, or ``with
+lorakit.full_precision_weights(model, PATH):``), matched by module name: the SVD (pissa, svd-fa,
+lora-xs), LoftQ's alternation and the residual then use that W, and the report's W is it too, so
+``plain`` is the loaded model's real quantization error ‖W − Q(W)‖ / ‖W‖. Measured on SmolLM2-135M's
+layer-0 q_proj (nf4, r = 16): residual 0.055 against Q(W)'s 0.101; the same init from the
+dequantized weight ends 0.115 away from the full-precision W.
+
 Backends (each a small class, one table):
 - ``bnb-nf4`` / ``bnb-fp4``: bitsandbytes ``Linear4bit`` (``bnb.functional.dequantize_4bit``);
 - ``bnb-int8``: bitsandbytes ``Linear8bitLt`` with int8 weights (``int8_vectorwise_dequant``);
@@ -28,9 +38,12 @@ library cannot exist otherwise.
 
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -247,12 +260,38 @@ def quantization_label(layer: nn.Module) -> str | None:
 
 @dataclass
 class QuantizationError:
-    """Relative quantization errors of one re-quantized base (W: the dequantized weight before the change):
-    ``plain`` = ‖W − Q(W)‖ / ‖W‖, ``residual`` = ‖W' − Q(W')‖ / ‖W‖ for the new base W' = W − s·B₀A₀."""
+    """Relative quantization errors of one re-quantized base (W: the weight before the change, dequantized or
+    the full-precision checkpoint's): ``plain`` = ‖W − Q(W)‖ / ‖W‖, ``residual`` = ‖W' − Q(W')‖ / ‖W‖ for
+    the new base W' = W − s·B₀A₀, ``own`` = ‖W' − Q(W')‖ / ‖W'‖ (the format's error on the matrix it
+    quantized). ``reference`` is what Q(W) costs: ``plain``, or for a dequantized W (which re-quantizes
+    to itself) the format's error ``own``."""
 
     backend: str
     plain: float
     residual: float
+    own: float | None = None
+
+    @property
+    def reference(self) -> float:
+        return max(self.plain, self.own or 0.0)
+
+
+# an init whose re-quantized bases lose more than this many times Q(W)'s error is warned about
+REQUANTIZATION_MARGIN = 1.5
+
+
+def requantization_warning(report: dict[str, QuantizationError], init: str) -> str | None:
+    """One line when ``init`` re-quantized bases whose error exceeds REQUANTIZATION_MARGIN × Q(W)'s (e.g.
+    lora-ga on 4 bits, whose offset s·B₀A₀ is not small next to W), else None."""
+    worse = {name: e for name, e in report.items() if e.residual > REQUANTIZATION_MARGIN * e.reference}
+    if not worse:
+        return None
+    worst_name, worst = max(worse.items(), key=lambda item: item[1].residual / max(item[1].reference, 1e-30))
+    backends = ", ".join(sorted({e.backend for e in worse.values()}))
+    return (f"lorakit: {init} re-quantized {len(worse)} of {len(report)} {backends} bases as W − s·B₀A₀ with a "
+            f"quantization error over {REQUANTIZATION_MARGIN:g}× Q(W)'s (worst {worst_name}: {worst.residual:.3f} of "
+            f"‖W‖ against {worst.reference:.3f}): the model at init is that far from the loaded one; use lora-sb, or an "
+            "init that keeps W (lora, lora-xs), on this base")
 
 
 def relative_error(W: Tensor, approximation: Tensor, reference: Tensor) -> float:
@@ -279,6 +318,116 @@ def quantization_summary(model: nn.Module) -> dict[str, float | int | str] | Non
     return {"backend": ", ".join(sorted({e.backend for e in report.values()})), "layers": len(report),
             "mean_plain": sum(plain) / len(plain), "mean_residual": sum(residual) / len(residual),
             "max_residual": max(residual)}
+
+
+FULL_PRECISION_ATTR = "lorakit_full_precision"  # the model's FullPrecisionWeights inside full_precision_weights
+
+
+class FullPrecisionWeights:
+    """The full-precision weights of a quantized model, read lazily from its safetensors checkpoint (a
+    ``.safetensors`` file or a folder of them, as ``save_pretrained`` writes; never pickles).
+
+    ``weight(name, shape)`` is module ``name``'s ``weight`` in float32 (tried as ``name.weight``, then
+    without the model's ``base_model_prefix``); ``check(name, shape)`` checks it exists with that shape
+    (out × in) without reading it. Both raise a one-line LorakitError naming the module."""
+
+    def __init__(self, checkpoint: str | os.PathLike, prefix: str = "") -> None:
+        path = Path(checkpoint)
+        if path.is_dir():
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+                found = f" (it has {others[0]}: lorakit reads only safetensors, never pickles)" if others else ""
+                raise LorakitError(f"full-precision checkpoint folder {path} holds no .safetensors file{found}; "
+                                   "save the unquantized model with save_pretrained (safetensors) and give that folder")
+        elif path.is_file():
+            if path.suffix != ".safetensors":
+                raise LorakitError(f"full-precision checkpoint {path} is not a .safetensors file; lorakit reads only "
+                                   "safetensors, never pickles: save the unquantized model with save_pretrained")
+            files = [path]
+        else:
+            raise LorakitError(f"full-precision checkpoint {path} does not exist; give the safetensors file or folder "
+                               "of the unquantized model")
+        from safetensors import safe_open
+
+        self.path, self.prefix, self._where = path, prefix, {}
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():
+                        self._where[key] = (file, tuple(f.get_slice(key).get_shape()))
+            except Exception as exc:  # safetensors raises several types for garbled files
+                raise LorakitError(f"full-precision checkpoint {file} is not a readable safetensors file "
+                                   f"({type(exc).__name__}); give the unquantized model's safetensors") from None
+
+    def key(self, name: str) -> str:
+        for key in (f"{name}.weight", f"{name.removeprefix(self.prefix + '.')}.weight" if self.prefix else None):
+            if key in self._where:
+                return key
+        raise LorakitError(f"full-precision checkpoint {self.path} has no tensor {name}.weight for module {name!r}; "
+                           "give the checkpoint this model was quantized from")
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        key = self.key(name)
+        found = self._where[key][1]
+        if found != tuple(shape):
+            raise LorakitError(f"full-precision checkpoint {self.path}: {key} is {' × '.join(map(str, found))} but module "
+                               f"{name!r} is {' × '.join(map(str, shape))}; give the checkpoint this model was quantized from")
+
+    def weight(self, name: str, shape: tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
+        from safetensors import safe_open
+
+        self.check(name, shape)
+        key = self.key(name)
+        with safe_open(str(self._where[key][0]), framework="pt") as f:
+            return f.get_tensor(key).to(device=device, dtype=torch.float32)
+
+
+def full_precision_source(model: nn.Module, checkpoint: str | os.PathLike | None) -> FullPrecisionWeights | None:
+    """The full-precision weights to use for ``model``: those of an enclosing ``full_precision_weights``,
+    else ``checkpoint``'s (a config's ``full_precision_checkpoint``), else None."""
+    active = model.__dict__.get(FULL_PRECISION_ATTR)
+    if active is not None:
+        return active
+    if checkpoint is None:
+        return None
+    return FullPrecisionWeights(checkpoint, getattr(model, "base_model_prefix", "") or "")
+
+
+def check_full_precision(source: FullPrecisionWeights | None, layers: dict[str, nn.Module]) -> None:
+    """Check before anything changes that ``source`` has every quantized layer's weight, with its shape."""
+    if source is None:
+        return
+    for name, layer in layers.items():
+        backend = quantization_of(layer) if isinstance(layer, nn.Linear) else None
+        if backend is not None:
+            source.check(name, (layer.out_features, layer.in_features))
+
+
+@contextmanager
+def full_precision_weights(model: nn.Module, checkpoint: str | os.PathLike) -> Iterator[FullPrecisionWeights]:
+    """Inside, ``lorakit.adapt`` and ``lorakit.load_adapter`` on ``model`` read each quantized target's
+    full-precision W from ``checkpoint`` (safetensors, matched by module name) for the SVD and the
+    residual W − s·B₀A₀ (QPiSSA as in the PiSSA paper)::
+
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(...))
+        with lorakit.full_precision_weights(model, path):
+            lorakit.adapt(model, AdapterConfig(method="pissa"))
+
+    The same as ``AdapterConfig(full_precision_checkpoint=path)``, which a saved adapter remembers; the
+    context overrides it (e.g. to load an adapter whose checkpoint moved)."""
+    if not isinstance(model, nn.Module):
+        raise LorakitError(f"full_precision_weights takes the quantized model, got {type(model).__name__}")
+    source = FullPrecisionWeights(checkpoint, getattr(model, "base_model_prefix", "") or "")
+    previous = model.__dict__.get(FULL_PRECISION_ATTR)
+    model.__dict__[FULL_PRECISION_ATTR] = source
+    try:
+        yield source
+    finally:
+        if previous is None:
+            model.__dict__.pop(FULL_PRECISION_ATTR, None)
+        else:
+            model.__dict__[FULL_PRECISION_ATTR] = previous
 
 
 def plain_linear(layer: nn.Module, W: Tensor, dtype: torch.dtype) -> nn.Linear:

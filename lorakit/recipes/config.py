@@ -230,6 +230,8 @@ class RunConfig:
             raise LorakitError("adapter.method is 'full' (full fine-tuning): there is no adapter config")
         options = dict(self.adapter)
         options.setdefault("seed", self.train.seed)
+        if options.get("full_precision_checkpoint") == "model":  # the model folder the base is quantized from
+            options["full_precision_checkpoint"] = self.model_checkpoint()
         if self.train.gradient_checkpointing and "checkpointing" not in (options.get("estimation") or {}):
             options.setdefault("estimate_checkpointing", True)  # lora-ga / lora-sb estimate checkpointed too
         try:
@@ -240,6 +242,16 @@ class RunConfig:
             return config
         except LorakitError as exc:
             raise LorakitError(f"adapter: {exc}") from None
+
+    def model_checkpoint(self) -> str:
+        """The local folder of ``model.name`` (adapter.full_precision_checkpoint: model)."""
+        from lorakit.recipes.models import resolve
+
+        path = resolve(self.model.name, self.task)
+        if not Path(path).is_dir():
+            raise LorakitError(f"adapter: full_precision_checkpoint=model needs a local model folder, but model.name "
+                               f"{self.model.name!r} is a hub name; give the downloaded folder's path instead")
+        return str(path)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -160,3 +160,35 @@ def test_dora_output_and_gradients_equal_the_written_out_computation(bias, dropo
     assert rel(y, ref) < 1e-13
     for got, want in ((x.grad, xr.grad), (adapter.A.grad, A.grad), (adapter.B.grad, B.grad), (adapter.magnitude.grad, m.grad)):
         assert rel(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_the_fused_node_saves_what_autograds_graph_saves(structure, input_grad):
+    """The tensors kept for backward are those the written-out computation keeps (by storage): a layer whose
+    input needs no gradient keeps neither W nor A."""
+
+    def saved(run) -> set[tuple[int, tuple[int, ...]]]:
+        kept = {}
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), tuple(sorted(t.shape)))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+        return sorted(kept.values())
+
+    adapter = adapter_for(structure)
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=input_grad)
+
+    def general():
+        f = {k: v for k, v in adapter.factors().items()}
+        h = x @ f["A"].T
+        if "R" in f:
+            h = h @ f["R"].T
+        return torch.nn.functional.linear(x, adapter.base_layer.weight, adapter.base_layer.bias) + (h @ f["B"].T) * adapter.scale
+
+    ours, theirs = saved(lambda: adapter(x)), saved(general)
+    assert ours == theirs, (ours, theirs)
+    assert (adapter.base_layer.weight.numel() * 8, (5, 7)) in ours if input_grad else all(s != (5, 7) for _, s in ours)

@@ -188,3 +188,40 @@ def test_merge_in_place_into_a_requantized_base_is_still_refused(base_dir):
     with pytest.raises(LorakitError, match="cannot merge into the bnb-nf4 quantized base weight in place"):
         adapter.merge()
     assert not adapter.merged
+
+
+@pytest.mark.parametrize("method, options", [("lora-ga", {"stable_gamma": 0.25}), ("pissa", {})])
+def test_an_init_whose_requantized_base_loses_much_more_than_q_of_w_is_warned_about(base_dir, caplog, method, options):
+    """lora-ga's offset s·B₀A₀ is not small next to W (ζ² = √out/γ): its re-quantized base can lose far more
+    than Q(W) does. The warning names how many layers exceed REQUANTIZATION_MARGIN × Q(W)'s error (the
+    format's own error on the matrix, for a dequantized W) — exactly those of the report — and what to use."""
+    from lorakit.adapters.quantized import REQUANTIZATION_MARGIN
+
+    with caplog.at_level(logging.WARNING, logger="lorakit"):
+        model = lorakit.adapt(load(base_dir, "nf4"), config(method, **options), data=[batch_for("llama")])
+    report = quantization_report(model)
+    over = [n for n, e in report.items() if e.residual > REQUANTIZATION_MARGIN * e.reference]
+    warned = [r.getMessage() for r in caplog.records if "re-quantized" in r.getMessage() and r.levelno == logging.WARNING]
+    if method == "pissa":
+        assert not over and not warned  # PiSSA's residual is smaller than W: its error is below Q(W)'s
+        return
+    assert over and len(warned) == 1
+    assert warned[0].startswith(f"lorakit: lora-ga re-quantized {len(over)} of {len(report)} bnb-nf4 bases as W − s·B₀A₀ "
+                                f"with a quantization error over {REQUANTIZATION_MARGIN:g}× Q(W)'s (worst ")
+    assert warned[0].endswith("use lora-sb, or an init that keeps W (lora, lora-xs), on this base")
+    loaded = load(base_dir, "nf4")
+    for name, adapter in adapters_of(model).items():  # own: the same error relative to the new base W' = W − s·B₀A₀
+        W = quantization_of(loaded.get_submodule(name)).dequantize(loaded.get_submodule(name)).double()
+        new = W + adapter.base_offset().double()
+        e = report[name]
+        assert e.own * float(torch.linalg.norm(new)) == pytest.approx(e.residual * float(torch.linalg.norm(W)), rel=1e-4)
+
+
+def test_the_requantization_warning_counts_the_layers_over_the_margin():
+    from lorakit.adapters.quantized import QuantizationError, requantization_warning
+
+    report = {"a": QuantizationError("bnb-nf4", 0.0, 0.05, 0.1), "b": QuantizationError("bnb-nf4", 0.0, 0.3, 0.1),
+              "c": QuantizationError("bnb-nf4", 0.1, 0.16, 0.08), "d": QuantizationError("bnb-nf4", 0.1, 0.14, 0.2)}
+    message = requantization_warning(report, "lora-ga")
+    assert message.startswith("lorakit: lora-ga re-quantized 2 of 4 bnb-nf4 bases") and "worst b: 0.300 of ‖W‖ against 0.100" in message
+    assert requantization_warning({"a": report["a"], "d": report["d"]}, "pissa") is None
