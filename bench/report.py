@@ -233,12 +233,31 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
     if points:
         _quality_plots(rep, name, f, metric, reference, points, ok)
     if ok:
-        parts = [f"{m} {e['mean']:.3f}" for m, e in ok.items()]
-        rep.headlines.append(f"{QUALITY.get(f.get('experiment', ''), (name,))[0]} ({f.get('budget')} budget, {len(f.get('seeds', []))} "
-                             f"seed(s)), test {metric}: " + ", ".join(parts) + ".")
+        rep.headlines.append(_quality_headline(name, f, metric, reference, ok))
     failed = [m for m in methods if m not in ok]
     if failed:
         rep.missed.append(f"{name}: methods that failed to run: {', '.join(failed)} (errors in the table).")
+
+
+def _quality_headline(name: str, f: dict[str, Any], metric: str, reference: str, ok: dict[str, Any]) -> str:
+    """One line: the methods' test metric; on a decoder with a base-model row, each method's lift over
+    the base model (best first) and, plainly, the methods that do not beat the reference."""
+    title = QUALITY.get(f.get("experiment", ""), (name,))[0]
+    head = f"{title} ({f.get('budget')} budget, {len(f.get('seeds', []))} seed(s)), test {metric}: "
+    base = f.get("baseline") or {}
+    if not f.get("experiment", "").startswith("quality_smollm2") or base.get("status") != "ok":
+        return head + ", ".join(f"{m} {e['mean']:.3f}" for m, e in ok.items()) + "."
+    before = base["test"][metric]
+    norm = lambda test: f" (norm {test['accuracy_norm']:.3f})" if "accuracy_norm" in test else ""  # noqa: E731
+    ranked = sorted(ok.items(), key=lambda item: -item[1]["mean"])
+    text = head + f"base model {before:.3f}{norm(base['test'])}; after training " + ", ".join(
+        f"{m} {e['mean']:.3f} ({100 * (e['mean'] - before):+.1f} points){norm(e.get('test_other_mean') or {})}"
+        for m, e in ranked) + "."
+    ref = ok.get(reference)
+    if ref and len(ok) > 1:
+        worse = [m for m, e in ranked if m != reference and e["mean"] <= ref["mean"]]
+        text += (f" Not above {reference}: {', '.join(worse)}." if worse else f" Every method is above {reference}.")
+    return text
 
 
 def _quality_setup(rep: Report, f: dict[str, Any], result: dict[str, Any]) -> None:
