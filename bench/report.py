@@ -229,7 +229,6 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
     _decoder_norm_accuracy(rep, f, ok)
     _decoder_versus_reference(rep, f, metric, reference, ok)
     _decoder_lift_target(rep, name, f, metric, ok)
-    rep.add("")
     if points:
         _quality_plots(rep, name, f, metric, reference, points, ok)
     if ok:
@@ -361,6 +360,7 @@ def _quality_notes(rep: Report, f: dict[str, Any], reference: str, ok: dict[str,
 def _quality_convergence_claims(rep: Report, reference: str, methods: dict[str, Any]) -> None:
     """The faster-convergence claims of the PiSSA and LoRA-GA papers, against the reference's own first step there."""
     ref = methods.get(reference, {})
+    said = len(rep.lines)
     for claim in ("pissa", "lora-ga"):
         e = methods.get(claim)
         if not e or e.get("status") != "ok" or ref.get("status") != "ok":
@@ -378,6 +378,8 @@ def _quality_convergence_claims(rep: Report, reference: str, methods: dict[str, 
                 + (f": {own / steps:.2f}× fewer steps for {claim}, consistent with the paper's faster-convergence claim."
                    if steps < own else f": {claim} needed no fewer steps, the faster-convergence claim is not "
                    "reproduced at this budget and learning rate."))
+    if len(rep.lines) > said:
+        rep.add("")  # the list ends before the next paragraph
 
 
 def _decoder_norm_accuracy(rep: Report, f: dict[str, Any], ok: dict[str, Any]) -> None:
