@@ -811,7 +811,8 @@ def checkpointing_section(rep: Report, result: dict[str, Any]) -> None:
     where = "checkpointing.json"
     off, on, ratios = need(f, "off", where=where), need(f, "on", where=where), need(f, "ratios", where=where)
     rep.add(f"{f.get('model')}, {f.get('adapter')}, {f.get('optimizer')}; batch {f.get('batch')} x sequence {f.get('seq')}, "
-            f"{f.get('threads')} thread(s); each setting in a fresh process, {f.get('repeats')} interleaved repeat(s) of "
+            f"{f.get('threads')} thread(s); each setting in a fresh process, {f.get('repeats_done', f.get('repeats'))} interleaved "
+            f"repeat(s){'' if result['status'] != 'partial' else ' (of ' + str(f.get('repeats')) + ' planned: the run was stopped)'} of "
             f"{f.get('steps')} timed step(s) after {f.get('warmup_steps', 1)} warm-up step(s); medians. "
             "Peak memory is the process's peak resident set over the steps (the weights are already resident); "
             "\"above start\" is the part of it added by training (activations, gradients, optimizer state).", "",

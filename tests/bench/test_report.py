@@ -205,6 +205,11 @@ def test_checkpointing_section_ratios(tmp_path):
     assert "| peak above start (MB) | 4000 | 1000 | 0.25× |" in text
     assert "Gradient checkpointing on SmolLM2-135M (batch 8 x 512): 0.25× the training memory above the weights " \
            "(0.40× the peak resident set) at 1.33× the step time." in text
+    assert "2 interleaved repeat(s) of 1 timed step(s)" in text
+    # a stopped run: the repeats it finished, said to be fewer than planned
+    figures = json.loads((results / "checkpointing.json").read_text())["figures"]
+    write(results, "checkpointing", {**figures, "repeats": 3, "repeats_done": 1}, status="partial")
+    assert "1 interleaved repeat(s) (of 3 planned: the run was stopped) of 1 timed step(s)" in report.write(results, out).read_text()
 
 
 def test_learning_rate_grid_table_marks_the_chosen_lr(tmp_path):
