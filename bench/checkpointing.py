@@ -15,7 +15,8 @@ loaded and its weights paged in by a tiny no-grad forward (Linux /proc/self/clea
 the part of it above the resident set before the first step (activations, gradients, optimizer
 state). A batch of 8 x 512 takes about a minute per step on one core, so by default there is
 no warm-up step (``--warmup``): the tiny forward has already paged in the weights. The two settings take turns, ``--repeats``
-times each; the figures are medians and the result is their ratio.
+times each; the figures are medians and the result is their ratio. The result file is written
+after every finished repeat (status "partial" until the last), so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def main() -> None:
         print(json.dumps(child(args.child == "on", args.batch, args.seq, args.steps, args.warmup, args.threads)))
         return
 
-    runs = []
+    runs: list[dict] = []
     for repeat in range(args.repeats):
         for mode in ("off", "on"):  # interleaved: machine noise hits both alike
             cmd = [sys.executable, __file__, "--child", mode, "--batch", str(args.batch), "--seq", str(args.seq),
@@ -104,7 +105,12 @@ def main() -> None:
             runs.append(run)
             print(f"repeat {repeat} checkpointing {mode}: step {statistics.median(run['step_seconds']):.1f}s, "
                   f"peak {run['peak_rss_mb']:.0f} MB (+{run['peak_above_start_mb']:.0f} MB)", flush=True)
+        # after every finished pair, so a stopped run keeps its finished repeats ("partial")
+        write_result("checkpointing", figures(args, runs), status="ok" if repeat + 1 == args.repeats else "partial")
 
+
+def figures(args: argparse.Namespace, runs: list[dict]) -> dict:
+    """Medians over the finished repeats of each setting, and the with/without ratios."""
     def summary(on: bool) -> dict:
         mine = [r for r in runs if r["checkpointing"] == on]
         return {
@@ -115,15 +121,16 @@ def main() -> None:
         }
 
     off, on = summary(False), summary(True)
-    write_result("checkpointing", {
+    return {
         "model": "SmolLM2-135M-Instruct (fp32)", "adapter": "lora rank 16, all linear projections", "optimizer": "AdamW",
-        "batch": args.batch, "seq": args.seq, "threads": args.threads, "repeats": args.repeats, "steps": args.steps, "warmup_steps": args.warmup,
+        "batch": args.batch, "seq": args.seq, "threads": args.threads, "repeats": args.repeats,
+        "repeats_done": len({r["repeat"] for r in runs}), "steps": args.steps, "warmup_steps": args.warmup,
         "off": off, "on": on,
         "ratios": {"step_time": on["step_seconds_median"] / off["step_seconds_median"],
                    "peak_rss": on["peak_rss_mb_median"] / off["peak_rss_mb_median"],
                    "peak_above_start": on["peak_above_start_mb_median"] / off["peak_above_start_mb_median"]},
         "runs": runs,
-    })
+    }
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ def single(spec_path: str) -> None:
 
 def baseline(spec_path: str) -> None:
     """Child process: evaluate the untrained model on the test split (the 'before' row)."""
+    from lorakit.files import atomic_file, json_text
     from lorakit.recipes.config import from_dict
     from lorakit.recipes.rundir import write_json
     from lorakit.recipes.evaluation import evaluate
@@ -71,7 +72,10 @@ def baseline(spec_path: str) -> None:
     test = evaluate(s, "test", progress=False)
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", {"test": test, "eval_seconds": time.perf_counter() - start})
+    if s.samples.get("test"):  # the base model's first generations, as a trained run writes them
+        with atomic_file(out / "samples.jsonl") as tmp:
+            tmp.write_text("".join(json_text(sample) + "\n" for sample in s.samples["test"]))
+    write_json(out / "results.json", {"test": test, "eval_seconds": time.perf_counter() - start})  # last: the run is done
 
 
 class NotFinished(Exception):

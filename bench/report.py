@@ -229,16 +229,34 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
     _decoder_norm_accuracy(rep, f, ok)
     _decoder_versus_reference(rep, f, metric, reference, ok)
     _decoder_lift_target(rep, name, f, metric, ok)
-    rep.add("")
     if points:
         _quality_plots(rep, name, f, metric, reference, points, ok)
     if ok:
-        parts = [f"{m} {e['mean']:.3f}" for m, e in ok.items()]
-        rep.headlines.append(f"{QUALITY.get(f.get('experiment', ''), (name,))[0]} ({f.get('budget')} budget, {len(f.get('seeds', []))} "
-                             f"seed(s)), test {metric}: " + ", ".join(parts) + ".")
+        rep.headlines.append(_quality_headline(name, f, metric, reference, ok))
     failed = [m for m in methods if m not in ok]
     if failed:
         rep.missed.append(f"{name}: methods that failed to run: {', '.join(failed)} (errors in the table).")
+
+
+def _quality_headline(name: str, f: dict[str, Any], metric: str, reference: str, ok: dict[str, Any]) -> str:
+    """One line: the methods' test metric; on a decoder with a base-model row, each method's lift over
+    the base model (best first) and, plainly, the methods that do not beat the reference."""
+    title = QUALITY.get(f.get("experiment", ""), (name,))[0]
+    head = f"{title} ({f.get('budget')} budget, {len(f.get('seeds', []))} seed(s)), test {metric}: "
+    base = f.get("baseline") or {}
+    if not f.get("experiment", "").startswith("quality_smollm2") or base.get("status") != "ok":
+        return head + ", ".join(f"{m} {e['mean']:.3f}" for m, e in ok.items()) + "."
+    before = base["test"][metric]
+    norm = lambda test: f" (norm {test['accuracy_norm']:.3f})" if "accuracy_norm" in test else ""  # noqa: E731
+    ranked = sorted(ok.items(), key=lambda item: -item[1]["mean"])
+    text = head + f"base model {before:.3f}{norm(base['test'])}; after training " + ", ".join(
+        f"{m} {e['mean']:.3f} ({100 * (e['mean'] - before):+.1f} points){norm(e.get('test_other_mean') or {})}"
+        for m, e in ranked) + "."
+    ref = ok.get(reference)
+    if ref and len(ok) > 1:
+        worse = [m for m, e in ranked if m != reference and e["mean"] <= ref["mean"]]
+        text += (f" Not above {reference}: {', '.join(worse)}." if worse else f" Every method is above {reference}.")
+    return text
 
 
 def _quality_setup(rep: Report, f: dict[str, Any], result: dict[str, Any]) -> None:
@@ -342,6 +360,7 @@ def _quality_notes(rep: Report, f: dict[str, Any], reference: str, ok: dict[str,
 def _quality_convergence_claims(rep: Report, reference: str, methods: dict[str, Any]) -> None:
     """The faster-convergence claims of the PiSSA and LoRA-GA papers, against the reference's own first step there."""
     ref = methods.get(reference, {})
+    said = len(rep.lines)
     for claim in ("pissa", "lora-ga"):
         e = methods.get(claim)
         if not e or e.get("status") != "ok" or ref.get("status") != "ok":
@@ -359,6 +378,8 @@ def _quality_convergence_claims(rep: Report, reference: str, methods: dict[str, 
                 + (f": {own / steps:.2f}× fewer steps for {claim}, consistent with the paper's faster-convergence claim."
                    if steps < own else f": {claim} needed no fewer steps, the faster-convergence claim is not "
                    "reproduced at this budget and learning rate."))
+    if len(rep.lines) > said:
+        rep.add("")  # the list ends before the next paragraph
 
 
 def _decoder_norm_accuracy(rep: Report, f: dict[str, Any], ok: dict[str, Any]) -> None:
@@ -791,7 +812,8 @@ def checkpointing_section(rep: Report, result: dict[str, Any]) -> None:
     where = "checkpointing.json"
     off, on, ratios = need(f, "off", where=where), need(f, "on", where=where), need(f, "ratios", where=where)
     rep.add(f"{f.get('model')}, {f.get('adapter')}, {f.get('optimizer')}; batch {f.get('batch')} x sequence {f.get('seq')}, "
-            f"{f.get('threads')} thread(s); each setting in a fresh process, {f.get('repeats')} interleaved repeat(s) of "
+            f"{f.get('threads')} thread(s); each setting in a fresh process, {f.get('repeats_done', f.get('repeats'))} interleaved "
+            f"repeat(s){'' if result['status'] != 'partial' else ' (of ' + str(f.get('repeats')) + ' planned: the run was stopped)'} of "
             f"{f.get('steps')} timed step(s) after {f.get('warmup_steps', 1)} warm-up step(s); medians. "
             "Peak memory is the process's peak resident set over the steps (the weights are already resident); "
             "\"above start\" is the part of it added by training (activations, gradients, optimizer state).", "",

@@ -159,3 +159,32 @@ def test_the_summarised_metric_follows_the_task(tmp_path, monkeypatch, task, met
     entry = saved["figures"]["methods"]["lora"]
     assert saved["figures"]["metric"] == metric and entry["status"] == "ok" and entry["mean"] == test[metric]
     assert entry["test_other_mean"] == {k: v for k, v in test.items() if k != metric}
+
+
+def test_the_baseline_writes_the_base_models_generations_and_its_scores(tmp_path, monkeypatch):
+    """The 'before' row keeps the base model's first test generations (samples.jsonl, as a trained run
+    does) next to its test metrics, so what the untouched model says can be read."""
+    import lorakit.recipes.evaluation as evaluation
+    import lorakit.recipes.setup as setup_module
+
+    samples = [{"prompt": "<|im_start|>user\n2 + 3 =", "generation": "The answer is 5.", "reference": "5", "correct": False},
+               {"prompt": "<|im_start|>user\n7 - 9 =", "generation": "-2", "reference": "-2", "correct": True}]
+
+    class FakeSetup:
+        model = type("M", (), {"eval": lambda self: None})()
+        samples: dict = {}
+
+    def fake_evaluate(s, split, progress=True):
+        s.samples[split] = samples
+        return {"exact_match": 0.5, "loss": 1.25}
+
+    monkeypatch.setattr(setup_module, "setup", lambda cfg: FakeSetup())
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    out = tmp_path / "baseline"
+    spec = tmp_path / "baseline.spec.json"
+    spec.write_text(json.dumps({"task": "causal-lm", "model": {"name": "tiny"}, "data": {"source": "x.jsonl"},
+                                "output": {"dir": str(out)}}))
+    quality.baseline(str(spec))
+    written = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert written == samples
+    assert json.loads((out / "results.json").read_text())["test"] == {"exact_match": 0.5, "loss": 1.25}

@@ -154,6 +154,10 @@ def test_decoder_before_and_after_rows(tmp_path):
     assert "Methods that do **not** beat lora (test exact_match 0.1500) (one seed: a difference of a few problems " \
            "is within noise): pissa 0.1000." in text
     assert "Above lora: lora-ga 0.2500 (one seed each; not a verdict)." in text
+    # the headline states each method's lift over the base model, best first, and who does not beat lora
+    headline = next(line for line in text.split("## Headlines")[1].splitlines() if "SmolLM2" in line)
+    assert headline.endswith("test exact_match: base model 0.050; after training lora-ga 0.250 (+20.0 points), "
+                             "lora 0.150 (+10.0 points), pissa 0.100 (+5.0 points). Not above lora: pissa.")
     # issue 14's target: lora 10 points above the base model is a miss, listed under the missed targets
     assert "0.0500 -> 0.1500, +10.0 points — **MISSED**" in text
     assert "issue 14 (quality_smollm2_reasoning_short): lora lifts test exact_match by 10.0 points, below 20." in \
@@ -183,6 +187,8 @@ def test_multiple_choice_table_has_raw_and_normalised_accuracy(tmp_path):
     assert "| before training | 0.3000 | 0.3500 |" in text
     assert "| lora | 0.6000 | 0.5500 |" in text and "| lora-sb | 0.5000 | 0.4500 |" in text
     assert "Methods that do **not** beat lora (test accuracy 0.6000): lora-sb 0.5000." in text
+    assert "test accuracy: base model 0.300 (norm 0.350); after training lora 0.600 (+30.0 points) (norm 0.550), " \
+           "lora-sb 0.500 (+20.0 points) (norm 0.450). Not above lora: lora-sb." in text.split("## Targets missed")[0]
     assert "issue 14's target" not in text.lower()  # the exact-match lift target is the reasoning table's only
 
 
@@ -199,6 +205,11 @@ def test_checkpointing_section_ratios(tmp_path):
     assert "| peak above start (MB) | 4000 | 1000 | 0.25× |" in text
     assert "Gradient checkpointing on SmolLM2-135M (batch 8 x 512): 0.25× the training memory above the weights " \
            "(0.40× the peak resident set) at 1.33× the step time." in text
+    assert "2 interleaved repeat(s) of 1 timed step(s)" in text
+    # a stopped run: the repeats it finished, said to be fewer than planned
+    figures = json.loads((results / "checkpointing.json").read_text())["figures"]
+    write(results, "checkpointing", {**figures, "repeats": 3, "repeats_done": 1}, status="partial")
+    assert "1 interleaved repeat(s) (of 3 planned: the run was stopped) of 1 timed step(s)" in report.write(results, out).read_text()
 
 
 def test_learning_rate_grid_table_marks_the_chosen_lr(tmp_path):
