@@ -191,3 +191,18 @@ def test_qpissa_from_the_full_precision_smollm2_layer_has_less_error_than_q_of_w
     quantized = nf4_linear(W)
     plain = relative_error(W, quantization_of(quantized).dequantize(quantized).float(), W)
     assert math.isclose(error.plain, plain, rel_tol=1e-5)
+
+
+def test_lora_xs_takes_its_frozen_factors_from_the_checkpoint_weight_and_keeps_the_base(base_dir):
+    """lora-xs reads W only for its SVD (B = U, A = ΣVᵀ): from the checkpoint's W, and the base stays as loaded."""
+    weights = checkpoint_weights(base_dir)
+    model = lorakit.adapt(load(base_dir, "nf4"), config("lora-xs", full_precision_checkpoint=str(base_dir)))
+    loaded = load(base_dir, "nf4")
+    assert not quantization_report(model)
+    for name, adapter in adapters_of(model).items():
+        W = weights[f"{name}.weight"].double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        principal = (U[:, :4] * S[:4]) @ Vh[:4]
+        assert relative_error(adapter.B.double() @ adapter.A.double(), principal, principal) < 1e-5, name
+        original = loaded.get_submodule(name)
+        assert torch.equal(adapter.base_weight, quantization_of(original).dequantize(original))
