@@ -100,6 +100,25 @@ def test_the_context_supplies_the_checkpoint_and_save_load_needs_it_again(base_d
     assert torch.equal(logits(again, batch), logits(reference, batch))
 
 
+def test_an_adapter_whose_checkpoint_moved_loads_with_the_context_and_says_so_without(base_dir, tmp_path):
+    import shutil
+
+    batch = batch_for("llama")
+    moved = tmp_path / "checkpoint"
+    shutil.copytree(base_dir, moved)
+    model = lorakit.adapt(load(base_dir, "nf4"), config(full_precision_checkpoint=str(moved)))
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    shutil.rmtree(moved)
+    fresh = load(base_dir, "nf4")
+    with pytest.raises(LorakitError, match=r"^full-precision checkpoint .* does not exist; .* \(the adapter's bases were "
+                                           r"re-quantized from it: load the adapter inside lorakit.full_precision_weights"):
+        lorakit.load_adapter(fresh, tmp_path / "adapter")
+    assert not adapters_of(fresh)
+    with lorakit.full_precision_weights(fresh, base_dir):
+        lorakit.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(logits(fresh, batch), logits(model, batch))
+
+
 def test_an_unquantized_model_ignores_the_checkpoint(base_dir):
     """A plain layer's own weight is already full precision: the same model with or without the option."""
     batch = batch_for("llama")
