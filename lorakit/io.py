@@ -261,8 +261,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: boo
         config = AdapterConfig.from_dict(meta["config"])
     except (LorakitError, TypeError) as exc:
         raise LorakitError(f"{Path(directory) / CONFIG_FILE} holds an invalid config ({exc}); the adapter cannot be loaded") from None
-    full_precision = full_precision_source(model, config.full_precision_checkpoint) if any(
-        layer.get("full_precision") for layer in meta["layers"].values()) else None
+    full_precision = None
+    if any(layer.get("full_precision") for layer in meta["layers"].values()):
+        try:
+            full_precision = full_precision_source(model, config.full_precision_checkpoint)
+        except LorakitError as exc:  # the checkpoint the adapter remembers moved or changed
+            raise LorakitError(f"{exc} (the adapter's bases were re-quantized from it: load the adapter inside "
+                               "lorakit.full_precision_weights(model, CHECKPOINT) with its new place)") from None
     _check_layers_match(model, meta, tensors, check_base, full_precision)
     adapters = build_adapters(model, config, list(meta["layers"]))  # beside the model: nothing changed yet
     expected = {}

@@ -210,6 +210,12 @@ def _other_shaped_llama():
     return model
 
 
+def _pickle_checkpoint(tmp: Path) -> list[str]:
+    pytest.importorskip("bitsandbytes")  # imported before the command: its import-time notice is not the command's
+    (tmp / "model.bin").write_bytes(b"a pickle lorakit never opens")
+    return _train(tmp, "model.quantization=nf4", "adapter.method=pissa", f"adapter.full_precision_checkpoint={tmp / 'model.bin'}")
+
+
 CASES = [
     Case("a YAML config whose top level is a list", r"holds a YAML list, not a mapping of sections", _yaml_list),
     Case("an override value that is not valid YAML", r"override 'adapter.targets=\[query': the value is not valid YAML",
@@ -230,6 +236,8 @@ CASES = [
          lambda t: _train(t, "model.quantization=nf5")),
     Case("full fine-tuning of a quantized base", r"full fine-tuning cannot train a quantized base",
          lambda t: _train(t, "model.quantization=int8", "adapter.method=full")),
+    Case("a pickle as adapter.full_precision_checkpoint", r"full-precision checkpoint .*model.bin is not a .safetensors file; "
+         r"lorakit reads only safetensors, never pickles", _pickle_checkpoint),
     Case("resume with a truncated rng.safetensors", r"checkpoint .*step-00000002 is damaged \(rng.safetensors",
          _resume_with(_truncate("rng.safetensors")), writes_run=True),
     Case("resume with a state.json missing 'position'", r"checkpoint .*step-00000002 is damaged \(state.json's position",

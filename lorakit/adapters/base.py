@@ -319,8 +319,8 @@ class LowRankAdapter(nn.Module):
         plain = relative_error(W, self.backend.roundtrip(layer, W).to(W.dtype), W)
         self.backend.store(layer, quantized)
         own = relative_error(new, self.backend.dequantize_weight(layer, quantized).to(new.dtype), new)
-        self.quantization_error = QuantizationError(self.quantization, plain, residual, own)
         self.from_full_precision = self.full_precision is not None
+        self.quantization_error = QuantizationError(self.quantization, plain, residual, own, self.from_full_precision)
         logger.info("lorakit: re-quantized a %s base (%d × %d) as W − s·B₀A₀%s: quantization error %.4f of ‖W‖ "
                     "(re-quantizing W unchanged: %.4f)", self.quantization, *new.shape,
                     " (W: the full-precision checkpoint's)" if self.from_full_precision else "", residual, plain)

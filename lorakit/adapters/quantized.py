@@ -270,6 +270,7 @@ class QuantizationError:
     plain: float
     residual: float
     own: float | None = None
+    full_precision: bool = False  # W was the full-precision checkpoint's weight
 
     @property
     def reference(self) -> float:
@@ -317,7 +318,7 @@ def quantization_summary(model: nn.Module) -> dict[str, float | int | str] | Non
     residual = [e.residual for e in report.values()]
     return {"backend": ", ".join(sorted({e.backend for e in report.values()})), "layers": len(report),
             "mean_plain": sum(plain) / len(plain), "mean_residual": sum(residual) / len(residual),
-            "max_residual": max(residual)}
+            "max_residual": max(residual), "from_full_precision": all(e.full_precision for e in report.values())}
 
 
 FULL_PRECISION_ATTR = "lorakit_full_precision"  # the model's FullPrecisionWeights inside full_precision_weights

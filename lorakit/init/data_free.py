@@ -75,9 +75,10 @@ def pissa_factors(svd: TopSVD, scale: float) -> tuple[Tensor, Tensor]:
 
 def loftq(adapter: LowRankAdapter, config, generator: torch.Generator, B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     """LoftQ's alternation (Li et al., 2023, arXiv 2310.08659) from PiSSA's (B, A), on the dequantized W of a
-    quantized base (the full-precision W when its checkpoint is supplied): ``loftq_iters`` times, Q = Q(W − s·BA) by the layer's backend, then (B, A) from
-    SVD_r(W − Q). Returns the iterate (the start included) whose new base is nearest its target, i.e. with
-    the least ‖W − s·BA − Q(W − s·BA)‖ / ‖W‖, so the iterations never increase the error."""
+    quantized base (the full-precision W when its checkpoint is supplied): ``loftq_iters`` times,
+    Q = Q(W − s·BA) by the layer's backend, then (B, A) from SVD_r(W − Q). Returns the iterate (the start
+    included) whose new base is nearest its target, i.e. with the least ‖W − s·BA − Q(W − s·BA)‖ / ‖W‖, so
+    the iterations never increase the error."""
     W = adapter.original_weight.float()
     layer, backend, s = adapter.base_layer, adapter.backend, adapter.scale
     best, errors = None, []

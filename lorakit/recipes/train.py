@@ -155,7 +155,9 @@ def _run(ctx: dist_ctx.Context, cfg: RunConfig, resumed: tuple[Path, dict[str, A
         info["quantization_error"] = requantized
         say(f"re-quantized {requantized['layers']} {requantized['backend']} bases as W − s·B₀A₀: quantization error "
             f"{requantized['mean_residual']:.4f} (mean, max {requantized['max_residual']:.4f}) of ‖W‖, "
-            f"against {requantized['mean_plain']:.4f} for re-quantizing W unchanged")
+            f"against {requantized['mean_plain']:.4f} for re-quantizing W unchanged"
+            + (" (W: the full-precision checkpoint's)" if requantized["from_full_precision"] else
+               " (W: the dequantized base; adapter.full_precision_checkpoint=model takes the full-precision W, as QPiSSA does)"))
     if not opened.resuming:
         opened.lock = _on_main(ctx, lambda: create_run_dir(run_dir), "creating the run directory")
     if main:

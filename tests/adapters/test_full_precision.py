@@ -100,6 +100,25 @@ def test_the_context_supplies_the_checkpoint_and_save_load_needs_it_again(base_d
     assert torch.equal(logits(again, batch), logits(reference, batch))
 
 
+def test_an_adapter_whose_checkpoint_moved_loads_with_the_context_and_says_so_without(base_dir, tmp_path):
+    import shutil
+
+    batch = batch_for("llama")
+    moved = tmp_path / "checkpoint"
+    shutil.copytree(base_dir, moved)
+    model = lorakit.adapt(load(base_dir, "nf4"), config(full_precision_checkpoint=str(moved)))
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    shutil.rmtree(moved)
+    fresh = load(base_dir, "nf4")
+    with pytest.raises(LorakitError, match=r"^full-precision checkpoint .* does not exist; .* \(the adapter's bases were "
+                                           r"re-quantized from it: load the adapter inside lorakit.full_precision_weights"):
+        lorakit.load_adapter(fresh, tmp_path / "adapter")
+    assert not adapters_of(fresh)
+    with lorakit.full_precision_weights(fresh, base_dir):
+        lorakit.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(logits(fresh, batch), logits(model, batch))
+
+
 def test_an_unquantized_model_ignores_the_checkpoint(base_dir):
     """A plain layer's own weight is already full precision: the same model with or without the option."""
     batch = batch_for("llama")
@@ -191,3 +210,18 @@ def test_qpissa_from_the_full_precision_smollm2_layer_has_less_error_than_q_of_w
     quantized = nf4_linear(W)
     plain = relative_error(W, quantization_of(quantized).dequantize(quantized).float(), W)
     assert math.isclose(error.plain, plain, rel_tol=1e-5)
+
+
+def test_lora_xs_takes_its_frozen_factors_from_the_checkpoint_weight_and_keeps_the_base(base_dir):
+    """lora-xs reads W only for its SVD (B = U, A = ΣVᵀ): from the checkpoint's W, and the base stays as loaded."""
+    weights = checkpoint_weights(base_dir)
+    model = lorakit.adapt(load(base_dir, "nf4"), config("lora-xs", full_precision_checkpoint=str(base_dir)))
+    loaded = load(base_dir, "nf4")
+    assert not quantization_report(model)
+    for name, adapter in adapters_of(model).items():
+        W = weights[f"{name}.weight"].double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        principal = (U[:, :4] * S[:4]) @ Vh[:4]
+        assert relative_error(adapter.B.double() @ adapter.A.double(), principal, principal) < 1e-5, name
+        original = loaded.get_submodule(name)
+        assert torch.equal(adapter.base_weight, quantization_of(original).dequantize(original))

@@ -94,7 +94,7 @@ def test_qpissa_run_exports_a_merged_model_and_a_peft_adapter_for_the_loaded_bas
         assert main(["train", "--config", str(assets.write_yaml(tmp_path / "c.yaml", config)), "--quiet"]) == 0
         run_dir = tmp_path / "run"
         info = json.loads((run_dir / "run.json").read_text())["quantization_error"]
-        assert info["backend"] == "bnb-nf4" and info["layers"] == 14
+        assert info["backend"] == "bnb-nf4" and info["layers"] == 14 and info["from_full_precision"] == (full_precision is not None)
         if full_precision is None:
             assert info["mean_plain"] < 1e-6  # the dequantized weight re-quantizes to itself
         else:
