@@ -836,6 +836,25 @@ def vllm_section(rep: Report, result: dict[str, Any]) -> None:
         rep.add(f"Server (vLLM {serve.get('vllm')}, ready after {fmt(serve.get('server_start_seconds'), 0)} s): "
                 f"`{serve.get('command')}`; each adapter queried by its served name with one greedy `/v1/completions` "
                 f"request of the token-id prompts ({', '.join(f'{k}={v}' for k, v in serve.get('request', {}).items() if k not in ('model', 'prompt'))}).", "")
+    cli = f.get("cli")
+    if cli:
+        rep.add(f"Through the command line (vLLM {cli.get('vllm')}, offline): each adapter trained by `lorakit train` "
+                f"(`{cli.get('config')}`, the overrides below) and exported by `lorakit export RUN --format vllm`; the reference is "
+                f"transformers' greedy generation of the same run's `lorakit export RUN --format merged` folder reloaded with "
+                f"`AutoModelForCausalLM` ({cli.get('prompts')} prompts x {cli.get('tokens')} tokens).", "")
+        rows = [[name, m.get("exported_rank"), m.get("max_lora_rank"), f"{m['equal']}/{m['prompts']}",
+                 fmt(m.get("max_abs_logprob_diff_on_common_prefix"), 1),
+                 f"{fmt(m.get('loss_first'), 3)} → {fmt(m.get('loss_last'), 3)}", m.get("prompts_differing_from_base")]
+                for name, m in cli["methods"].items()]
+        rep.add(table(["method (CLI)", "exported rank", "--max-lora-rank", "vLLM = merged export", "max abs Δ log-prob",
+                       "train loss first → last", "prompts changed vs base"], rows), "")
+        for name, m in cli["methods"].items():
+            rep.add(f"{name}: " + "; ".join(f"`{c}`" for c in m.get("commands", [])), "")
+        rep.add(f"vLLM: `{cli.get('vllm_command')}`.", "")
+        for name, m in cli["methods"].items():
+            if m["equal"] != m["prompts"]:
+                rep.missed.append(f"issue 17, vLLM: the CLI-exported {name} adapter's served greedy tokens differ from its "
+                                  f"`--format merged` export ({m['equal']}/{m['prompts']}).")
     ok = [n for n, m in methods.items() if m["equal"] == m["prompts"]
           and (serve is None or serve["methods"].get(n, {}).get("equal") == m["prompts"])]
     for name in methods:
@@ -846,7 +865,11 @@ def vllm_section(rep: Report, result: dict[str, Any]) -> None:
                               + ").")
     how = "offline and through the OpenAI-compatible server" if serve else "offline"
     rep.headlines.append(f"vLLM {f.get('vllm')} serves lorakit's exports {how} with greedy tokens equal to the merged model for "
-                         f"{', '.join(ok) or 'no method'} ({len(ok)}/{len(methods)} methods, {f.get('prompts')} prompts each).")
+                         f"{', '.join(ok) or 'no method'} ({len(ok)}/{len(methods)} methods, {f.get('prompts')} prompts each)"
+                         + (f"; adapters made by `lorakit train` + `lorakit export RUN --format vllm` match their `--format merged` "
+                            f"export for {', '.join(n for n, m in cli['methods'].items() if m['equal'] == m['prompts']) or 'no method'} "
+                            f"({sum(m['equal'] == m['prompts'] for m in cli['methods'].values())}/{len(cli['methods'])})" if cli else "")
+                         + ".")
 
 
 def generic_section(rep: Report, name: str, result: dict[str, Any]) -> None:
