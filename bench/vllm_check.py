@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -431,7 +432,7 @@ def cli_serve_side(python: Path, work: Path, reference: dict, env: dict) -> dict
     result: dict = {"methods": {}}
     for name, m in reference["methods"].items():
         line = next(x for x in m["export_output"].splitlines() if "vllm.entrypoints.openai.api_server" in x)
-        printed = line[line.index("python -m"):].split()
+        printed = shlex.split(line[line.index("python -m"):])
         served_name = next(a for a in printed if "=" in a and not a.startswith("-")).split("=", 1)[0]
         port = free_port()
         command = [str(python), *printed[1:], "--host", "127.0.0.1", "--port", str(port)]
