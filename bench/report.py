@@ -862,6 +862,13 @@ def vllm_section(rep: Report, result: dict[str, Any]) -> None:
             if m["equal"] != m["prompts"]:
                 rep.missed.append(f"issue 17, vLLM: the server line `lorakit export` printed for {name} gives greedy tokens "
                                   f"other than its `--format merged` export ({m['equal']}/{m['prompts']}).")
+        auto = cli.get("serve_auto_dtype")
+        if auto:
+            rep.add(f"Without `--dtype` (the server lines `lorakit export` printed before it named the base's dtype), vLLM's "
+                    f"default `--dtype auto` served the float32 base in {auto.get('dtype')}: "
+                    + ", ".join(f"{n} {m['equal']}/{m['prompts']} (log-prob Δ up to {fmt(m.get('max_abs_logprob_diff_on_common_prefix'), 2)})"
+                                for n, m in auto.get("methods", {}).items())
+                    + " equal to the float32 merged export; the hint now names `--dtype` of a local base folder.", "")
         for name, m in cli["methods"].items():
             if m["equal"] != m["prompts"]:
                 rep.missed.append(f"issue 17, vLLM: the CLI-exported {name} adapter's served greedy tokens differ from its "

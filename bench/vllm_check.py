@@ -643,6 +643,8 @@ def write_report(work: Path, reference: dict, args: argparse.Namespace) -> int:
                 if set(cli["serve"]["methods"]) != set(cli["methods"]) or not all(
                         r["equal"] == r["prompts"] for r in cli["serve"]["methods"].values()):
                     status = "mismatch"
+        if (work / "vllm_cli_serve_auto_dtype.json").is_file():  # kept by hand from the run before the hint named --dtype
+            cli["serve_auto_dtype"] = json.loads((work / "vllm_cli_serve_auto_dtype.json").read_text())
         figures["cli"] = cli
         if not all(r["equal"] == r["prompts"] for r in cli["methods"].values()):
             status = "mismatch"

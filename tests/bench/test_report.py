@@ -328,9 +328,11 @@ def test_vllm_section_renders_the_command_line_check_and_flags_its_mismatches(tm
     printed = "python -m vllm.entrypoints.openai.api_server --model b --enable-lora --lora-modules adapter=d"
     cli["serve"] = {"vllm": "0.99.0", "methods": {"pissa": {**row(3), "printed": printed, "served_name": "adapter",
                                                             "server_start_seconds": 61.0}}}
+    cli["serve_auto_dtype"] = {"dtype": "bfloat16", "methods": {"pissa": {**row(1), "max_abs_logprob_diff_on_common_prefix": 0.19}}}
     figures = {"vllm": "0.99.0", "steps": 3, "rank": 8, "prompts": 4, "tokens": 16, "methods": methods, "cli": cli}
     write(results, "vllm_check", figures, status="mismatch")
     text = report.write(results, out).read_text()
+    assert "served the float32 base in bfloat16: pissa 1/4 (log-prob Δ up to 0.19) equal to the float32 merged export" in text
     assert "| lora-sb | 8 | 8 | 4/4 | 3.0e-05 | not run | 2.500 → 2.250 | 4 |" in text
     assert "| pissa | 16 | 16 | 2/4 | 3.0e-05 | 3/4 | 2.000 → 1.500 | 1 |" in text
     assert f"queried as `adapter`: `{printed}`" in text
