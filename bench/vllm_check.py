@@ -27,7 +27,8 @@
    output.dir=RUN`` for lora-sb and pissa (a mutated base), then ``lorakit export RUN --format vllm``
    and ``lorakit export RUN --format merged``; the reference is transformers' greedy generation of
    the merged folder reloaded with ``AutoModelForCausalLM``; vLLM serves the exported adapters
-   offline (``LLM(..., enable_lora=True)``, one engine).
+   offline (``LLM(..., enable_lora=True)``, one engine); with ``--cli-serve`` also through the server
+   line ``lorakit export`` printed for each adapter, run as printed (only ``--host``/``--port`` added).
 6. Compares token for token and the log-probabilities of the common prefix; writes
    ``bench/results/vllm_check.json`` (the server's figures under ``serve``, the CLI's under ``cli``).
 """
