@@ -859,6 +859,43 @@ def vllm_section(rep: Report, result: dict[str, Any]) -> None:
         rep.add(f"Server (vLLM {serve.get('vllm')}, ready after {fmt(serve.get('server_start_seconds'), 0)} s): "
                 f"`{serve.get('command')}`; each adapter queried by its served name with one greedy `/v1/completions` "
                 f"request of the token-id prompts ({', '.join(f'{k}={v}' for k, v in serve.get('request', {}).items() if k not in ('model', 'prompt'))}).", "")
+    cli = f.get("cli")
+    if cli:
+        rep.add(f"Through the command line (vLLM {cli.get('vllm')}, offline): each adapter trained by `lorakit train` "
+                f"(`{cli.get('config')}`, the overrides below) and exported by `lorakit export RUN --format vllm`; the reference is "
+                f"transformers' greedy generation of the same run's `lorakit export RUN --format merged` folder reloaded with "
+                f"`AutoModelForCausalLM` ({cli.get('prompts')} prompts x {cli.get('tokens')} tokens).", "")
+        cli_serve = cli.get("serve") or {}
+        if "error" in cli_serve:
+            rep.missed.append(f"issue 17, vLLM: the server line `lorakit export` printed failed: {cli_serve['error'].splitlines()[0]}")
+        served = cli_serve.get("methods", {})
+        rows = [[name, m.get("exported_rank"), m.get("max_lora_rank"), f"{m['equal']}/{m['prompts']}",
+                 fmt(m.get("max_abs_logprob_diff_on_common_prefix"), 1),
+                 f"{served[name]['equal']}/{served[name]['prompts']}" if name in served else "not run",
+                 f"{fmt(m.get('loss_first'), 3)} → {fmt(m.get('loss_last'), 3)}", m.get("prompts_differing_from_base")]
+                for name, m in cli["methods"].items()]
+        rep.add(table(["method (CLI)", "exported rank", "--max-lora-rank", "offline vLLM = merged export", "max abs Δ log-prob",
+                       "printed server line = merged export", "train loss first → last", "prompts changed vs base"], rows), "")
+        for name, m in cli["methods"].items():
+            rep.add(f"{name}: " + "; ".join(f"`{c}`" for c in m.get("commands", [])), "")
+        rep.add(f"vLLM offline: `{cli.get('vllm_command')}`.", "")
+        for name, m in served.items():
+            rep.add(f"{name}, the server line `lorakit export` printed, run with only `--host`/`--port` added (ready after "
+                    f"{fmt(m.get('server_start_seconds'), 0)} s), queried as `{m.get('served_name')}`: `{m.get('printed')}`", "")
+            if m["equal"] != m["prompts"]:
+                rep.missed.append(f"issue 17, vLLM: the server line `lorakit export` printed for {name} gives greedy tokens "
+                                  f"other than its `--format merged` export ({m['equal']}/{m['prompts']}).")
+        auto = cli.get("serve_auto_dtype")
+        if auto:
+            rep.add(f"Without `--dtype` (the server lines `lorakit export` printed before it named the base's dtype), vLLM's "
+                    f"default `--dtype auto` served the float32 base in {auto.get('dtype')}: "
+                    + ", ".join(f"{n} {m['equal']}/{m['prompts']} (log-prob Δ up to {fmt(m.get('max_abs_logprob_diff_on_common_prefix'), 2)})"
+                                for n, m in auto.get("methods", {}).items())
+                    + " equal to the float32 merged export; the hint now names `--dtype` of a local base folder.", "")
+        for name, m in cli["methods"].items():
+            if m["equal"] != m["prompts"]:
+                rep.missed.append(f"issue 17, vLLM: the CLI-exported {name} adapter's served greedy tokens differ from its "
+                                  f"`--format merged` export ({m['equal']}/{m['prompts']}).")
     ok = [n for n, m in methods.items() if m["equal"] == m["prompts"]
           and (serve is None or serve["methods"].get(n, {}).get("equal") == m["prompts"])]
     for name in methods:
@@ -869,7 +906,11 @@ def vllm_section(rep: Report, result: dict[str, Any]) -> None:
                               + ").")
     how = "offline and through the OpenAI-compatible server" if serve else "offline"
     rep.headlines.append(f"vLLM {f.get('vllm')} serves lorakit's exports {how} with greedy tokens equal to the merged model for "
-                         f"{', '.join(ok) or 'no method'} ({len(ok)}/{len(methods)} methods, {f.get('prompts')} prompts each).")
+                         f"{', '.join(ok) or 'no method'} ({len(ok)}/{len(methods)} methods, {f.get('prompts')} prompts each)"
+                         + (f"; adapters made by `lorakit train` + `lorakit export RUN --format vllm` match their `--format merged` "
+                            f"export for {', '.join(n for n, m in cli['methods'].items() if m['equal'] == m['prompts']) or 'no method'} "
+                            f"({sum(m['equal'] == m['prompts'] for m in cli['methods'].values())}/{len(cli['methods'])})" if cli else "")
+                         + ".")
 
 
 def qlora_section(rep: Report, result: dict[str, Any]) -> None:

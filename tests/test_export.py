@@ -179,6 +179,25 @@ def test_vllm_serve_hint_gives_both_server_forms_with_the_rank_of_the_written_te
     assert f"(adapter rank {written})" in serve
 
 
+@pytest.mark.parametrize("key, dtype", [("dtype", "float32"), ("torch_dtype", "bfloat16"), (None, None)])
+def test_vllm_serve_hint_names_the_dtype_of_a_local_base_folder(tmp_path, key, dtype):
+    """vLLM's default dtype (auto) serves a float32 base in bfloat16, whose greedy tokens are not the merged float32
+    model's; the hint names the local base folder's own dtype (none for a hub name or a config without one)."""
+    import shlex
+
+    from lorakit.export import vllm_serve_hint
+
+    base = tmp_path / "base model"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", **({key: dtype} if key else {})}))
+    model = lorakit.adapt(MODELS["llama"](), lorakit.AdapterConfig(method="lora", rank=4))
+    for name, expected in ((str(base), dtype), ("org/base", None)):
+        folder = lorakit.export_vllm(model, tmp_path / f"adapter-{len(name)}", base_model_name_or_path=name)
+        serve, module = vllm_serve_hint(folder).splitlines()
+        for options in (shlex.split(serve.rsplit("  (", 1)[0])[3:], shlex.split(module.split(": ", 1)[1])[5:]):
+            assert (options[options.index("--dtype") + 1] if "--dtype" in options else None) == expected
+
+
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"  # made by bench/vllm_check.py
 VLLM_LOADER = """
 import json, sys

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.linalg import DTYPES
-from lorakit.files import write_json
+from lorakit.files import fsync_path, fsync_tree, remove_stale_temporaries, temp_sibling, write_json
 from lorakit.recipes.config import QUANTIZATIONS, ModelSection
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,39 +64,107 @@ def smollm2_path() -> str:
     return str(convert_gguf(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF, target))
 
 
+GGUF_MARKER = "lorakit-gguf.json"  # written last into a conversion's temporary: a folder holding it is complete
+
+
 def convert_gguf(gguf_file: str | Path, target: str | Path) -> Path:
     """A plain fp32 Hugging Face folder at ``target`` from a GGUF file (any architecture transformers
     reads from GGUF): dequantised, with neither the GGUF quantizer nor its ``quantization_config``,
-    so that ``save_pretrained`` (merged exports) and other loaders (vLLM) take it. ``target`` is
-    written atomically. Give ``model.name`` the folder::
+    so that ``save_pretrained`` (merged exports) and other loaders (vLLM) take it. Give ``model.name``
+    the folder::
 
         python -c "from lorakit.recipes.models import convert_gguf; convert_gguf('model.Q4_K_M.gguf', 'model-hf')"
+
+    ``target`` is written atomically (a temporary beside it, renamed when complete, with a
+    ``lorakit-gguf.json`` marker naming the GGUF and its sha256). Concurrent conversions into the same ``target``
+    (two runs starting together on ``smollm2``) are serialised by an advisory lock on
+    ``.<target>.lock`` beside it: the first converts, the others wait and return its finished
+    folder. A folder that already holds the conversion of this GGUF is returned as it is; the
+    temporaries of a killed conversion are removed by the next one.
     """
     if importlib.util.find_spec("gguf") is None:
         raise LorakitError("converting a GGUF file needs the gguf package; run `pip install gguf`")
     gguf_file, target = Path(gguf_file), Path(target)
     if not gguf_file.is_file():
         raise LorakitError(f"GGUF file {str(gguf_file)!r} does not exist")
+    source = _marker(gguf_file)
+    if _converted(target, source):
+        return target
+    _refuse_occupied(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _conversion_lock(target):
+        remove_stale_temporaries(target.parent, prefix=target.name)  # a killed conversion's (its pid is gone)
+        if _converted(target, source):  # another process converted it while this one waited
+            return target
+        _refuse_occupied(target)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        options = {"gguf_file": gguf_file.name}
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **options)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **options)
+        model.hf_quantizer = None  # the weights are dequantised: save a plain fp32 model
+        if hasattr(model.config, "quantization_config"):  # ... whose config says so (vLLM refuses quant_method gguf)
+            del model.config.quantization_config
+        tmp = temp_sibling(target)
+        os.mkdir(tmp, 0o755)  # the cache may be shared
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / GGUF_MARKER, source)
+            fsync_tree(tmp)
+            try:
+                os.replace(tmp, target)  # POSIX replaces an empty directory in one rename
+            except OSError:
+                if not _converted(target, source):  # without a lock (no fcntl), a racing writer may have won
+                    raise LorakitError(f"could not move the converted model into {target}: it was filled by "
+                                       "something else meanwhile; give convert_gguf a new (or empty) folder") from None
+            fsync_path(target.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _marker(gguf_file: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(gguf_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return {"format": "lorakit-gguf-conversion", "gguf_file": gguf_file.name, "gguf_sha256": digest.hexdigest()}
+
+
+def _converted(target: Path, source: dict) -> bool:
+    """``target`` is a finished conversion of the GGUF ``source`` describes (its marker, written last, says so)."""
+    try:
+        marker = json.loads((target / GGUF_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker == source and (target / "config.json").is_file()
+
+
+def _refuse_occupied(target: Path) -> None:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise LorakitError(f"{target} already exists; give convert_gguf a new (or empty) folder")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    options = {"gguf_file": gguf_file.name}
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **options)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **options)
-    model.hf_quantizer = None  # the weights are dequantised: save a plain fp32 model
-    if hasattr(model.config, "quantization_config"):  # ... whose config says so (vLLM refuses quant_method gguf)
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+
+@contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl.flock) on ``.<target>.lock``, waited for; the kernel drops it when its
+    holder exits, however it exits, so a killed conversion never blocks the next one. The lock file stays."""
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory lock; the rename check in convert_gguf remains
+        yield
+        return
+    fd = os.open(target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"another process is converting into {target}; waiting for it", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        os.close(fd)  # releases the lock
 
 
 def _drop_gguf_quantization_config(config_file: Path) -> None:

@@ -322,3 +322,41 @@ def test_vllm_section_puts_offline_and_server_equality_side_by_side(tmp_path):
     assert "`python -m vllm.entrypoints.openai.api_server --model b`" in text
     assert "equal to the merged model for lora (1/2 methods, 4 prompts each)" in text
     assert "- issue 17, vLLM: pissa's served greedy tokens differ from lorakit's merged model (offline 4/4, server 3/4)." in text
+
+
+def test_vllm_section_renders_the_command_line_check_and_flags_its_mismatches(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs"
+    row = lambda equal: {"prompts": 4, "equal": equal, "first_divergences": [], "max_abs_logprob_diff_on_common_prefix": 3e-5}  # noqa: E731
+    methods = {"lora": {**row(4), "exported_rank": 8, "max_lora_rank": 8, "prompts_differing_from_base": 3}}
+    commands = ["lorakit train --config c.yaml adapter.method=pissa", "lorakit export r --format vllm",
+                "lorakit export r --format merged"]
+    cli = {"vllm": "0.99.0", "config": "c.yaml", "base": "b", "vllm_command": "LLM(model='b', enable_lora=True)",
+           "prompts": 4, "tokens": 16,
+           "methods": {"lora-sb": {**row(4), "commands": commands[:1], "exported_rank": 8, "max_lora_rank": 8,
+                                   "loss_first": 2.5, "loss_last": 2.25, "prompts_differing_from_base": 4},
+                       "pissa": {**row(2), "commands": commands, "exported_rank": 16, "max_lora_rank": 16,
+                                 "loss_first": 2.0, "loss_last": 1.5, "prompts_differing_from_base": 1}}}
+    printed = "python -m vllm.entrypoints.openai.api_server --model b --enable-lora --lora-modules adapter=d"
+    cli["serve"] = {"vllm": "0.99.0", "methods": {"pissa": {**row(3), "printed": printed, "served_name": "adapter",
+                                                            "server_start_seconds": 61.0}}}
+    cli["serve_auto_dtype"] = {"dtype": "bfloat16", "methods": {"pissa": {**row(1), "max_abs_logprob_diff_on_common_prefix": 0.19}}}
+    figures = {"vllm": "0.99.0", "steps": 3, "rank": 8, "prompts": 4, "tokens": 16, "methods": methods, "cli": cli}
+    write(results, "vllm_check", figures, status="mismatch")
+    text = report.write(results, out).read_text()
+    assert "served the float32 base in bfloat16: pissa 1/4 (log-prob Δ up to 0.19) equal to the float32 merged export" in text
+    assert "| lora-sb | 8 | 8 | 4/4 | 3.0e-05 | not run | 2.500 → 2.250 | 4 |" in text
+    assert "| pissa | 16 | 16 | 2/4 | 3.0e-05 | 3/4 | 2.000 → 1.500 | 1 |" in text
+    assert f"queried as `adapter`: `{printed}`" in text
+    assert ("- issue 17, vLLM: the server line `lorakit export` printed for pissa gives greedy tokens other than its "
+            "`--format merged` export (3/4).") in text
+    assert "pissa: " + "; ".join(f"`{c}`" for c in commands) in text
+    assert "- issue 17, vLLM: the CLI-exported pissa adapter's served greedy tokens differ from its `--format merged` export (2/4)." in text
+    assert "match their `--format merged` export for lora-sb (1/2)" in text
+    cli["serve"] = {"error": "the vLLM server exited with code 1 before it was ready\nlog"}
+    write(results, "vllm_check", figures, status="failed")
+    text = report.write(results, out).read_text()
+    assert "- issue 17, vLLM: the server line `lorakit export` printed failed: the vLLM server exited with code 1 before it was ready" in text
+    figures.pop("cli")
+    write(results, "vllm_check", figures, status="ok")
+    text = report.write(results, out).read_text()
+    assert "Through the command line" not in text and "CLI-exported" not in text
