@@ -232,38 +232,37 @@ def paired(a: list[float], b: list[float]) -> dict[str, Any]:
             "wins": sum(x > 0 for x in d), "n": len(d)}
 
 
-def verdict(difference: float, spread: float, claim_holds_if_at_least: float = 0.0) -> str:
-    """reproduced when difference - spread >= threshold, not reproduced when difference + spread <
-    threshold, inconclusive otherwise (the spread straddles the threshold)."""
-    if difference - spread >= claim_holds_if_at_least:
+def verdict(difference: float, spread: float) -> str:
+    """For an "equal or better" claim, from the difference of means (claimed side minus the other) and
+    the spread (the sum of the two seed standard deviations): reproduced when the difference is >= 0,
+    not reproduced when it is below -spread, inconclusive in between (worse, but within the spread)."""
+    if difference >= 0:
         return "reproduced"
-    if difference + spread < claim_holds_if_at_least:
+    if difference < -spread:
         return "not reproduced"
     return "inconclusive"
 
 
 def frontier_verdict(check: dict[str, Any], points: dict[str, dict[str, Any]]) -> tuple[str, str]:
-    """(verdict, sentence) for the 27x claim from ratio_check: reproduced if a hit is as good with its
-    spread included (cheap mean - its std >= reference mean); not reproduced if every candidate
-    pair's cheap point is worse by more than the two spreads; inconclusive otherwise or without candidates."""
+    """(verdict, sentence) for the 27x claim from ratio_check, each candidate pair judged by ``verdict``
+    with the two points' seed standard deviations: reproduced when some pair is, not reproduced when
+    every pair is not, inconclusive otherwise or when no pair at the ratio is measured."""
     if not check["candidates"]:
         return "inconclusive", f"no measured LoRA-SB/XS point has >= {check['ratio']:g}x fewer parameters than a measured LoRA point"
-    scored = []
-    for c in check["candidates"]:
-        p, q = points[c["cheap"]], points[c["reference"]]
-        scored.append((c, verdict(p["mean"] - q["mean"], p["std"] + q["std"])))
-    if any(v == "reproduced" for _, v in scored):
-        c = max((c for c, v in scored if v == "reproduced"), key=lambda c: c["ratio"])
-        return "reproduced", (f"{c['cheap']} is within its spread of or above {c['reference']} "
-                              f"({c['difference'] * 100:+.1f} points) with {c['ratio']:.0f}x fewer parameters")
-    if all(v == "not reproduced" for _, v in scored):
-        c = max(check["candidates"], key=lambda c: c["difference"])
-        return "not reproduced", (f"every pair at >= {check['ratio']:g}x is below LoRA by more than the two seed spreads; "
-                                  f"the closest, {c['cheap']} vs {c['reference']} ({c['ratio']:.0f}x), "
-                                  f"differs by {c['difference'] * 100:+.1f} points")
-    c = max(check["candidates"], key=lambda c: c["difference"])
-    return "inconclusive", (f"the closest pair at >= {check['ratio']:g}x, {c['cheap']} vs {c['reference']} "
-                            f"({c['ratio']:.0f}x), differs by {c['difference'] * 100:+.1f} points, within the seed spreads")
+    judged = [(c, verdict(c["difference"], points[c["cheap"]]["std"] + points[c["reference"]]["std"]))
+              for c in check["candidates"]]
+    closest = max(check["candidates"], key=lambda c: c["difference"])
+    if any(v == "reproduced" for _, v in judged):
+        c = max((c for c, v in judged if v == "reproduced"), key=lambda c: c["ratio"])
+        return "reproduced", (f"{c['cheap']} has equal or better mean test accuracy than {c['reference']} "
+                              f"({c['difference'] * 100:+.2f} points) with {c['ratio']:.1f}x fewer parameters")
+    if all(v == "not reproduced" for _, v in judged):
+        return "not reproduced", (f"every measured pair at >= {check['ratio']:g}x has the SB/XS point below LoRA by more than "
+                                  f"the two seed standard deviations; the closest, {closest['cheap']} vs "
+                                  f"{closest['reference']} ({closest['ratio']:.1f}x), by {closest['difference'] * 100:+.2f} points")
+    return "inconclusive", (f"no measured pair at >= {check['ratio']:g}x has the SB/XS point at equal or better mean; the closest, "
+                            f"{closest['cheap']} vs {closest['reference']} ({closest['ratio']:.1f}x), differs by "
+                            f"{closest['difference'] * 100:+.2f} points, within the two seed standard deviations")
 
 
 def lr_width_verdict(widths: dict[str, float], method: str, against: str = "lora", ratio: float = ROBUST_RATIO) -> str:
@@ -288,5 +287,292 @@ def speedup_verdict(steps_ref: float | None, steps_method: float | None, ratio: 
     return "reproduced" if steps_method * ratio <= steps_ref else "inconclusive"
 
 
-def log_mid(values: list[float]) -> float:
-    return math.exp(statistics.fmean(math.log(v) for v in values))
+# -- the report's sections (called by bench/report.py) --------------------------------------
+def is_study(result: dict[str, Any]) -> bool:
+    return bool((result.get("figures") or {}).get("study"))
+
+
+def experiment_groups(results: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Study experiment -> its result keys (several budgets of one study, e.g. long budget)."""
+    groups: dict[str, list[str]] = {}
+    for key in sorted(results):
+        if is_study(results[key]):
+            groups.setdefault(results[key]["figures"].get("experiment", key), []).append(key)
+    return groups
+
+
+def render(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
+    """One study (all its result files) into ``rep``; ``kit`` is bench/report.py (table, fmt, environment,
+    colours) so the formatting is the report's own."""
+    first = results[next(iter(results))]
+    kind = first["figures"]["study"]["kind"]
+    facts = STUDIES[kind]
+    rep.add(f"## {facts['title']} ({name})", "")
+    f = first["figures"]
+    rep.add(f"**Claim.** {facts['claim']}", "", f"**Paper's setting.** {facts['paper']}", "",
+            f"**Setting here.** Config `{f.get('config')}` (protocol inherited from `{f['study'].get('inherit')}`): "
+            f"{f.get('budget_description', '')}; seeds {f.get('seeds')}; metric test {f.get('metric')}.", "")
+    for key, result in results.items():
+        g = result["figures"]
+        pending = [p for p in g["study"]["points"] if g.get("methods", {}).get(p, {}).get("status") != "ok"]
+        note = (f" **Partial: not yet measured: {', '.join(pending)}.**" if pending else "")
+        took = f" Run time of this result {g['elapsed_seconds'] / 60:.0f} min." if g.get("elapsed_seconds") else ""
+        rep.add(f"`{key}`: status {result['status']}.{took}{note}", "", kit.environment(result), "")
+    SECTIONS_BY_KIND[kind](rep, kit, name, results)
+
+
+def _score(p: dict[str, Any]) -> str:
+    return f"{p['mean']:.4f} ± {p['std']:.4f}" if len(p["per_seed"]) > 1 else f"{p['mean']:.4f} (1 seed)"
+
+
+def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
+    for key, result in results.items():
+        f = result["figures"]
+        points = ok_points(f)
+        rows = []
+        for n, p in sorted(points.items(), key=lambda kv: (kv[1]["family"], kv[1]["params"])):
+            e = f["methods"][n]
+            rows.append([n, p["family"], str(p.get("rank", "–")), p["params"], f"{e['lr']:g}", _score(p),
+                         ", ".join(f"{v:.4f}" for v in p["per_seed"]), e.get("reused_from", "–")])
+        rep.add(kit.table(["point", "family", "rank", "trainable params", "lr (validation)", f"test {f.get('metric')}",
+                           "per seed", "taken from"], rows), "")
+        check = ratio_check(points)
+        outcome, sentence = frontier_verdict(check, points)
+        pairs = sorted(check["candidates"], key=lambda c: -c["ratio"])
+        rep.add(f"The {PARAM_RATIO:g}× check: pairs of a LoRA-SB/XS point and a LoRA point with at least {PARAM_RATIO:g}× "
+                "more parameters, and the difference of their mean test accuracy (SB/XS minus LoRA): "
+                + ("; ".join(f"{c['cheap']} vs {c['reference']} {c['ratio']:.1f}× {c['difference'] * 100:+.2f} points"
+                             for c in pairs) or "none measured") + ". "
+                + (f"The pair with the largest ratio at equal or better mean accuracy: {check['best']['cheap']} vs "
+                   f"{check['best']['reference']} ({check['best']['ratio']:.1f}×)." if check["best"] else
+                   f"No measured pair at ≥ {PARAM_RATIO:g}× has the SB/XS point at equal or better mean accuracy."), "")
+        rep.add(f"**Verdict: {outcome}** — {sentence}. Thresholds: a pair at ≥ {PARAM_RATIO:g}× reproduces the claim when "
+                "the SB/XS mean is ≥ the LoRA mean, does not when it is below by more than the sum of the two seed standard "
+                "deviations, and is inconclusive between; the claim is reproduced when some pair reproduces it, not "
+                "reproduced when no pair does and none is inconclusive, inconclusive otherwise. Only the measured points "
+                "count: an unmeasured point can change the verdict.", "")
+        rep.headlines.append(f"Frontier ({key}): {PARAM_RATIO:g}× claim {outcome} — {sentence}.")
+        if not points:
+            continue
+
+        def draw(ax, points=points, f=f):
+            fams = sorted({p["family"] for p in points.values()})
+            colour = kit.colours(fams)
+            for fam in fams:
+                ps = sorted((p for p in points.values() if p["family"] == fam), key=lambda p: p["params"])
+                ax.errorbar([p["params"] for p in ps], [p["mean"] for p in ps], yerr=[p["std"] for p in ps],
+                            fmt="o-", capsize=3, color=colour[fam], label=fam)
+                for p in ps:
+                    ax.annotate(f"r{p.get('rank', '?')}", (p["params"], p["mean"]), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")
+            ax.set_xscale("log")
+            ax.set_xlabel("trainable parameters (log)")
+            ax.set_ylabel(f"test {f.get('metric')} (mean ± std over seeds)")
+            ax.set_title(f"{key}: test {f.get('metric')} against trainable parameters", fontsize=9)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+
+        rep.plot(f"{key}_frontier.png", draw, "test metric against trainable parameters, one line per family")
+
+
+def lr_table(points: dict[str, dict[str, Any]]) -> dict[str, dict[float, dict[str, Any]]]:
+    """family -> lr -> point, for the lr-robustness points."""
+    out: dict[str, dict[float, dict[str, Any]]] = {}
+    for p in points.values():
+        if "lr" in p:
+            out.setdefault(p["family"], {})[float(p["lr"])] = p
+    return {fam: dict(sorted(v.items())) for fam, v in out.items()}
+
+
+def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
+    for key, result in results.items():
+        f = result["figures"]
+        fams = lr_table(ok_points(f))
+        ranges = {fam: lr_range({lr: p["mean"] for lr, p in by.items()}) for fam, by in fams.items() if len(by) >= 2}
+        rep.add(kit.table(["family"] + [f"lr {lr:g}" for lr in sorted({lr for by in fams.values() for lr in by})], [
+            [fam] + [(_score(by[lr]) if lr in by else "–") for lr in sorted({lr for b in fams.values() for lr in b})]
+            for fam, by in fams.items()]), "")
+        rep.add(kit.table(["family", "best lr", f"best test {f.get('metric')}", f"lrs within {WITHIN * 100:g} point",
+                           "width (max/min lr)", "grid width"],
+                          [[fam, f"{r['best_lr']:g}", f"{r['best']:.4f}", f"{r['low']:g} – {r['high']:g}",
+                            f"{r['width']:.1f}×" + (" (reaches the grid's edge)" if r["at_edge"] else ""),
+                            f"{r['grid_width']:.0f}×"] for fam, r in ranges.items()]), "")
+        widths = {fam: r["width"] for fam, r in ranges.items()}
+        for method in ("riemannian", "lora-sb"):
+            if method in widths and "lora" in widths:
+                v = lr_width_verdict(widths, method)
+                rep.add(f"**Verdict ({method} vs lora): {v}** — lr range within {WITHIN * 100:g} point of the best: "
+                        f"{method} {widths[method]:.1f}×, lora {widths['lora']:.1f}×. Thresholds: reproduced when "
+                        f"{method}'s width is ≥ {ROBUST_RATIO:g}× lora's, not reproduced when it is ≤ lora's, "
+                        "inconclusive between.", "")
+        if not fams:
+            continue
+
+        def draw(ax, fams=fams, f=f):
+            colour = kit.colours(list(fams))
+            for fam, by in fams.items():
+                ax.errorbar(list(by), [p["mean"] for p in by.values()], yerr=[p["std"] for p in by.values()],
+                            fmt="o-", capsize=3, color=colour[fam], label=fam)
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate (log)")
+            ax.set_ylabel(f"test {f.get('metric')} (mean ± std over seeds)")
+            ax.set_title(f"{key}: test {f.get('metric')} against the learning rate", fontsize=9)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+
+        rep.plot(f"{key}_lr.png", draw, "test metric against the learning rate, every point on every seed")
+
+
+CONVERGENCE_CLAIMS = {"lora-ga": CONVERGENCE_SPEEDUP, "pissa": 1.25}  # method -> speed-up the verdict requires
+
+
+def _convergence(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
+    for key, result in results.items():
+        f = result["figures"]
+        ok = {m: e for m, e in f["methods"].items() if e.get("status") == "ok"}
+        ref = f.get("reference", "lora")
+        own = ((ok.get(ref) or {}).get("steps_to_reference_loss") or {}).get("mean")
+        rows = []
+        for m, e in ok.items():
+            conv = e.get("steps_to_reference_loss") or {}
+            steps = conv.get("mean")
+            rows.append([m, f"{e['lr']:g}", f"{conv.get('final_loss_trailing_mean', float('nan')):.4f}",
+                         ", ".join(str(v) if v is not None else "never" for v in (conv.get("per_seed") or {}).values()),
+                         kit.fmt(steps, 1), f"{own / steps:.2f}×" if own and steps else "–", _score(ok_points(f)[m])])
+        rep.add(kit.table(["method", "lr", "final train loss", f"steps to {ref}'s final loss, per seed", "mean",
+                           f"speed-up vs {ref}", f"test {f.get('metric')}"], rows), "")
+        for m, need_ratio in CONVERGENCE_CLAIMS.items():
+            if m in ok:
+                steps = (ok[m].get("steps_to_reference_loss") or {}).get("mean")
+                v = speedup_verdict(own, steps, need_ratio)
+                rep.add(f"**Verdict ({m}): {v}** — {ref} first reaches its own final loss at step {kit.fmt(own, 1)}, {m} at "
+                        f"{kit.fmt(steps, 1) if steps else 'never (on some seed)'}. Thresholds: reproduced at ≥ {need_ratio:g}× "
+                        f"fewer steps than {ref}, not reproduced at more steps than {ref} or never, inconclusive between.", "")
+        window = int(f.get("smooth_window") or 8)
+        curves = {m: e["train_loss"] for m, e in ok.items() if e.get("train_loss")}
+        if not curves:
+            continue
+
+        def draw(ax, curves=curves, window=window, ref=ref):
+            colour = kit.colours(list(curves))
+            for m, per_seed in curves.items():
+                smooth = [trailing(v, window) for v in per_seed.values()]
+                n = min(len(s) for s in smooth)
+                mean = [statistics.fmean(s[i] for s in smooth) for i in range(n)]
+                ax.plot(range(1, n + 1), mean, color=colour[m], label=m, linewidth=2.2 if m == ref else 1.0)
+                ax.fill_between(range(1, n + 1), [min(s[i] for s in smooth) for i in range(n)],
+                                [max(s[i] for s in smooth) for i in range(n)], color=colour[m], alpha=0.15)
+            ax.set_xlabel("step")
+            ax.set_ylabel(f"training loss (trailing mean of {window}; band: min–max over seeds)")
+            ax.set_title(f"{key}: training loss, mean over seeds", fontsize=9)
+            ax.legend(fontsize=7, ncol=2)
+            ax.grid(alpha=0.3)
+
+        rep.plot(f"{key}_convergence.png", draw, "training loss per step, mean and min-max band over seeds", (7.0, 4.5))
+
+
+def trailing(losses: list[float], window: int) -> list[float]:
+    return [statistics.fmean(losses[max(0, i + 1 - window): i + 1]) for i in range(len(losses))]
+
+
+def budget_steps(f: dict[str, Any]) -> int:
+    return int((f.get("base_config") or {}).get("train", {}).get("max_steps") or 0)
+
+
+def gap_trend(gaps: dict[int, dict[str, Any]]) -> str:
+    """persists / shrinks / reverses, from the paired gaps (method - reference) at the shortest and the
+    longest budget: reverses when the sign flips and both means exceed their spreads, shrinks when
+    |gap| at the longest is below half of |gap| at the shortest, persists otherwise."""
+    if len(gaps) < 2:
+        return "inconclusive"
+    short, long = gaps[min(gaps)], gaps[max(gaps)]
+    if short["mean"] * long["mean"] < 0 and abs(short["mean"]) > short["std"] and abs(long["mean"]) > long["std"]:
+        return "reverses"
+    if abs(long["mean"]) < abs(short["mean"]) / 2:
+        return "shrinks"
+    return "persists"
+
+
+def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
+    by_steps = {budget_steps(r["figures"]): r["figures"] for r in results.values()}
+    ref = next(iter(by_steps.values())).get("reference", "lora")
+    shortest = min(by_steps)
+    methods = sorted({m for f in by_steps.values() for m, e in f["methods"].items() if e.get("status") == "ok" and m != ref})
+    gaps: dict[str, dict[int, dict[str, Any]]] = {}
+    for steps, f in sorted(by_steps.items()):
+        r = f["methods"].get(ref, {})
+        for m in methods:
+            e = f["methods"].get(m, {})
+            if e.get("status") == "ok" and r.get("status") == "ok":
+                gaps.setdefault(m, {})[steps] = paired(e["test_per_seed"], r["test_per_seed"])
+    cols = sorted(by_steps)
+    rep.add(kit.table(["method"] + [f"{s} steps ({s / shortest:g}×): gap to {ref}, points" for s in cols] + ["trend"],
+                      [[m] + [f"{g[s]['mean'] * 100:+.2f} ± {g[s]['std'] * 100:.2f}" if s in g else "–" for s in cols]
+                       + [gap_trend(g)] for m, g in gaps.items()]), "")
+    rep.add(f"Gaps are paired per seed (method minus {ref}, same seed), mean ± standard deviation over seeds, in points of "
+            f"test accuracy. Trend thresholds: reverses when the gap changes sign between the shortest and the longest "
+            "budget and both exceed their spreads; shrinks when the longest budget's |gap| is below half the shortest's; "
+            "persists otherwise.", "")
+
+    def draw(ax):
+        colour = kit.colours(list(gaps))
+        for m, g in gaps.items():
+            xs = sorted(g)
+            ax.errorbar([x / shortest for x in xs], [g[x]["mean"] * 100 for x in xs], yerr=[g[x]["std"] * 100 for x in xs],
+                        fmt="o-", capsize=3, color=colour[m], label=m)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"budget (× {shortest} steps)")
+        ax.set_ylabel(f"gap to {ref} (points, paired over seeds)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+    if gaps:
+        rep.plot(f"{name}_gaps.png", draw, "gap to the reference against the budget")
+
+
+def combination_rows(f: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each declared pair: the paired difference (combination - part) per part, and the verdict
+    against the better part: better when mean - std > 0, worse when mean + std < 0, else no better."""
+    ok = {m: e for m, e in f["methods"].items() if e.get("status") == "ok"}
+    rows = []
+    for combo, parts in ((f.get("study") or {}).get("pairs") or {}).items():
+        if combo not in ok or any(p not in ok for p in parts):
+            continue
+        diffs = {p: paired(ok[combo]["test_per_seed"], ok[p]["test_per_seed"]) for p in parts}
+        best = max(parts, key=lambda p: ok[p]["mean"])
+        d = diffs[best]
+        outcome = "better" if d["mean"] - d["std"] > 0 else "worse" if d["mean"] + d["std"] < 0 else "no better"
+        rows.append({"combination": combo, "parts": parts, "differences": diffs, "best_part": best, "outcome": outcome})
+    return rows
+
+
+def _combinations(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
+    for key, result in results.items():
+        f = result["figures"]
+        rows = combination_rows(f)
+        rep.add(kit.table(["combination", "test (mean ± std)", "vs each part (paired, points)", "better part", "outcome"], [
+            [r["combination"], _score(ok_points(f)[r["combination"]]),
+             "; ".join(f"{p}: {d['mean'] * 100:+.2f} ± {d['std'] * 100:.2f}" for p, d in r["differences"].items()),
+             r["best_part"], r["outcome"]] for r in rows]), "")
+        rep.add("Differences are per seed (combination minus part, same seed), mean ± standard deviation over seeds. "
+                "Outcome against the better part: better when mean − std > 0, worse when mean + std < 0, no better otherwise.", "")
+        if rows:
+            plain = [r["combination"] for r in rows if r["outcome"] != "better"]
+            rep.headlines.append(f"Combinations ({key}): {sum(r['outcome'] == 'better' for r in rows)} of {len(rows)} "
+                                 "beat their better part by more than the seed spread"
+                                 + (f"; no better: {', '.join(plain)}." if plain else "."))
+
+            def draw(ax, rows=rows):
+                labels = [r["combination"] for r in rows]
+                d = [r["differences"][r["best_part"]] for r in rows]
+                ax.barh(labels, [x["mean"] * 100 for x in d], xerr=[x["std"] * 100 for x in d], color="#4878a8", capsize=3)
+                ax.axvline(0, color="grey", linewidth=0.8)
+                ax.set_xlabel("combination minus its better part (points, paired over seeds)")
+                ax.grid(alpha=0.3)
+
+            rep.plot(f"{key}_combinations.png", draw, "paired difference of each combination to its better part")
+
+
+SECTIONS_BY_KIND = {"frontier": _frontier, "lr-robustness": _lr_robustness, "convergence": _convergence,
+                    "long-budget": _long_budget, "combinations": _combinations}
