@@ -12,7 +12,8 @@ the quality config it ``inherits``; its ``points`` expand into the methods quali
     convergence, long-budget, combinations: ``methods`` as in a quality config, or ``from_parent``
                    (a list of the inherited config's methods); combinations also ``pairs``.
 
-``reuse`` takes points from another result of the same protocol (same base config, budget,
+``base_overrides`` changes the inherited base (another dataset), ``extra_budgets`` adds budgets
+(the long budgets). ``reuse`` takes points from another result of the same protocol (same base config, budget,
 seeds, grid and overrides, checked) instead of training them again.
 
 Every fact about a study kind (its claim, the paper's setting, how a verdict follows from the
@@ -105,9 +106,12 @@ def expand(spec: dict[str, Any], where: str = "config") -> dict[str, Any]:
         for key in ("base", "budgets", "select", "reference", "baseline"):
             if key in parent and key not in spec:
                 spec[key] = parent[key]
-        for name, budget in (spec.pop("budget_overrides", None) or {}).items():  # e.g. long budgets
-            spec.setdefault("budgets", {})
-            spec["budgets"] = {**spec["budgets"], name: budget}
+    if spec.get("base_overrides"):  # e.g. another dataset under the same protocol
+        from lorakit.recipes.config import deep_merge
+
+        spec["base"] = deep_merge(spec["base"], spec.pop("base_overrides"))
+    if spec.get("extra_budgets"):  # e.g. the long budgets, next to the inherited ones
+        spec["budgets"] = {**spec.get("budgets", {}), **spec.pop("extra_budgets")}
     families = {**(parent.get("methods") or {}), **(spec.get("families") or {})}
     methods: dict[str, Any] = {}
     for name in spec.get("from_parent") or []:
