@@ -878,9 +878,7 @@ def render(results: dict[str, dict[str, Any]], out: Path) -> str:
             if len(found) > 1:
                 body.add(f"### {key}", "")
             quality_section(body, key, results[key])
-    study_groups = studies.experiment_groups(results)
-    for name, keys in study_groups.items():
-        studies.render(body, sys.modules[__name__], name, {k: results[k] for k in keys})
+    study_keys = studies.render_all(body, sys.modules[__name__], results)
     for key, title, fn in SECTIONS:
         body.add(f"## {title}", "")
         if key not in results:
@@ -888,7 +886,7 @@ def render(results: dict[str, dict[str, Any]], out: Path) -> str:
             continue
         fn(body, results[key])
     known = ({k for k, _, _ in SECTIONS} | {k for k in results if any(k.startswith(q) for q in QUALITY)}
-             | {k for keys in study_groups.values() for k in keys})
+             | study_keys)
     for key in sorted(set(results) - known):
         body.add(f"## Other result: {key}", "")
         generic_section(body, key, results[key])

@@ -305,6 +305,23 @@ def experiment_groups(results: dict[str, dict[str, Any]]) -> dict[str, list[str]
     return groups
 
 
+def render_all(rep: Any, kit: Any, results: dict[str, dict[str, Any]], configs: Path = ROOT / "bench" / "configs") -> set[str]:
+    """Every study result into ``rep``, and a "not run yet" section (and a missed target) for each
+    study config without a result; returns the result keys rendered."""
+    groups = experiment_groups(results)
+    for name, keys in groups.items():
+        render(rep, kit, name, {k: results[k] for k in keys})
+    for path in sorted(configs.glob("study_*.yaml")):
+        spec = yaml.safe_load(path.read_text()) or {}
+        if spec.get("name") in groups or spec.get("study") not in STUDIES:
+            continue
+        command = f"nice python bench/quality.py --config {path.relative_to(ROOT)} --budget full --threads 1"
+        rep.add(f"## {STUDIES[spec['study']]['title']} ({spec.get('name')})", "",
+                f"**Claim.** {STUDIES[spec['study']]['claim']}", "", f"**Not run yet.** Command: `{command}`.", "")
+        rep.missed.append(f"issue 18: {spec.get('name')} not run yet (`{command}`).")
+    return {k for keys in groups.values() for k in keys}
+
+
 def render(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
     """One study (all its result files) into ``rep``; ``kit`` is bench/report.py (table, fmt, environment,
     colours) so the formatting is the report's own."""
@@ -320,8 +337,20 @@ def render(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) ->
         g = result["figures"]
         pending = [p for p in g["study"]["points"] if g.get("methods", {}).get(p, {}).get("status") != "ok"]
         note = (f" **Partial: not yet measured: {', '.join(pending)}.**" if pending else "")
-        took = f" Run time of this result {g['elapsed_seconds'] / 60:.0f} min." if g.get("elapsed_seconds") else ""
-        rep.add(f"`{key}`: status {result['status']}.{took}{note}", "", kit.environment(result), "")
+        took = (f" Training time of this result {g['elapsed_seconds'] / 60:.0f} min." if (g.get("elapsed_seconds") or 0) >= 60 else "")
+        taken = sorted({e["reused_from"].split(":")[0] for e in g.get("methods", {}).values() if e.get("reused_from")})
+        reuse = (f" Points {', '.join(n for n, e in g['methods'].items() if e.get('reused_from'))} are taken from "
+                 f"{', '.join(taken)} (same protocol, checked)." if taken else "")
+        rep.add(f"`{key}`: status {result['status']}.{took}{reuse}{note}", "", kit.environment(result), "")
+        if pending:
+            rep.missed.append(f"issue 18: {key} is partial; not yet measured: {', '.join(pending)} "
+                              f"(`nice python bench/quality.py --config {g.get('config')} --budget {g.get('budget')} --threads 1 --resume`).")
+    if kind == "long-budget":
+        spec = expand(yaml.safe_load((ROOT / f["config"]).read_text()), where=f["config"]) if (ROOT / f["config"]).is_file() else {}
+        have = {r["figures"].get("budget") for r in results.values()}
+        for budget in [b for b in spec.get("budgets", {}) if b != "quick" and b not in have]:
+            rep.missed.append(f"issue 18: {name} budget {budget} not run yet "
+                              f"(`nice python bench/quality.py --config {f['config']} --budget {budget} --threads 1`).")
     SECTIONS_BY_KIND[kind](rep, kit, name, results)
 
 
