@@ -42,39 +42,35 @@ ROBUST_RATIO = 2.0       # a method is "more robust" when its lr range is >= 2x 
 CONVERGENCE_SPEEDUP = 2.0  # LoRA-GA's claim: LoRA's final loss in 2-4x fewer steps
 
 
-STUDIES: dict[str, dict[str, str]] = {
+STUDIES: dict[str, dict[str, str]] = {  # kind -> its title, the claim and the paper's setting (sections: SECTIONS_BY_KIND)
     "frontier": {
         "title": "Study: parameter-efficiency frontier",
         "claim": "LoRA-SB matches or beats LoRA with 27-90x fewer trainable parameters (Ponkshe et al. 2024).",
         "paper": "7B decoders, LoRA-SB r = 96 against LoRA r = 32, alpha = r.",
-        "axis": "rank",
     },
     "lr-robustness": {
         "title": "Study: learning-rate robustness",
         "claim": "Riemannian preconditioning makes LoRA robust to the learning rate (Zhang & Pilanci 2024); "
                  "LoRA-SB needs no hyper-parameter tuning (Ponkshe et al. 2024).",
-        "paper": "Riemannian: GPT-2 / Mistral 7B over lr grids spanning 10-100x; LoRA-SB: one lr per task family.",
-        "axis": "lr",
+        "paper": ("Riemannian: GPT-2 and Mistral 7B fine-tuning and diffusion models, final quality across learning-rate "
+                  "sweeps (the paper's grids); LoRA-SB: one learning rate per task family."),
     },
     "convergence": {
         "title": "Study: convergence",
         "claim": "LoRA-GA reaches LoRA's final loss in 2-4x fewer steps at full-fine-tuning learning rates (Wang et al. 2024); "
                  "PiSSA converges faster than LoRA (Meng et al. 2024).",
         "paper": "LoRA-GA: T5-base / Llama 2 7B, lr of full fine-tuning; PiSSA: 7B decoders.",
-        "axis": None,
     },
     "long-budget": {
         "title": "Study: long budget",
         "claim": "The survey's open question 2: do the gaps between methods at a short budget persist, shrink or reverse "
                  "when training runs long enough to fit the data?",
         "paper": "(an open question, no paper setting)",
-        "axis": "budget",
     },
     "combinations": {
         "title": "Study: combinations",
         "claim": "The survey's open question 3: does combining several successors of LoRA help further?",
         "paper": "(an open question, no paper setting)",
-        "axis": None,
     },
 }
 
@@ -315,7 +311,8 @@ def render_all(rep: Any, kit: Any, results: dict[str, dict[str, Any]], configs: 
         spec = yaml.safe_load(path.read_text()) or {}
         if spec.get("name") in groups or spec.get("study") not in STUDIES:
             continue
-        command = f"nice python bench/quality.py --config {path.relative_to(ROOT)} --budget full --threads 1"
+        shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        command = f"nice python bench/quality.py --config {shown} --budget full --threads 1"
         rep.add(f"## {STUDIES[spec['study']]['title']} ({spec.get('name')})", "",
                 f"**Claim.** {STUDIES[spec['study']]['claim']}", "", f"**Not run yet.** Command: `{command}`.", "")
         rep.missed.append(f"issue 18: {spec.get('name')} not run yet (`{command}`).")

@@ -281,3 +281,21 @@ def test_report_renders_convergence_and_long_budget_from_the_runner_figures(tmp_
     assert "-2.00 ± 0.00" in row and "-0.50 ± 0.00" in row and row.rstrip(" |").endswith("shrinks")
     assert (tmp_path / "docs" / "study_conv_full_convergence.png").is_file()
     assert (tmp_path / "docs" / "study_long_gaps.png").is_file()
+
+
+def test_a_study_config_without_a_result_is_a_missed_target_and_a_partial_one_names_its_pending_points(tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in ("study_frontier_x", "study_lr_x"):
+        (configs / f"{name}.yaml").write_text(json.dumps({"name": name, "study": name.split("_")[1].replace("lr", "lr-robustness")}))
+    pts = frontier_points([0.79, 0.80, 0.80])
+    facts = {**{n: {"family": p["family"], "rank": p["rank"]} for n, p in pts.items()}, "lora@r2": {"family": "lora", "rank": 2}}
+    f = study_figures("frontier", {n: entry(p["per_seed"], p["params"], 1e-3) for n, p in pts.items()}, facts)
+    f["experiment"] = "study_frontier_x"
+    rep = report.Report(tmp_path)
+    rendered = studies.render_all(rep, report, {"study_frontier_x_full": {"status": "partial", "environment": ENV, "figures": f}},
+                                  configs)
+    assert rendered == {"study_frontier_x_full"}
+    assert any(m.startswith("issue 18: study_lr_x not run yet") for m in rep.missed)
+    pending = [m for m in rep.missed if "partial" in m]
+    assert len(pending) == 1 and "lora@r2" in pending[0] and "lora@r8" not in pending[0]
