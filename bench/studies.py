@@ -351,6 +351,15 @@ def render(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) ->
     SECTIONS_BY_KIND[kind](rep, kit, name, results)
 
 
+def _colours(kit: Any, names: list[str]) -> dict[str, Any]:
+    """tab10's distinct colours for a study's few lines (the report's tab20 pairs light and dark shades)."""
+    if len(names) > 10:
+        return kit.colours(names)
+    import matplotlib
+
+    return {n: matplotlib.colormaps["tab10"](i) for i, n in enumerate(names)}
+
+
 def _score(p: dict[str, Any]) -> str:
     return f"{p['mean']:.4f} ± {p['std']:.4f}" if len(p["per_seed"]) > 1 else f"{p['mean']:.4f} (1 seed)"
 
@@ -387,7 +396,7 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
 
         def draw(ax, points=points, f=f):
             fams = sorted({p["family"] for p in points.values()})
-            colour = kit.colours(fams)
+            colour = _colours(kit, fams)
             for fam in fams:
                 ps = sorted((p for p in points.values() if p["family"] == fam), key=lambda p: p["params"])
                 ax.errorbar([p["params"] for p in ps], [p["mean"] for p in ps], yerr=[p["std"] for p in ps],
@@ -439,7 +448,7 @@ def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, A
             continue
 
         def draw(ax, fams=fams, f=f):
-            colour = kit.colours(list(fams))
+            colour = _colours(kit, list(fams))
             for fam, by in fams.items():
                 ax.errorbar(list(by), [p["mean"] for p in by.values()], yerr=[p["std"] for p in by.values()],
                             fmt="o-", capsize=3, color=colour[fam], label=fam)
@@ -484,7 +493,7 @@ def _convergence(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
             continue
 
         def draw(ax, curves=curves, window=window, ref=ref):
-            colour = kit.colours(list(curves))
+            colour = _colours(kit, list(curves))
             for m, per_seed in curves.items():
                 smooth = [trailing(v, window) for v in per_seed.values()]
                 n = min(len(s) for s in smooth)
@@ -545,7 +554,7 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
             "persists otherwise.", "")
 
     def draw(ax):
-        colour = kit.colours(list(gaps))
+        colour = _colours(kit, list(gaps))
         for m, g in gaps.items():
             xs = sorted(g)
             ax.errorbar([x / shortest for x in xs], [g[x]["mean"] * 100 for x in xs], yerr=[g[x]["std"] * 100 for x in xs],
