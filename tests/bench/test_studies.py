@@ -224,8 +224,9 @@ def test_report_renders_a_frontier_section_whose_verdict_follows_the_numbers(tmp
     text = report.write(tmp_path / "r", tmp_path / "docs").read_text()
     section = text[text.index("## Study: parameter-efficiency frontier"):]
     assert (tmp_path / "docs" / "study_frontier_full_frontier.png").stat().st_size > 0
-    outcome, sentence = studies.frontier_verdict(studies.ratio_check(pts), pts)
-    assert f"**Verdict: {outcome}** — {sentence}" in section and outcome == "reproduced"
+    outcome, sentence = studies.frontier_verdict(studies.ratio_check(pts, cheap=("lora-sb",)), pts)
+    assert f"**Verdict (lora-sb): {outcome}** — {sentence}" in section and outcome == "reproduced"
+    assert "Verdict (lora-xs)" not in section  # no lora-xs point measured
     assert "lora-sb@r32" in section.split("not yet measured:")[1].split("\n")[0]
     assert "Other result: study_frontier_full" not in text
     for name, p in pts.items():  # every measured point's row carries its own parameter count and mean
