@@ -25,6 +25,9 @@ pass without ``--methods`` gathers every run into one result. Results go to benc
 keeps what it finished ("status": "partial" until the end); ``--resume`` reads that file back
 and trains only the methods it does not hold yet (same budget and config), so a run several
 hours long can be spread over several sittings.
+
+A study config (issue 18, ``study:`` and ``inherit:``) is expanded by bench/studies.py into the
+same methods (its points), with points taken from an identical-protocol result when it says ``reuse``.
 """
 
 from __future__ import annotations
