@@ -25,6 +25,9 @@ pass without ``--methods`` gathers every run into one result. Results go to benc
 keeps what it finished ("status": "partial" until the end); ``--resume`` reads that file back
 and trains only the methods it does not hold yet (same budget and config), so a run several
 hours long can be spread over several sittings.
+
+A study config (issue 18, ``study:`` and ``inherit:``) is expanded by bench/studies.py into the
+same methods (its points), with points taken from an identical-protocol result when it says ``reuse``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result  # noqa: E402
+import studies  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,6 +135,10 @@ def deep_merge(base: dict[str, Any], changes: dict[str, Any] | None) -> dict[str
 
 def load(path: Path, budget: str) -> tuple[dict[str, Any], dict[str, Any]]:
     spec = yaml.safe_load(path.read_text())
+    try:
+        spec = studies.expand(spec or {}, where=str(path))  # a study config: its inherited protocol and points
+    except studies.StudyError as exc:
+        raise SystemExit(str(exc)) from None
     for key in ("name", "base", "budgets", "methods"):
         if key not in (spec or {}):
             raise SystemExit(f"{path}: missing key {key!r} (see bench/configs/quality_minilm.yaml)")
@@ -279,6 +287,8 @@ def main() -> None:
         "select": select, "metric": metric, "reference": reference, "smooth_window": window,
         "base_config": base, "workdir": str(workdir), "methods": {},
     }
+    if spec.get("study"):
+        figures["study"] = studies.study_facts(spec)
     earlier_seconds = 0.0
     if args.resume:
         earlier_seconds = resume_from(result_name, figures)
@@ -310,10 +320,17 @@ def main() -> None:
         method_base = deep_merge(base, method.get("overrides") or {})
         entry: dict[str, Any] = {"status": "ok"}
         t0 = time.perf_counter()
+        earlier = studies.reused(spec, name, method_base, figures, RESULTS, deep_merge)
+        if earlier is not None:  # a point another result measured by the same protocol
+            print(f"== {name}: taken from {earlier['reused_from']}", flush=True)
+            figures["methods"][name] = earlier
+            add_convergence(figures["methods"], reference, window)
+            save("partial")
+            continue
         try:
             lr = float(method["lr"])
             grid_runs: dict[float, dict[str, Any]] = {}
-            if budget.get("lr_search"):
+            if budget.get("lr_search") and method.get("lr_search", True):  # a study's fixed-lr point: no search
                 def validation_at(candidate: float) -> float:
                     print(f"== {name} lr {candidate:g} (grid, seed {seeds[0]})", flush=True)
                     cfg = deep_merge(method_base, {"optim": {"lr": candidate}, "train": {"seed": seeds[0]}})

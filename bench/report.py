@@ -22,6 +22,9 @@ from typing import Any, Callable
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import studies  # noqa: E402  (issue 18's study sections)
+
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {"benchmark": str, "status": str, "environment": dict, "figures": dict}
 QUALITY = {  # experiment -> (title, command that produces it)
@@ -1015,13 +1018,15 @@ def render(results: dict[str, dict[str, Any]], out: Path) -> str:
             if len(found) > 1:
                 body.add(f"### {key}", "")
             quality_section(body, key, results[key])
+    study_keys = studies.render_all(body, sys.modules[__name__], results)
     for key, title, fn in SECTIONS:
         body.add(f"## {title}", "")
         if key not in results:
             body.add(f"**Not run yet.** Command: `python bench/{key}.py`.", "")
             continue
         fn(body, results[key])
-    known = {k for k, _, _ in SECTIONS} | {k for k in results if any(k.startswith(q) for q in QUALITY)}
+    known = ({k for k, _, _ in SECTIONS} | {k for k in results if any(k.startswith(q) for q in QUALITY)}
+             | study_keys)
     for key in sorted(set(results) - known):
         body.add(f"## Other result: {key}", "")
         generic_section(body, key, results[key])

@@ -1,0 +1,626 @@
+"""Studies of issue 18: configs that test one paper claim each, run by bench/quality.py and
+published by bench/report.py.
+
+A study config (bench/configs/study_*.yaml) names its ``study`` kind and takes the protocol
+(``base``, ``budgets``, ``select``, ``reference`` and each family's overrides and lr grid) from
+the quality config it ``inherits``; its ``points`` expand into the methods quality.py trains:
+
+    frontier       points: {lora: {rank: [1, 2, 4]}}  -> methods lora@r1, lora@r2, lora@r4
+                   (each point's lr chosen on validation from the family's grid, as in quality.py)
+    lr-robustness  points: {lora: {lr: [...]}}        -> methods lora@lr0.0005, ... with that lr
+                   fixed: every point on every seed, no selection
+    convergence, long-budget, combinations: ``methods`` as in a quality config, or ``from_parent``
+                   (a list of the inherited config's methods); combinations also ``pairs``.
+
+``base_overrides`` changes the inherited base (another dataset), ``extra_budgets`` adds budgets
+(the long budgets). ``reuse`` takes points from another result of the same protocol (same base config, budget,
+seeds, grid and overrides, checked) instead of training them again.
+
+Every fact about a study kind (its claim, the paper's setting, how a verdict follows from the
+numbers and at which threshold) is in STUDIES; the pure computations (the 27x check, the lr-range
+width, paired differences, the verdicts) are functions here so tests can check them on synthetic
+results without training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SEP = "@"  # family@r16, family@lr0.001
+
+# -- thresholds the verdicts use (stated in the report's text) ---------------------------------
+PARAM_RATIO = 27.0       # LoRA-SB's claim: equal or better accuracy with >= 27x fewer parameters
+WITHIN = 0.01            # lr robustness: the lrs whose mean test metric is within 1 point of the best
+ROBUST_RATIO = 2.0       # a method is "more robust" when its lr range is >= 2x another's
+CONVERGENCE_SPEEDUP = 2.0  # LoRA-GA's claim: LoRA's final loss in 2-4x fewer steps
+
+
+STUDIES: dict[str, dict[str, str]] = {  # kind -> its title, the claim and the paper's setting (sections: SECTIONS_BY_KIND)
+    "frontier": {
+        "title": "Study: parameter-efficiency frontier",
+        "claim": "LoRA-SB matches or beats LoRA with 27-90x fewer trainable parameters (Ponkshe et al. 2024).",
+        "paper": "7B decoders, LoRA-SB r = 96 against LoRA r = 32, alpha = r.",
+    },
+    "lr-robustness": {
+        "title": "Study: learning-rate robustness",
+        "claim": "Riemannian preconditioning makes LoRA robust to the learning rate (Zhang & Pilanci 2024); "
+                 "LoRA-SB needs no hyper-parameter tuning (Ponkshe et al. 2024).",
+        "paper": ("Riemannian: GPT-2 and Mistral 7B fine-tuning and diffusion models, final quality across learning-rate "
+                  "sweeps (the paper's grids); LoRA-SB: one learning rate per task family."),
+    },
+    "convergence": {
+        "title": "Study: convergence",
+        "claim": "LoRA-GA reaches LoRA's final loss in 2-4x fewer steps at full-fine-tuning learning rates (Wang et al. 2024); "
+                 "PiSSA converges faster than LoRA (Meng et al. 2024).",
+        "paper": "LoRA-GA: T5-base / Llama 2 7B, lr of full fine-tuning; PiSSA: 7B decoders.",
+    },
+    "long-budget": {
+        "title": "Study: long budget",
+        "claim": "The survey's open question 2: do the gaps between methods at a short budget persist, shrink or reverse "
+                 "when training runs long enough to fit the data?",
+        "paper": "(an open question, no paper setting)",
+    },
+    "combinations": {
+        "title": "Study: combinations",
+        "claim": "The survey's open question 3: does combining several successors of LoRA help further?",
+        "paper": "(an open question, no paper setting)",
+    },
+}
+
+
+class StudyError(ValueError):
+    """A study config that cannot be expanded; the message names the key."""
+
+
+# -- configs --------------------------------------------------------------------------------
+def point_name(family: str, axis: str, value: float) -> str:
+    return f"{family}{SEP}{'r' if axis == 'rank' else 'lr'}{int(value) if axis == 'rank' else f'{float(value):g}'}"
+
+
+def expand(spec: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """A study config with its inherited protocol and its points as methods; a config without
+    ``study`` is returned unchanged (quality configs keep working as before)."""
+    kind = spec.get("study")
+    if kind is None:
+        return spec
+    if kind not in STUDIES:
+        raise StudyError(f"{where}: study {kind!r} is not one of {', '.join(STUDIES)}")
+    spec = dict(spec)
+    parent: dict[str, Any] = {}
+    if spec.get("inherit"):
+        parent_path = ROOT / spec["inherit"]
+        if not parent_path.is_file():
+            raise StudyError(f"{where}: inherit: {spec['inherit']!r} does not exist")
+        parent = yaml.safe_load(parent_path.read_text())
+        for key in ("base", "budgets", "select", "reference", "baseline"):
+            if key in parent and key not in spec:
+                spec[key] = parent[key]
+    if spec.get("base_overrides"):  # e.g. another dataset under the same protocol
+        from lorakit.recipes.config import deep_merge
+
+        spec["base"] = deep_merge(spec["base"], spec.pop("base_overrides"))
+    if spec.get("extra_budgets"):  # e.g. the long budgets, next to the inherited ones
+        spec["budgets"] = {**spec.get("budgets", {}), **spec.pop("extra_budgets")}
+    families = {**(parent.get("methods") or {}), **(spec.get("families") or {})}
+    methods: dict[str, Any] = {}
+    for name in spec.get("from_parent") or []:
+        if name not in families:
+            raise StudyError(f"{where}: from_parent: {name!r} is not a method of {spec.get('inherit')}")
+        methods[name] = {**families[name], "family": name}
+    for family, axes in (spec.get("points") or {}).items():
+        if family not in families:
+            raise StudyError(f"{where}: points: {family!r} is not a method of {spec.get('inherit')} or families")
+        for axis, values in axes.items():
+            if axis not in ("rank", "lr"):
+                raise StudyError(f"{where}: points.{family}: axis {axis!r} is not rank or lr")
+            for value in values:
+                m = json.loads(json.dumps(families[family]))
+                m["family"], m["point"] = family, {axis: value}
+                if axis == "rank":
+                    m["overrides"] = {**m.get("overrides", {}),
+                                      "adapter": {**m.get("overrides", {}).get("adapter", {}), "rank": int(value)}}
+                else:
+                    m["lr"], m["lr_search"] = float(value), False
+                    m.pop("grid", None)
+                methods[point_name(family, axis, value)] = m
+    methods.update(spec.get("methods") or {})
+    if not methods:
+        raise StudyError(f"{where}: a study needs points, from_parent or methods")
+    spec["methods"] = methods
+    spec.setdefault("reference", "lora")
+    return spec
+
+
+def study_facts(spec: dict[str, Any]) -> dict[str, Any]:
+    """What the result file records about its study (the report reads it back)."""
+    if not spec.get("study"):
+        return {}
+    return {"kind": spec["study"], "inherit": spec.get("inherit"), "pairs": spec.get("pairs"),
+            "points": {n: {"family": m.get("family", n), **(m.get("point") or {})} for n, m in spec["methods"].items()}}
+
+
+def reused(spec: dict[str, Any], name: str, method_base: dict[str, Any], figures: dict[str, Any],
+           results: Path, deep_merge: Any) -> dict[str, Any] | None:
+    """The entry of ``name`` from the result named in ``reuse`` when it was made by the same protocol
+    (base config, budget facts, the method's resolved config and grid); else None (train it)."""
+    reuse = spec.get("reuse") or {}
+    source = (reuse.get("points") or {}).get(name)
+    if not source:
+        return None
+    path = results / f"{reuse['result']}.json"
+    if not path.is_file():
+        return None
+    earlier = json.loads(path.read_text())["figures"]
+    entry = earlier.get("methods", {}).get(source)
+    if not entry or entry.get("status") != "ok":
+        return None
+    for key in ("seeds", "lr_search", "extend_grid", "metric", "select"):
+        if earlier.get(key) != figures.get(key):
+            return None
+    other = yaml.safe_load((ROOT / earlier["config"]).read_text())["methods"].get(source, {})
+    other_base = deep_merge(earlier["base_config"], other.get("overrides") or {})
+    mine = spec["methods"][name]
+    if other_base != method_base or sorted(other.get("grid") or []) != sorted(mine.get("grid") or []):
+        return None
+    return {**entry, "reused_from": f"{reuse['result']}:{source}"}
+
+
+# -- computations on results ----------------------------------------------------------------
+def ok_points(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """name -> {family, rank|lr, mean, std, per_seed, params} for the finished points."""
+    facts = (figures.get("study") or {}).get("points") or {}
+    out = {}
+    for name, e in (figures.get("methods") or {}).items():
+        if e.get("status") != "ok":
+            continue
+        out[name] = {**facts.get(name, {"family": name}), "mean": e["mean"], "std": e["std"],
+                     "per_seed": e["test_per_seed"], "params": e["trainable_params"]}
+    return out
+
+
+CHEAP = ("lora-sb", "lora-xs")  # the families whose points the 27x check sets against lora's
+
+
+def ratio_check(points: dict[str, dict[str, Any]], cheap: tuple[str, ...] = CHEAP,
+                reference: str = "lora", ratio: float = PARAM_RATIO) -> dict[str, Any]:
+    """Pairs (cheap point, reference point) with params(ref) >= ratio * params(cheap) and the cheap
+    point's mean >= the reference point's. ``candidates``: every pair at the ratio (whatever the
+    accuracy); ``hits``: those where the cheap one is as good; ``best``: the hit with the largest ratio."""
+    refs = {n: p for n, p in points.items() if p["family"] == reference}
+    cands, hits = [], []
+    for n, p in points.items():
+        if p["family"] not in cheap:
+            continue
+        for m, q in refs.items():
+            r = q["params"] / p["params"]
+            if r >= ratio:
+                pair = {"cheap": n, "reference": m, "ratio": r, "difference": p["mean"] - q["mean"]}
+                cands.append(pair)
+                if p["mean"] >= q["mean"]:
+                    hits.append(pair)
+    return {"ratio": ratio, "candidates": cands, "hits": hits,
+            "best": max(hits, key=lambda h: h["ratio"]) if hits else None}
+
+
+def lr_range(lr_means: dict[float, float], within: float = WITHIN) -> dict[str, Any]:
+    """The lrs whose mean metric is within ``within`` of the best one, and the width of that range as
+    max/min lr. The range is the contiguous run of grid lrs around the best that all stay within
+    (a lucky isolated lr past a collapse does not widen it)."""
+    rates = sorted(lr_means)
+    best_i = max(range(len(rates)), key=lambda i: lr_means[rates[i]])
+    floor = lr_means[rates[best_i]] - within
+    lo = hi = best_i
+    while lo > 0 and lr_means[rates[lo - 1]] >= floor:
+        lo -= 1
+    while hi < len(rates) - 1 and lr_means[rates[hi + 1]] >= floor:
+        hi += 1
+    return {"best_lr": rates[best_i], "best": lr_means[rates[best_i]], "low": rates[lo], "high": rates[hi],
+            "width": rates[hi] / rates[lo], "grid_width": rates[-1] / rates[0],
+            "at_edge": lo == 0 or hi == len(rates) - 1}
+
+
+def paired(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Per-seed differences a - b (same seeds), their mean and sample standard deviation."""
+    if len(a) != len(b) or not a:
+        raise StudyError(f"paired comparison needs the same seeds on both sides, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    return {"differences": d, "mean": statistics.fmean(d), "std": statistics.stdev(d) if len(d) > 1 else 0.0,
+            "wins": sum(x > 0 for x in d), "n": len(d)}
+
+
+def verdict(difference: float, spread: float) -> str:
+    """For an "equal or better" claim, from the difference of means (claimed side minus the other) and
+    the spread (the sum of the two seed standard deviations): reproduced when the difference is >= 0,
+    not reproduced when it is below -spread, inconclusive in between (worse, but within the spread)."""
+    if difference >= 0:
+        return "reproduced"
+    if difference < -spread:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def frontier_verdict(check: dict[str, Any], points: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """(verdict, sentence) for the 27x claim from ratio_check, each candidate pair judged by ``verdict``
+    with the two points' seed standard deviations: reproduced when some pair is, not reproduced when
+    every pair is not, inconclusive otherwise or when no pair at the ratio is measured."""
+    if not check["candidates"]:
+        return "inconclusive", f"no measured LoRA-SB/XS point has >= {check['ratio']:g}x fewer parameters than a measured LoRA point"
+    judged = [(c, verdict(c["difference"], points[c["cheap"]]["std"] + points[c["reference"]]["std"]))
+              for c in check["candidates"]]
+    closest = max(check["candidates"], key=lambda c: c["difference"])
+    if any(v == "reproduced" for _, v in judged):
+        c = max((c for c, v in judged if v == "reproduced"), key=lambda c: c["ratio"])
+        return "reproduced", (f"{c['cheap']} has equal or better mean test accuracy than {c['reference']} "
+                              f"({c['difference'] * 100:+.2f} points) with {c['ratio']:.1f}x fewer parameters")
+    if all(v == "not reproduced" for _, v in judged):
+        return "not reproduced", (f"every measured pair at >= {check['ratio']:g}x has the SB/XS point below LoRA by more than "
+                                  f"the two seed standard deviations; the closest, {closest['cheap']} vs "
+                                  f"{closest['reference']} ({closest['ratio']:.1f}x), by {closest['difference'] * 100:+.2f} points")
+    return "inconclusive", (f"no measured pair at >= {check['ratio']:g}x has the SB/XS point at equal or better mean; the closest, "
+                            f"{closest['cheap']} vs {closest['reference']} ({closest['ratio']:.1f}x), differs by "
+                            f"{closest['difference'] * 100:+.2f} points, within the two seed standard deviations")
+
+
+def lr_width_verdict(widths: dict[str, float], method: str, against: str = "lora", ratio: float = ROBUST_RATIO) -> str:
+    """reproduced if ``method``'s lr range is >= ratio x ``against``'s, not reproduced if it is
+    <= ``against``'s, inconclusive in between (or when either is missing)."""
+    if method not in widths or against not in widths:
+        return "inconclusive"
+    if widths[method] >= ratio * widths[against]:
+        return "reproduced"
+    if widths[method] <= widths[against]:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def speedup_verdict(steps_ref: float | None, steps_method: float | None, ratio: float = CONVERGENCE_SPEEDUP) -> str:
+    """reproduced when the method needs <= 1/ratio of the reference's steps to the reference's final
+    loss, not reproduced when it needs more than the reference's (or never gets there), else inconclusive."""
+    if steps_ref is None:
+        return "inconclusive"
+    if steps_method is None or steps_method > steps_ref:
+        return "not reproduced"
+    return "reproduced" if steps_method * ratio <= steps_ref else "inconclusive"
+
+
+# -- the report's sections (called by bench/report.py) --------------------------------------
+def is_study(result: dict[str, Any]) -> bool:
+    return bool((result.get("figures") or {}).get("study"))
+
+
+def experiment_groups(results: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Study experiment -> its result keys (several budgets of one study, e.g. long budget)."""
+    groups: dict[str, list[str]] = {}
+    for key in sorted(results):
+        if is_study(results[key]):
+            groups.setdefault(results[key]["figures"].get("experiment", key), []).append(key)
+    return groups
+
+
+def render_all(rep: Any, kit: Any, results: dict[str, dict[str, Any]], configs: Path = ROOT / "bench" / "configs") -> set[str]:
+    """Every study result into ``rep``, and a "not run yet" section (and a missed target) for each
+    study config without a result; returns the result keys rendered."""
+    groups = experiment_groups(results)
+    for name, keys in groups.items():
+        render(rep, kit, name, {k: results[k] for k in keys})
+    for path in sorted(configs.glob("study_*.yaml")):
+        spec = yaml.safe_load(path.read_text()) or {}
+        if spec.get("name") in groups or spec.get("study") not in STUDIES:
+            continue
+        shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        command = f"nice python bench/quality.py --config {shown} --budget full --threads 1"
+        rep.add(f"## {STUDIES[spec['study']]['title']} ({spec.get('name')})", "",
+                f"**Claim.** {STUDIES[spec['study']]['claim']}", "", f"**Not run yet.** Command: `{command}`.", "")
+        rep.missed.append(f"issue 18: {spec.get('name')} not run yet (`{command}`).")
+    return {k for keys in groups.values() for k in keys}
+
+
+def render(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
+    """One study (all its result files) into ``rep``; ``kit`` is bench/report.py (table, fmt, environment,
+    colours) so the formatting is the report's own."""
+    first = results[next(iter(results))]
+    kind = first["figures"]["study"]["kind"]
+    facts = STUDIES[kind]
+    rep.add(f"## {facts['title']} ({name})", "")
+    f = first["figures"]
+    rep.add(f"**Claim.** {facts['claim']}", "", f"**Paper's setting.** {facts['paper']}", "",
+            f"**Setting here.** Config `{f.get('config')}` (protocol inherited from `{f['study'].get('inherit')}`): "
+            f"{f.get('budget_description', '')}; seeds {f.get('seeds')}; metric test {f.get('metric')}.", "")
+    for key, result in results.items():
+        g = result["figures"]
+        pending = [p for p in g["study"]["points"] if g.get("methods", {}).get(p, {}).get("status") != "ok"]
+        note = (f" **Partial: not yet measured: {', '.join(pending)}.**" if pending else "")
+        took = (f" Training time of this result {g['elapsed_seconds'] / 60:.0f} min." if (g.get("elapsed_seconds") or 0) >= 60 else "")
+        taken = sorted({e["reused_from"].split(":")[0] for e in g.get("methods", {}).values() if e.get("reused_from")})
+        reuse = (f" Points {', '.join(n for n, e in g['methods'].items() if e.get('reused_from'))} are taken from "
+                 f"{', '.join(taken)} (same protocol, checked)." if taken else "")
+        rep.add(f"`{key}`: status {result['status']}.{took}{reuse}{note}", "", kit.environment(result), "")
+        if pending:
+            rep.missed.append(f"issue 18: {key} is partial; not yet measured: {', '.join(pending)} "
+                              f"(`nice python bench/quality.py --config {g.get('config')} --budget {g.get('budget')} --threads 1 --resume`).")
+    if kind == "long-budget":
+        spec = expand(yaml.safe_load((ROOT / f["config"]).read_text()), where=f["config"]) if (ROOT / f["config"]).is_file() else {}
+        have = {r["figures"].get("budget") for r in results.values()}
+        for budget in [b for b in spec.get("budgets", {}) if b != "quick" and b not in have]:
+            rep.missed.append(f"issue 18: {name} budget {budget} not run yet "
+                              f"(`nice python bench/quality.py --config {f['config']} --budget {budget} --threads 1`).")
+    SECTIONS_BY_KIND[kind](rep, kit, name, results)
+
+
+def _colours(kit: Any, names: list[str]) -> dict[str, Any]:
+    """tab10's distinct colours for a study's few lines (the report's tab20 pairs light and dark shades)."""
+    if len(names) > 10:
+        return kit.colours(names)
+    import matplotlib
+
+    return {n: matplotlib.colormaps["tab10"](i) for i, n in enumerate(names)}
+
+
+def _score(p: dict[str, Any]) -> str:
+    return f"{p['mean']:.4f} ± {p['std']:.4f}" if len(p["per_seed"]) > 1 else f"{p['mean']:.4f} (1 seed)"
+
+
+def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
+    for key, result in results.items():
+        f = result["figures"]
+        points = ok_points(f)
+        rows = []
+        for n, p in sorted(points.items(), key=lambda kv: (kv[1]["family"], kv[1]["params"])):
+            e = f["methods"][n]
+            rows.append([n, p["family"], str(p.get("rank", "–")), p["params"], f"{e['lr']:g}", _score(p),
+                         ", ".join(f"{v:.4f}" for v in p["per_seed"]), e.get("reused_from", "–")])
+        rep.add(kit.table(["point", "family", "rank", "trainable params", "lr (validation)", f"test {f.get('metric')}",
+                           "per seed", "taken from"], rows), "")
+        check = ratio_check(points)
+        pairs = sorted(check["candidates"], key=lambda c: -c["ratio"])
+        rep.add(f"The {PARAM_RATIO:g}× check: pairs of a LoRA-SB/XS point and a LoRA point with at least {PARAM_RATIO:g}× "
+                "more parameters, and the difference of their mean test accuracy (SB/XS minus LoRA): "
+                + ("; ".join(f"{c['cheap']} vs {c['reference']} {c['ratio']:.1f}× {c['difference'] * 100:+.2f} points"
+                             for c in pairs) or "none measured") + ". "
+                + (f"The pair with the largest ratio at equal or better mean accuracy: {check['best']['cheap']} vs "
+                   f"{check['best']['reference']} ({check['best']['ratio']:.1f}×)." if check["best"] else
+                   f"No measured pair at ≥ {PARAM_RATIO:g}× has the SB/XS point at equal or better mean accuracy."), "")
+        verdicts = []
+        for family in CHEAP:  # one verdict per family: LoRA-SB's claim is LoRA-SB's, LoRA-XS is measured beside it
+            if any(p["family"] == family for p in points.values()):
+                outcome, sentence = frontier_verdict(ratio_check(points, cheap=(family,)), points)
+                verdicts.append((family, outcome, sentence))
+                rep.add(f"**Verdict ({family}): {outcome}** — {sentence}.", "")
+        rep.add(f"Thresholds: a pair at ≥ {PARAM_RATIO:g}× reproduces the claim when the SB/XS mean is ≥ the LoRA mean, does "
+                "not when it is below by more than the sum of the two seed standard deviations, and is inconclusive between; "
+                "a family reproduces the claim when some pair does, does not when every pair does not, and is inconclusive "
+                "otherwise. Only measured points count: an unmeasured point can change the verdict.", "")
+        if verdicts:
+            rep.headlines.append(f"Frontier ({key}), the {PARAM_RATIO:g}× claim: "
+                                 + "; ".join(f"{fam} {outcome} ({sentence})" for fam, outcome, sentence in verdicts) + ".")
+        if not points:
+            continue
+
+        def draw(ax, points=points, f=f):
+            fams = sorted({p["family"] for p in points.values()})
+            colour = _colours(kit, fams)
+            for fam in fams:
+                ps = sorted((p for p in points.values() if p["family"] == fam), key=lambda p: p["params"])
+                ax.errorbar([p["params"] for p in ps], [p["mean"] for p in ps], yerr=[p["std"] for p in ps],
+                            fmt="o-", capsize=3, color=colour[fam], label=fam)
+                for p in ps:
+                    ax.annotate(f"r{p.get('rank', '?')}", (p["params"], p["mean"]), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")
+            ax.set_xscale("log")
+            ax.set_xlabel("trainable parameters (log)")
+            ax.set_ylabel(f"test {f.get('metric')} (mean ± std over seeds)")
+            ax.set_title(f"{key}: test {f.get('metric')} against trainable parameters", fontsize=9)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+
+        rep.plot(f"{key}_frontier.png", draw, "test metric against trainable parameters, one line per family")
+
+
+def lr_table(points: dict[str, dict[str, Any]]) -> dict[str, dict[float, dict[str, Any]]]:
+    """family -> lr -> point, for the lr-robustness points."""
+    out: dict[str, dict[float, dict[str, Any]]] = {}
+    for p in points.values():
+        if "lr" in p:
+            out.setdefault(p["family"], {})[float(p["lr"])] = p
+    return {fam: dict(sorted(v.items())) for fam, v in out.items()}
+
+
+def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
+    for key, result in results.items():
+        f = result["figures"]
+        fams = lr_table(ok_points(f))
+        ranges = {fam: lr_range({lr: p["mean"] for lr, p in by.items()}) for fam, by in fams.items() if len(by) >= 2}
+        rep.add(kit.table(["family"] + [f"lr {lr:g}" for lr in sorted({lr for by in fams.values() for lr in by})], [
+            [fam] + [(_score(by[lr]) if lr in by else "–") for lr in sorted({lr for b in fams.values() for lr in b})]
+            for fam, by in fams.items()]), "")
+        rep.add(kit.table(["family", "best lr", f"best test {f.get('metric')}", f"lrs within {WITHIN * 100:g} point",
+                           "width (max/min lr)", "grid width"],
+                          [[fam, f"{r['best_lr']:g}", f"{r['best']:.4f}", f"{r['low']:g} – {r['high']:g}",
+                            f"{r['width']:.1f}×" + (" (reaches the grid's edge)" if r["at_edge"] else ""),
+                            f"{r['grid_width']:.0f}×"] for fam, r in ranges.items()]), "")
+        widths = {fam: r["width"] for fam, r in ranges.items()}
+        for method in ("riemannian", "lora-sb"):
+            if method in widths and "lora" in widths:
+                v = lr_width_verdict(widths, method)
+                rep.add(f"**Verdict ({method} vs lora): {v}** — lr range within {WITHIN * 100:g} point of the best: "
+                        f"{method} {widths[method]:.1f}×, lora {widths['lora']:.1f}×. Thresholds: reproduced when "
+                        f"{method}'s width is ≥ {ROBUST_RATIO:g}× lora's, not reproduced when it is ≤ lora's, "
+                        "inconclusive between.", "")
+        if not fams:
+            continue
+
+        def draw(ax, fams=fams, f=f):
+            colour = _colours(kit, list(fams))
+            for fam, by in fams.items():
+                ax.errorbar(list(by), [p["mean"] for p in by.values()], yerr=[p["std"] for p in by.values()],
+                            fmt="o-", capsize=3, color=colour[fam], label=fam)
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate (log)")
+            ax.set_ylabel(f"test {f.get('metric')} (mean ± std over seeds)")
+            ax.set_title(f"{key}: test {f.get('metric')} against the learning rate", fontsize=9)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+
+        rep.plot(f"{key}_lr.png", draw, "test metric against the learning rate, every point on every seed")
+
+
+CONVERGENCE_CLAIMS = {"lora-ga": CONVERGENCE_SPEEDUP, "pissa": 1.25}  # method -> speed-up the verdict requires
+
+
+def _convergence(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
+    for key, result in results.items():
+        f = result["figures"]
+        ok = {m: e for m, e in f["methods"].items() if e.get("status") == "ok"}
+        ref = f.get("reference", "lora")
+        own = ((ok.get(ref) or {}).get("steps_to_reference_loss") or {}).get("mean")
+        rows = []
+        for m, e in ok.items():
+            conv = e.get("steps_to_reference_loss") or {}
+            steps = conv.get("mean")
+            rows.append([m, f"{e['lr']:g}", f"{conv.get('final_loss_trailing_mean', float('nan')):.4f}",
+                         ", ".join(str(v) if v is not None else "never" for v in (conv.get("per_seed") or {}).values()),
+                         kit.fmt(steps, 1), f"{own / steps:.2f}×" if own and steps else "–", _score(ok_points(f)[m])])
+        rep.add(kit.table(["method", "lr", "final train loss", f"steps to {ref}'s final loss, per seed", "mean",
+                           f"speed-up vs {ref}", f"test {f.get('metric')}"], rows), "")
+        for m, need_ratio in CONVERGENCE_CLAIMS.items():
+            if m in ok:
+                steps = (ok[m].get("steps_to_reference_loss") or {}).get("mean")
+                v = speedup_verdict(own, steps, need_ratio)
+                rep.add(f"**Verdict ({m}): {v}** — {ref} first reaches its own final loss at step {kit.fmt(own, 1)}, {m} at "
+                        f"{kit.fmt(steps, 1) if steps else 'never (on some seed)'}. Thresholds: reproduced at ≥ {need_ratio:g}× "
+                        f"fewer steps than {ref}, not reproduced at more steps than {ref} or never, inconclusive between.", "")
+        window = int(f.get("smooth_window") or 8)
+        curves = {m: e["train_loss"] for m, e in ok.items() if e.get("train_loss")}
+        if not curves:
+            continue
+
+        def draw(ax, curves=curves, window=window, ref=ref):
+            colour = _colours(kit, list(curves))
+            for m, per_seed in curves.items():
+                smooth = [trailing(v, window) for v in per_seed.values()]
+                n = min(len(s) for s in smooth)
+                mean = [statistics.fmean(s[i] for s in smooth) for i in range(n)]
+                ax.plot(range(1, n + 1), mean, color=colour[m], label=m, linewidth=2.2 if m == ref else 1.0)
+                ax.fill_between(range(1, n + 1), [min(s[i] for s in smooth) for i in range(n)],
+                                [max(s[i] for s in smooth) for i in range(n)], color=colour[m], alpha=0.15)
+            ax.set_xlabel("step")
+            ax.set_ylabel(f"training loss (trailing mean of {window}; band: min–max over seeds)")
+            ax.set_title(f"{key}: training loss, mean over seeds", fontsize=9)
+            ax.legend(fontsize=7, ncol=2)
+            ax.grid(alpha=0.3)
+
+        rep.plot(f"{key}_convergence.png", draw, "training loss per step, mean and min-max band over seeds", (7.0, 4.5))
+
+
+def trailing(losses: list[float], window: int) -> list[float]:
+    return [statistics.fmean(losses[max(0, i + 1 - window): i + 1]) for i in range(len(losses))]
+
+
+def budget_steps(f: dict[str, Any]) -> int:
+    return int((f.get("base_config") or {}).get("train", {}).get("max_steps") or 0)
+
+
+def gap_trend(gaps: dict[int, dict[str, Any]]) -> str:
+    """persists / shrinks / reverses, from the paired gaps (method - reference) at the shortest and the
+    longest budget: reverses when the sign flips and both means exceed their spreads, shrinks when
+    |gap| at the longest is below half of |gap| at the shortest, persists otherwise."""
+    if len(gaps) < 2:
+        return "inconclusive"
+    short, long = gaps[min(gaps)], gaps[max(gaps)]
+    if short["mean"] * long["mean"] < 0 and abs(short["mean"]) > short["std"] and abs(long["mean"]) > long["std"]:
+        return "reverses"
+    if abs(long["mean"]) < abs(short["mean"]) / 2:
+        return "shrinks"
+    return "persists"
+
+
+def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
+    by_steps = {budget_steps(r["figures"]): r["figures"] for r in results.values()}
+    ref = next(iter(by_steps.values())).get("reference", "lora")
+    shortest = min(by_steps)
+    methods = sorted({m for f in by_steps.values() for m, e in f["methods"].items() if e.get("status") == "ok" and m != ref})
+    gaps: dict[str, dict[int, dict[str, Any]]] = {}
+    for steps, f in sorted(by_steps.items()):
+        r = f["methods"].get(ref, {})
+        for m in methods:
+            e = f["methods"].get(m, {})
+            if e.get("status") == "ok" and r.get("status") == "ok":
+                gaps.setdefault(m, {})[steps] = paired(e["test_per_seed"], r["test_per_seed"])
+    cols = sorted(by_steps)
+    rep.add(kit.table(["method"] + [f"{s} steps ({s / shortest:g}×): gap to {ref}, points" for s in cols] + ["trend"],
+                      [[m] + [f"{g[s]['mean'] * 100:+.2f} ± {g[s]['std'] * 100:.2f}" if s in g else "–" for s in cols]
+                       + [gap_trend(g)] for m, g in gaps.items()]), "")
+    rep.add(f"Gaps are paired per seed (method minus {ref}, same seed), mean ± standard deviation over seeds, in points of "
+            f"test accuracy. Trend thresholds: reverses when the gap changes sign between the shortest and the longest "
+            "budget and both exceed their spreads; shrinks when the longest budget's |gap| is below half the shortest's; "
+            "persists otherwise.", "")
+
+    def draw(ax):
+        colour = _colours(kit, list(gaps))
+        for m, g in gaps.items():
+            xs = sorted(g)
+            ax.errorbar([x / shortest for x in xs], [g[x]["mean"] * 100 for x in xs], yerr=[g[x]["std"] * 100 for x in xs],
+                        fmt="o-", capsize=3, color=colour[m], label=m)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"budget (× {shortest} steps)")
+        ax.set_ylabel(f"gap to {ref} (points, paired over seeds)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+    if gaps:
+        rep.plot(f"{name}_gaps.png", draw, "gap to the reference against the budget")
+
+
+def combination_rows(f: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each declared pair: the paired difference (combination - part) per part, and the verdict
+    against the better part: better when mean - std > 0, worse when mean + std < 0, else no better."""
+    ok = {m: e for m, e in f["methods"].items() if e.get("status") == "ok"}
+    rows = []
+    for combo, parts in ((f.get("study") or {}).get("pairs") or {}).items():
+        if combo not in ok or any(p not in ok for p in parts):
+            continue
+        diffs = {p: paired(ok[combo]["test_per_seed"], ok[p]["test_per_seed"]) for p in parts}
+        best = max(parts, key=lambda p: ok[p]["mean"])
+        d = diffs[best]
+        outcome = "better" if d["mean"] - d["std"] > 0 else "worse" if d["mean"] + d["std"] < 0 else "no better"
+        rows.append({"combination": combo, "parts": parts, "differences": diffs, "best_part": best, "outcome": outcome})
+    return rows
+
+
+def _combinations(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
+    for key, result in results.items():
+        f = result["figures"]
+        rows = combination_rows(f)
+        rep.add(kit.table(["combination", "test (mean ± std)", "vs each part (paired, points)", "better part", "outcome"], [
+            [r["combination"], _score(ok_points(f)[r["combination"]]),
+             "; ".join(f"{p}: {d['mean'] * 100:+.2f} ± {d['std'] * 100:.2f}" for p, d in r["differences"].items()),
+             r["best_part"], r["outcome"]] for r in rows]), "")
+        rep.add("Differences are per seed (combination minus part, same seed), mean ± standard deviation over seeds. "
+                "Outcome against the better part: better when mean − std > 0, worse when mean + std < 0, no better otherwise.", "")
+        if rows:
+            plain = [r["combination"] for r in rows if r["outcome"] != "better"]
+            rep.headlines.append(f"Combinations ({key}): {sum(r['outcome'] == 'better' for r in rows)} of {len(rows)} "
+                                 "beat their better part by more than the seed spread"
+                                 + (f"; no better: {', '.join(plain)}." if plain else "."))
+
+            def draw(ax, rows=rows):
+                labels = [r["combination"] for r in rows]
+                d = [r["differences"][r["best_part"]] for r in rows]
+                ax.barh(labels, [x["mean"] * 100 for x in d], xerr=[x["std"] * 100 for x in d], color="#4878a8", capsize=3)
+                ax.axvline(0, color="grey", linewidth=0.8)
+                ax.set_xlabel("combination minus its better part (points, paired over seeds)")
+                ax.grid(alpha=0.3)
+
+            rep.plot(f"{key}_combinations.png", draw, "paired difference of each combination to its better part")
+
+
+SECTIONS_BY_KIND = {"frontier": _frontier, "lr-robustness": _lr_robustness, "convergence": _convergence,
+                    "long-budget": _long_budget, "combinations": _combinations}
