@@ -733,13 +733,22 @@ def scaling_fsdp_section(rep: Report, result: dict[str, Any]) -> None:
     """bench/scaling_fsdp.py: measured per-rank peaks of FSDP2 estimation and training against one process."""
     f = result["figures"]
     peaks = need(f, "peaks_MiB", where="scaling_fsdp.json")
-    phases = list(next(iter(peaks.values())))
+    seen = {phase for rank_peaks in peaks.values() for phase in rank_peaks}
+    phases = [p for p in ("build", "shard", "estimation", "training") if p in seen] + sorted(seen - {"build", "shard", "estimation", "training"})
     rep.add(f"{f.get('model')}: {f.get('detail')}. Per-rank peak resident memory (MiB) during each phase, above the "
             "process's resident set before the model is built (so it counts the rank's weights — its shard under FSDP — "
             f"plus what the phase adds; the full float32 weights are {f.get('weights_MiB', 0):,.0f} MiB). \"build\" is not "
-            "sharded: every rank builds the full model, then shards it.", "", environment(result), "",
+            "sharded: every rank builds the full model, then shards it (\"shard\": adapters installed and every block "
+            "fully_shard-ed, the full weights freed; the estimation and training phases start from the shards).", "",
+            environment(result), "",
             table(["phase"] + [f"{k} process{'es' if k != '1' else ''}: peak per rank" for k in peaks],
                   [[phase] + [fmt(peaks[k].get(phase), 0) for k in peaks] for phase in phases]), "")
+    rep.add("What a rank holds at its peak under FSDP2: its 1/N shard of every sharded block's weights; while a block runs "
+            "forward or backward, that block gathered in full plus the next one prefetched (FSDP2's default); its own "
+            "batch's activations (with checkpointing: the blocks' inputs plus one block's); and the estimator's state, "
+            "which every rank holds in full (each keeps every layer's sketch and reduces it with the others). On a model "
+            "of few, wide blocks the two gathered blocks are a large share, so 2 ranks save less than half; the saving "
+            "grows with N and with the number of blocks.", "")
     many = [k for k in peaks if k != "1"]
     if "1" in peaks and many:
         k = many[-1]

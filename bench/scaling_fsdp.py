@@ -6,8 +6,9 @@ The config-built Llama of bench/scaling.py (random weights, float32), lora-ga ra
 linear layer, estimated with the sketch + activation checkpointing on 2 samples of 64 tokens
 (each rank its share), then ``--steps`` AdamW steps of one sample per rank and step (no
 checkpointing in training). One process: the plain model, ``lorakit.adapt``. N processes
-(torchrun, gloo on the CPU): ``lorakit.recipes.fsdp.adapt_sharded`` (adapters installed, every
-block fully_shard-ed, then estimated on the sharded model). Memory per rank: peak resident set
+(torchrun, gloo on the CPU): ``lorakit.recipes.fsdp.adapt_sharded``'s two halves as two phases,
+"shard" (``install_sharded``: adapters installed, every block fully_shard-ed, the full weights
+freed) and "estimation" (``initialise_sharded``: estimated on the sharded model, initialised). Memory per rank: peak resident set
 (VmHWM after clear_refs=5) during each phase, minus the resident set before the model is built,
 so it counts the rank's weights (its shard, under FSDP) plus what the phase adds. Building the
 model is not sharded (each rank builds it in full, then shards it): that transient is reported
@@ -17,6 +18,7 @@ as "build". Same worker environment as bench/estimation.py (bench/common.py).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -54,14 +56,20 @@ def worker(size: int, steps: int, samples: int, length: int, lora_rank: int) -> 
     config = lorakit.AdapterConfig(method="lora-ga", rank=lora_rank, targets=TARGETS, num_samples=samples,
                                    estimator="sketch", estimate_checkpointing=True)
 
-    def estimate() -> None:
-        if world > 1:
-            from torch.distributed.device_mesh import init_device_mesh
+    if world > 1:  # sharded first (its own phase: the full model is still resident at its start), then estimated
+        from torch.distributed.device_mesh import init_device_mesh
 
-            from lorakit.recipes import fsdp
+        from lorakit.recipes import fsdp
 
-            fsdp.adapt_sharded(model, config, mine, init_device_mesh("cpu", (world,)), progress=False)
-        else:
+        installed = {}
+        peaks["shard"] = _phase(lambda: installed.update(zip(("names", "units"), fsdp.install_sharded(
+            model, config, init_device_mesh("cpu", (world,))))))
+        gc.collect()
+
+        def estimate() -> None:
+            fsdp.initialise_sharded(model, config, mine, installed["names"], installed["units"], progress=False)
+    else:
+        def estimate() -> None:
             lorakit.adapt(model, config, data=mine, progress=False)
 
     peaks["estimation"] = _phase(estimate)

@@ -146,9 +146,24 @@ def _write_shards(unit: nn.Module, sharded: dict[str, Tensor]) -> None:
 def adapt_sharded(model: nn.Module, config: AdapterConfig, data: Any, mesh: Any, progress: bool = True) -> list[str]:
     """``lorakit.adapt`` for FSDP2: the same adapters and initial factors, with the model sharded
     before estimation. Returns the unit names."""
+    names, units = install_sharded(model, config, mesh)
+    initialise_sharded(model, config, data, names, units, progress)
+    return units
+
+
+def install_sharded(model: nn.Module, config: AdapterConfig, mesh: Any) -> tuple[list[str], list[str]]:
+    """The first half of ``adapt_sharded``: zero adapters in place, then every unit fully_shard-ed.
+    Returns (target names, unit names)."""
     names = find_targets(model, config)
-    adapters = inject(model, config, names)
-    units = shard(model, config, mesh)
+    inject(model, config, names)
+    return names, shard(model, config, mesh)
+
+
+def initialise_sharded(model: nn.Module, config: AdapterConfig, data: Any, names: list[str], units: list[str],
+                       progress: bool = True) -> None:
+    """The second half of ``adapt_sharded``: estimate on the sharded model (data-driven inits), then
+    initialise each unit's adapters with the unit gathered, and write back the shards."""
+    adapters = {name: model.get_submodule(name) for name in names}
     stats = None
     if config.needs_data:
         if data is None:
@@ -169,7 +184,6 @@ def adapt_sharded(model: nn.Module, config: AdapterConfig, data: Any, mesh: Any,
                 initialise_adapter(adapters[name], name, config, stats.pop(name) if stats is not None else None)
             _write_shards(unit, sharded)
     setattr(model, CONFIG_ATTR, config)
-    return units
 
 
 def adapter_entries(model: nn.Module, is_main: bool) -> tuple[dict[str, Tensor], dict[str, Any]]:
