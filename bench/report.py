@@ -835,6 +835,13 @@ def checkpointing_section(rep: Report, result: dict[str, Any]) -> None:
             ["peak above start (MB)", fmt(off["peak_above_start_mb_median"], 0), fmt(on["peak_above_start_mb_median"], 0),
              f"{ratios['peak_above_start']:.2f}×"]]
     rep.add(table(["", "without", "with checkpointing", "with / without"], rows), "")
+    pairs = {}
+    for r in f.get("runs", []):
+        pairs.setdefault(r["repeat"], {})[r["checkpointing"]] = statistics.median(r["step_seconds"])
+    per_repeat = [p[True] / p[False] for _, p in sorted(pairs.items()) if True in p and False in p]
+    if len(per_repeat) > 1:
+        rep.add("Step-time ratio (with / without) of each repeat, a measure of the machine's noise: "
+                + ", ".join(f"{v:.2f}×" for v in per_repeat) + ".", "")
     rep.headlines.append(f"Gradient checkpointing on SmolLM2-135M (batch {f.get('batch')} x {f.get('seq')}): "
                          f"{ratios['peak_above_start']:.2f}× the training memory above the weights "
                          f"({ratios['peak_rss']:.2f}× the peak resident set) at {ratios['step_time']:.2f}× the step time.")

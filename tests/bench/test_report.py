@@ -206,6 +206,12 @@ def test_checkpointing_section_ratios(tmp_path):
     assert "Gradient checkpointing on SmolLM2-135M (batch 8 x 512): 0.25× the training memory above the weights " \
            "(0.40× the peak resident set) at 1.33× the step time." in text
     assert "2 interleaved repeat(s) of 1 timed step(s)" in text
+    runs = [{"repeat": r, "checkpointing": on, "step_seconds": [t]} for r, on, t in
+            ((0, False, 50.0), (0, True, 60.0), (1, False, 40.0), (1, True, 80.0))]
+    figures = json.loads((results / "checkpointing.json").read_text())["figures"]
+    write(results, "checkpointing", {**figures, "runs": runs})
+    assert "Step-time ratio (with / without) of each repeat, a measure of the machine's noise: 1.20×, 2.00×." in \
+        report.write(results, out).read_text()
     # a stopped run: the repeats it finished, said to be fewer than planned
     figures = json.loads((results / "checkpointing.json").read_text())["figures"]
     write(results, "checkpointing", {**figures, "repeats": 3, "repeats_done": 1}, status="partial")
