@@ -354,6 +354,16 @@ def render(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) ->
     SECTIONS_BY_KIND[kind](rep, kit, name, results)
 
 
+def _log_x_axes(ax: Any, title: str, against: str, metric: Any) -> None:
+    """The frontier's and the lr study's axes: log x, the metric's mean ± std over seeds on y, a legend."""
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{against.removeprefix('the ')} (log)")
+    ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
+    ax.set_title(f"{title} against {against}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def _colours(kit: Any, names: list[str]) -> dict[str, Any]:
     """tab10's distinct colours for a study's few lines (the report's tab20 pairs light and dark shades)."""
     if len(names) > 10:
@@ -413,12 +423,7 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
                 for p in ps:
                     ax.annotate(f"r{p.get('rank', '?')}", (p["params"], p["mean"]), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points")
-            ax.set_xscale("log")
-            ax.set_xlabel("trainable parameters (log)")
-            ax.set_ylabel(f"test {f.get('metric')} (mean ± std over seeds)")
-            ax.set_title(f"{key}: test {f.get('metric')} against trainable parameters", fontsize=9)
-            ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
+            _log_x_axes(ax, f"{key}: test {f.get('metric')}", "trainable parameters", f.get("metric"))
 
         rep.plot(f"{key}_frontier.png", draw, "test metric against trainable parameters, one line per family")
 
@@ -437,9 +442,9 @@ def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, A
         f = result["figures"]
         fams = lr_table(ok_points(f))
         ranges = {fam: lr_range({lr: p["mean"] for lr, p in by.items()}) for fam, by in fams.items() if len(by) >= 2}
-        rep.add(kit.table(["family"] + [f"lr {lr:g}" for lr in sorted({lr for by in fams.values() for lr in by})], [
-            [fam] + [(_score(by[lr]) if lr in by else "–") for lr in sorted({lr for b in fams.values() for lr in b})]
-            for fam, by in fams.items()]), "")
+        lrs = sorted({lr for by in fams.values() for lr in by})
+        rep.add(kit.table(["family"] + [f"lr {lr:g}" for lr in lrs],
+                          [[fam] + [(_score(by[lr]) if lr in by else "–") for lr in lrs] for fam, by in fams.items()]), "")
         rep.add(kit.table(["family", "best lr", f"best test {f.get('metric')}", f"lrs within {WITHIN * 100:g} point",
                            "width (max/min lr)", "grid width"],
                           [[fam, f"{r['best_lr']:g}", f"{r['best']:.4f}", f"{r['low']:g} – {r['high']:g}",
@@ -461,12 +466,7 @@ def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, A
             for fam, by in fams.items():
                 ax.errorbar(list(by), [p["mean"] for p in by.values()], yerr=[p["std"] for p in by.values()],
                             fmt="o-", capsize=3, color=colour[fam], label=fam)
-            ax.set_xscale("log")
-            ax.set_xlabel("learning rate (log)")
-            ax.set_ylabel(f"test {f.get('metric')} (mean ± std over seeds)")
-            ax.set_title(f"{key}: test {f.get('metric')} against the learning rate", fontsize=9)
-            ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
+            _log_x_axes(ax, f"{key}: test {f.get('metric')}", "the learning rate", f.get("metric"))
 
         rep.plot(f"{key}_lr.png", draw, "test metric against the learning rate, every point on every seed")
 
