@@ -182,6 +182,7 @@ class Report:
         self.lines: list[str] = []
         self.missed: list[str] = []
         self.headlines: list[str] = []
+        self.readme: dict[str, list[str]] = {}  # README headline topic -> its clauses (see update_readme)
         self.plots: list[Path] = []
 
     def add(self, *lines: str) -> None:
@@ -1023,9 +1024,9 @@ WHY = {  # what the numbers cannot say: why a target is missed and what would fi
 }
 
 
-def render(results: dict[str, dict[str, Any]], out: Path) -> str:
+def render(results: dict[str, dict[str, Any]], out: Path, rep: Report | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    rep = Report(out)
+    rep = rep if rep is not None else Report(out)
     body = Report(out)
     for experiment, (title, command) in QUALITY.items():
         body.add(f"## {title}", "")
@@ -1071,15 +1072,54 @@ def render(results: dict[str, dict[str, Any]], out: Path) -> str:
                 rep.add(f"Why ({issue}), and what would fix it: {why}", "")
     else:
         rep.add("None: every target checked here is met.", "")
+    rep.readme.update(body.readme)
     return "\n".join(rep.lines + body.lines).rstrip() + "\n"
 
 
-def write(results_dir: Path, out: Path) -> Path:
-    text = render(load_results(results_dir), out)
+README_BEGIN, README_END = "<!-- bench/report.py: headline begin -->", "<!-- bench/report.py: headline end -->"
+README_TOPICS = {  # topic -> (what the sentence is about, the command when nothing is measured yet)
+    "frontier": ("Parameter-efficiency frontier (LoRA-SB's claim: LoRA's accuracy with 27–90× fewer trainable parameters)",
+                 "nice python bench/quality.py --config bench/configs/study_frontier_minilm.yaml --budget full --threads 1"),
+    "combinations": ("Combinations (does composing two of LoRA's successors beat the better one alone?)",
+                     "nice python bench/quality.py --config bench/configs/study_combinations_smollm2.yaml --budget full --threads 1"),
+}
+
+
+def readme_headline(readme: dict[str, list[str]]) -> str:
+    """One sentence per README topic, from the clauses the study sections left (or 'not measured yet')."""
+    lines = []
+    for topic, (about, command) in README_TOPICS.items():
+        clauses = readme.get(topic)
+        lines.append(f"- {about}: " + ("; ".join(clauses) if clauses else f"not measured yet (`{command}`)") + ".")
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, readme: dict[str, list[str]]) -> bool:
+    """Rewrite the README's headline block (between its two markers) from this report; False when
+    the README has no such block (nothing is written then)."""
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_BEGIN}\n{readme_headline(readme)}\n{README_END}{tail}"
+    if new != text:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(new)
+        os.replace(tmp, path)
+    return True
+
+
+def write(results_dir: Path, out: Path, readme: Path | None = None) -> Path:
+    """docs/RESULTS.md (and its plots) from the results; with ``readme``, also its headline block."""
+    rep = Report(out)
+    text = render(load_results(results_dir), out, rep)
     path = out / "RESULTS.md"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+    if readme is not None and not update_readme(readme, rep.readme):
+        print(f"note: {readme} has no {README_BEGIN} ... {README_END} block; its headline was not updated", file=sys.stderr)
     return path
 
 
@@ -1087,9 +1127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Regenerate docs/RESULTS.md and its plots from bench/results/*.json.")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--out", default=str(ROOT / "docs"))
+    parser.add_argument("--readme", default=str(ROOT / "README.md"), help="README whose headline block is rewritten ('' for none)")
     args = parser.parse_args(argv)
     try:
-        path = write(Path(args.results), Path(args.out))
+        path = write(Path(args.results), Path(args.out), Path(args.readme) if args.readme else None)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
