@@ -409,13 +409,37 @@ def _decoder_versus_reference(rep: Report, f: dict[str, Any], metric: str, refer
     worse = [m for m, e in others.items() if e["mean"] <= ref["mean"]]
     better = [m for m, e in others.items() if e["mean"] > ref["mean"]]
     seeds = len(ref.get("test_per_seed", []))
-    spread = " (one seed: a difference of a few problems is within noise)" if seeds < 2 else ""
+    if seeds >= 2:
+        _decoder_paired(rep, metric, reference, ref, others)
+        return
+    spread = " (one seed: a difference of a few problems is within noise)"
     if worse:
         rep.add(f"Methods that do **not** beat {reference} (test {metric} {ref['mean']:.4f}){spread}: "
                 + ", ".join(f"{m} {others[m]['mean']:.4f}" for m in worse) + ".", "")
     if better:
         rep.add(f"Above {reference}: " + ", ".join(f"{m} {others[m]['mean']:.4f}" for m in better)
-                + (" (one seed each; not a verdict)." if seeds < 2 else "."), "")
+                + " (one seed each; not a verdict).", "")
+
+
+def _decoder_paired(rep: Report, metric: str, reference: str, ref: dict[str, Any], others: dict[str, Any]) -> None:
+    """Several seeds: each method minus the reference, paired per seed (mean ± std over seeds), and
+    whether it is above or below by more than that spread, or within it."""
+    rows, below, above = [], [], []
+    for m, e in sorted(others.items(), key=lambda kv: -kv[1]["mean"]):
+        if len(e.get("test_per_seed", [])) != len(ref["test_per_seed"]):
+            continue
+        d = studies.paired(e["test_per_seed"], ref["test_per_seed"])
+        outcome = ("above" if d["mean"] - d["std"] > 0 else "below" if d["mean"] + d["std"] < 0 else "within the spread")
+        (below if outcome == "below" else above if outcome == "above" else []).append(m)
+        rows.append([m, f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f}", f"{d['wins']} of {d['n']}", outcome])
+    if not rows:
+        return
+    rep.add(f"Each method against {reference}, paired per seed (method minus {reference} on the same seed, test {metric} "
+            "in points, mean ± standard deviation over seeds); above / below when the mean differs from 0 by more than "
+            "that spread:", "",
+            table(["method", f"minus {reference} (points)", "seeds above", "outcome"], rows), "",
+            f"Below {reference} by more than the seed spread: {', '.join(below) or 'none'}. Above it by more than the "
+            f"spread: {', '.join(above) or 'none'}. Every other method does not beat {reference} beyond seed noise.", "")
 
 
 def _decoder_lift_target(rep: Report, name: str, f: dict[str, Any], metric: str, ok: dict[str, Any]) -> None:
