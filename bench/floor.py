@@ -13,8 +13,8 @@ trains). Every variant gets the same batch (Rotten Tomatoes padded to ``--length
 MiniLM, GSM-style problems for SmolLM2), all run interleaved in one process; the ratios are
 medians over repeats of the ratio within a repeat (machine drifts cancel), on wall time and
 on process CPU time (steadier on a shared machine). lora-xs trains R only, the structure
-lora-sb trains. ``--compile`` adds lora with ``torch.compile`` (forward and backward; the
-first call compiles, outside the timing); ``--general`` adds lora through the adapters' general
+lora-sb trains. ``--compile`` adds lora with ``torch.compile`` (inductor with ``fallback_random``, as
+``train.compile`` runs it; forward and backward; the first call compiles, outside the timing); ``--general`` adds lora through the adapters' general
 autograd path instead of the fused Linear + low-rank node. Each variant's FLOPs per step (torch's
 FlopCounterMode) give the ratio no implementation can beat without less arithmetic: the floor
 of the floor ratio. A torch profiler summary compares one lora step
@@ -99,6 +99,9 @@ class Timed:
             self.times[clock]["step"].append(marks[-1][c] - marks[0][c])
 
 
+COMPILE_OPTIONS = {"fallback_random": True}  # lorakit.recipes.loop.compiled's: aten's dropout masks, not inductor's
+
+
 def floor_variant(base: nn.Module, batch: dict[str, torch.Tensor]) -> Timed:
     model = copy.deepcopy(base).train()
     model.requires_grad_(False)
@@ -120,7 +123,7 @@ def lorakit_variant(base: nn.Module, batch: dict[str, torch.Tensor], method: str
     lorakit.adapt(model, lorakit.AdapterConfig(method=method, rank=rank, alpha=2 * rank))
     model.train()
     optimizer = lorakit.make_optimizer(model, lr=1e-8, max_grad_norm=1.0)  # tiny lr: the weights stay put
-    engine = torch.compile(model) if compiled else model
+    engine = torch.compile(model, options=COMPILE_OPTIONS) if compiled else model  # inductor, as train.compile
 
     def forward() -> torch.Tensor:
         if not general:
@@ -253,6 +256,7 @@ def main() -> None:
             "torch_threads": args.threads,
             "load_average": {"before": load_before, "after": os.getloadavg()},
             "first_call_seconds": compile_seconds,
+            "compile": {"backend": "inductor", "options": COMPILE_OPTIONS} if args.compile else None,
             "step_flops": flops,
             "seconds_median": medians,
             "ratios": ratios,

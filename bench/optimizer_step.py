@@ -10,6 +10,10 @@ one repeat (machine drifts cancel):
 - train step: forward + backward + optimizer step (the target: scaled/plain ≤ 1.05×);
 - optimizer step alone (gradients fixed), and the preconditioner alone, to show where
   the extra time goes.
+A torch profiler summary (self CPU ms per operator of one optimizer step, riemannian vs plain)
+shows what the extra time is; the preconditioner's arithmetic (4r²(in + out) FLOPs per pair:
+two r × r Grams and two products with P) over the time of its GEMMs gives their FLOP rate and
+the ratio the step could reach if everything but those GEMMs were free.
 Both wall time and process CPU time are recorded: on a shared, loaded machine CPU time is
 the steadier of the two (other processes' time slices do not count). ``--threads`` sets
 torch's intra-op threads (default 1, which keeps the measurement stable on 2 shared cores).
@@ -77,6 +81,24 @@ def paired_ratio(times: dict[str, dict[str, list[float]]], clock: str) -> float:
     return statistics.median(r / p for r, p in zip(t["riemannian adamw"], t["adamw"]))
 
 
+def profile_summary(optimizers: dict[str, torch.optim.Optimizer], steps: int = 20, top: int = 12) -> list[dict]:
+    """Self CPU ms per operator of one optimizer step (mean over ``steps``), riemannian vs plain, largest extra first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op: dict[str, dict] = {}
+    for name, key in (("riemannian adamw", "riemannian"), ("adamw", "plain")):
+        optimizers[name].step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                optimizers[name].step()
+        for event in prof.key_averages():
+            row = per_op.setdefault(event.key, {"riemannian": 0.0, "plain": 0.0, "calls riemannian": 0, "calls plain": 0})
+            row[key] += event.self_cpu_time_total / 1000 / steps
+            row[f"calls {key}"] += event.count // steps
+    rows = [{"op": k, **v, "extra": v["riemannian"] - v["plain"]} for k, v in per_op.items()]
+    return sorted(rows, key=lambda r: -abs(r["extra"]))[:top]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=31)
@@ -128,6 +150,10 @@ def main() -> None:
         args.repeats,
     )
     train, opt_only = medians(train_times, args.steps), medians(opt_times, 20)
+    profile = profile_summary(optimizers)
+    flops = sum(4 * A.shape[0] ** 2 * (A.shape[1] + B.shape[0]) for A, B in preconditioner.pairs)
+    gemm_ms = sum(r["riemannian"] - r["plain"] for r in profile if r["op"] in ("aten::bmm", "aten::mm"))
+    plain_ms = sum(r["plain"] for r in profile_summary(optimizers, top=10**6))
     ratios = {}
     for clock in ("cpu", "wall"):
         ratios[f"train step ({clock}): riemannian / plain"] = paired_ratio(train_times, clock)
@@ -140,8 +166,16 @@ def main() -> None:
     for what, m in (("train step", train), ("optimizer step", opt_only)):
         for k in m["cpu"]:
             print(f"{what:15s} {k:18s} cpu {1000 * m['cpu'][k]:9.3f} ms   wall {1000 * m['wall'][k]:9.3f} ms")
+    ratios["optimizer step (profiled cpu), if all but the preconditioner's GEMMs were free: (plain + GEMMs) / plain"] = \
+        1 + gemm_ms / plain_ms
     for k, v in ratios.items():
         print(f"{k:72s} {v:.3f}x")
+    print(f"preconditioner: {flops / 1e6:.1f} MFLOP per step in GEMMs of {gemm_ms:.3f} ms ({flops / gemm_ms / 1e6:.1f} GFLOP/s); "
+          f"profiled plain AdamW step {plain_ms:.3f} ms")
+    print("profile, self CPU ms of one optimizer step (riemannian vs plain), largest differences:")
+    for row in profile:
+        print(f"  {row['op']:40s} {row['riemannian']:8.3f} ({row['calls riemannian']:4d})  {row['plain']:8.3f} "
+              f"({row['calls plain']:4d})  {row['extra']:+8.3f}")
     write_result(
         args.output or ("optimizer_step" if args.rank == 16 else f"optimizer_step_r{args.rank}"),
         {
@@ -161,8 +195,14 @@ def main() -> None:
             "train_step_seconds_median": train,
             "optimizer_step_seconds_median": opt_only,
             "ratios": ratios,
-            "target": {"train step (cpu): riemannian / plain": "<= 1.05"},
-            "target_met": ratios["train step (cpu): riemannian / plain"] <= 1.05,
+            "preconditioner_flops_per_step": flops,
+            "preconditioner_gemm_ms_per_step": gemm_ms,
+            "profiled_plain_step_ms": plain_ms,
+            "profile_riemannian_vs_plain_ms": profile,
+            "target": {"train step (cpu): riemannian / plain": "<= 1.05",
+                       "optimizer step (cpu): riemannian / plain": "<= 1.15"},
+            "target_met": ratios["train step (cpu): riemannian / plain"] <= 1.05
+                          and ratios["optimizer step (cpu): riemannian / plain"] <= 1.15,
         },
     )
 

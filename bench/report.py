@@ -793,27 +793,42 @@ def scaling_fsdp_section(rep: Report, result: dict[str, Any]) -> None:
 
 
 def optimizer_section(rep: Report, result: dict[str, Any]) -> None:
+    """bench/optimizer_step.py: the whole step (issue 4's target) and the optimizer step alone (issue 19's), with
+    the per-operator profile of what the preconditioner adds and the ratio its GEMMs alone would leave."""
     f = result["figures"]
-    ratios = need(f, "ratios", where="optimizer_step.json")
-    rep.add(f"{f.get('model')}, {f.get('data')}, method {f.get('method')}, rank {f.get('rank')}, batch {f.get('batch')}, "
+    ratios = need(f, "ratios", where=f"{result['benchmark']}.json")
+    rank = f.get("rank")
+    targets = f.get("target") or {}
+    rep.add(f"{f.get('model')}, {f.get('data')}, method {f.get('method')}, rank {rank}, batch {f.get('batch')}, "
             f"{f.get('pairs')} (A, B) pairs; median of {f.get('repeats')} interleaved repeats, {f.get('torch_threads')} thread(s).",
-            "", environment(result), "",
-            table(["ratio", "value", "target (issue 4)", "verdict"],
-                  ratio_targets(rep, "issue 4, Riemannian AdamW", ratios, f.get("target") or {})), "")
+            "", environment(result), "")
+    whole_ratios = {k: v for k, v in ratios.items() if k.startswith("train step")}
+    alone_ratios = {k: v for k, v in ratios.items() if not k.startswith("train step")}
+    rep.add(table(["ratio", "value", "target", "verdict"],
+                  ratio_targets(rep, f"issue 4, Riemannian AdamW, rank {rank}", whole_ratios, targets)
+                  + ratio_targets(rep, f"issue 19, Riemannian AdamW, rank {rank}", alone_ratios, targets)), "")
     alone = next((v for k, v in ratios.items() if k.startswith("optimizer step (cpu)")), None)
     whole = next((v for k, v in ratios.items() if k.startswith("train step (cpu): ")), None)
-    bound = next((float(re.sub(r"[<=> ]", "", str(t))) for t in (f.get("target") or {}).values()), 1.05)
+    flops, gemm_ms = f.get("preconditioner_flops_per_step"), f.get("preconditioner_gemm_ms_per_step")
+    if flops and gemm_ms:
+        rep.add(f"The preconditioner's arithmetic: {flops / 1e6:.1f} MFLOP per step (4r²(in + out) per pair: the two r × r "
+                f"Grams and the two products with P), {gemm_ms:.2f} ms of GEMMs in the profile ({flops / gemm_ms / 1e6:.0f} "
+                f"GFLOP/s on one thread), against a profiled plain AdamW step of {f.get('profiled_plain_step_ms', 0):.2f} ms.", "")
+    profile = f.get("profile_riemannian_vs_plain_ms") or []
+    if profile:
+        rep.add("Where the Riemannian optimizer step's extra time goes (self CPU ms of one step per operator, mean of 20 "
+                "profiled steps; the `Optimizer.step` rows are the Python around the operators, inflated by the "
+                "profiler's own cost per recorded operator):", "",
+                table(["operator", "riemannian ms (calls)", "plain ms (calls)", "extra ms"],
+                      [[r["op"], f"{r['riemannian']:.3f} ({r['calls riemannian']})", f"{r['plain']:.3f} ({r['calls plain']})",
+                        f"{r['extra']:+.3f}"] for r in profile]), "")
     if alone is not None and whole is not None:
-        rep.add(f"Issue 4 asks for scaled AdamW within {bound:g}× of plain AdamW's step time. The whole training step "
-                f"(forward, backward, optimizer) is {whole:.3f}× — " + ("within" if whole <= bound else "outside") +
-                f" the target; the optimizer step alone is {alone:.2f}× — "
-                + ("within the target." if alone <= bound else "**the target is missed for the optimizer step on its own**: "
-                   "the r×r Gram matrices, their batched inverse and the extra products cost more than AdamW's "
-                   "element-wise update, and only disappear in the forward/backward time of a whole step."), "")
-        if alone > bound:
-            rep.missed.append(f"issue 4, Riemannian AdamW: optimizer step alone {alone:.2f}× plain AdamW (target <= {bound:g}×); "
-                              f"the whole training step is {whole:.3f}×.")
-        rep.headlines.append(f"Riemannian AdamW vs AdamW: whole training step {whole:.3f}×, optimizer step alone {alone:.2f}×.")
+        rep.add(f"The whole training step (forward, backward, optimizer) is {whole:.3f}× plain AdamW's; the optimizer "
+                f"step alone is {alone:.2f}×: the r×r Grams, their batched factorisation and inverse and the two extra "
+                "products per pair cost more than AdamW's element-wise update, and only disappear in the "
+                "forward/backward time of a whole step.", "")
+        rep.headlines.append(f"Riemannian AdamW vs AdamW at rank {rank}: whole training step {whole:.3f}×, optimizer "
+                             f"step alone {alone:.2f}×.")
 
 
 def floor_section(rep: Report, result: dict[str, Any]) -> None:
@@ -1014,6 +1029,7 @@ SECTIONS: list[tuple[str, str, Callable[..., None]]] = [
     ("init_speed", "Speed: PiSSA initialisation vs PEFT", init_section),
     ("estimation", "Speed and memory: LoRA-GA estimation vs PEFT", estimation_section),
     ("optimizer_step", "Speed: Riemannian AdamW vs AdamW", optimizer_section),
+    ("optimizer_step_r64", "Speed: Riemannian AdamW vs AdamW, rank 64", optimizer_section),
     ("floor_minilm", "Speed: a training step against its floor, MiniLM", floor_section),
     ("floor_smollm2", "Speed: a training step against its floor, SmolLM2-135M", floor_section),
     ("scaling", "Scaling: LoRA-GA estimation memory and time vs model size", scaling_section),
@@ -1037,10 +1053,15 @@ WHY = {  # what the numbers cannot say: why a target is missed and what would fi
                 "on MiniLM's 384/1536-wide layers, and those rank-16 GEMMs run at a fraction of the big ones' FLOP rate on a "
                 "CPU. What remains above the FLOP ratio is the profile's element-wise work (the gradient accumulation of "
                 "∇x, AdamW on the factors) and the small GEMMs' lower efficiency. The Riemannian optimizer step is bound by "
-                "its own FLOPs too: per pair two r×r Grams and two preconditioned products, 4r²(in+out) multiply-adds, "
-                "against AdamW's ~15 element-wise operations on r·(in+out) values: at r = 16 the preconditioner does "
-                "several times AdamW's arithmetic, so its optimizer step cannot come within 1.15× of AdamW's on a CPU "
-                "(the whole training step is within 1.01×).",
+                "its own FLOPs too: per pair two r×r Grams and two preconditioned products, 4r²(in+out) FLOPs, "
+                "against AdamW's ~15 element-wise operations on r·(in+out) values: the preconditioner does "
+                "several times AdamW's arithmetic (43 MFLOP at r = 16, 692 MFLOP at r = 64 on MiniLM's 37 pairs, against "
+                "AdamW's few million element-wise operations), so its optimizer step cannot come within 1.15× of "
+                "AdamW's on a CPU: the row \"if all but the preconditioner's GEMMs were free\" is the ratio those GEMMs "
+                "alone leave at the profiled FLOP rate (pairs of one shape are already stacked into one bmm each, one "
+                "Cholesky factorisation and inverse per rank for every layer). What the profile shows above that bound "
+                "is the stacking copies (`cat`), the r×r factorisation and inverse (LAPACK per matrix), and the Python "
+                "around ~12 batched calls per step; the whole training step stays within ~1.05×.",
     "issue 4": "The preconditioner's cost is fixed per step (per-pair r×r Grams, one batched inverse, two extra "
                "products per pair) while AdamW's own update is element-wise and cheap; in a whole training step the "
                "forward and backward passes dominate. Fusing the preconditioned update into a foreach AdamW kernel "

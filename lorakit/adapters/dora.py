@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters import fused
 from lorakit.adapters.base import as_dtype
 from lorakit.adapters.lora import LoRA
 from lorakit.errors import LorakitError
@@ -50,6 +51,10 @@ class DoRA(LoRA):
             self.magnitude.copy_(self.direction()[1])
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.enabled and not self.merged and fused.applies(self, x) and self._fits_fused_node(x):
+            # one autograd node (lorakit.adapters.fused.linear_dora): the same function, leaner backward
+            return fused.linear_dora(x, self.base_layer.weight, self.base_layer.bias, self.A, self.B, self.magnitude,
+                                     self.direction()[1], self.scale)
         out = self.base_layer(x)
         if self.merged:
             return out
@@ -69,6 +74,11 @@ class DoRA(LoRA):
         low = h2 @ B.T if bias is None else torch.addmm((1 - ratio) * as_dtype(bias, cdtype), h2, B.T)
         result = low.addcmul_(as_dtype(out2, cdtype), ratio)
         return as_dtype(result, out.dtype).view(out.shape)
+
+    def _fits_fused_node(self, x: Tensor) -> bool:
+        """The fused node computes in the input's dtype: exact where the general path's float32+ product is
+        that dtype too (float32 or float64 input, weight and DoRA tensors all of it)."""
+        return x.dtype in (torch.float32, torch.float64) and self.A.dtype == self.B.dtype == self.magnitude.dtype == x.dtype
 
     def merged_weight(self, W: Tensor) -> Tensor:
         V, norm = self.direction(W)

@@ -118,3 +118,56 @@ class _LinearLowRank(torch.autograd.Function):
             if need_x:
                 grad_x = (g2 @ W).addmm_(v, A, alpha=s).view(ctx.in_shape)
         return grad_x, None, None, grad_A, grad_B, grad_R, None
+
+
+def linear_dora(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, norm: Tensor,
+                scale: float) -> Tensor:
+    """DoRA's layer in one node: b + (m/‖V‖) ⊙ (x Wᵀ + s·(x Aᵀ)Bᵀ), ‖V‖ (out,) a constant (the paper's
+    detached norm, computed by the caller once per call); W, b and ‖V‖ get no gradient.
+
+    With z = x Wᵀ + s·h Bᵀ (h = x Aᵀ) and r = m/‖V‖, the backward reads g_r = g ⊙ r once:
+    ∇m = Σ_T (g ⊙ z) / ‖V‖,  ∇B = s·g_rᵀ h,  ∇A = s·(g_r B)ᵀ x,  ∇x = g_r W + s·(g_r B) A.
+    Autograd's graph of the same forward (base output, addmm with the scaled B, addcmul with r and a
+    bias correction) runs two more T × out passes each way and keeps the same T × out tensor.
+    """
+    return _LinearDoRA.apply(x, W, b, A, B, magnitude, norm, scale)
+
+
+class _LinearDoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, norm: Tensor,
+                scale: float) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ A.T
+        z = x2 @ W.T
+        z.addmm_(h, B.T, alpha=scale)
+        r = magnitude / norm
+        y = z * r if b is None else torch.addcmul(b, z, r)
+        need_x, _, _, need_A, need_B, need_m, _, _ = ctx.needs_input_grad
+        keep = {"x": need_A, "W": need_x, "A": need_x, "B": need_x or need_A, "h": need_B, "z": need_m,
+                "r": need_x or need_A or need_B, "norm": need_m}
+        ctx.save_for_backward(*(t if keep[k] else None for k, t in zip(keep, (x2, W, A, B, h, z, r, norm))))
+        ctx.scale = scale
+        ctx.in_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x2, W, A, B, h, z, r, norm = ctx.saved_tensors
+        need_x, _, _, need_A, need_B, need_m, _, _ = ctx.needs_input_grad
+        s = ctx.scale
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_x = grad_A = grad_B = grad_m = None
+        if need_m:
+            grad_m = (g2 * z).sum(0).div_(norm)
+        if need_x or need_A or need_B:
+            g_r = g2 * r
+            if need_B:
+                grad_B = (g_r.T @ h).mul_(s)
+            if need_x or need_A:
+                v = g_r @ B  # T × r
+                if need_A:
+                    grad_A = (v.T @ x2).mul_(s)
+                if need_x:
+                    grad_x = (g_r @ W).addmm_(v, A, alpha=s).view(ctx.in_shape)
+        return grad_x, None, None, grad_A, grad_B, grad_m, None, None

@@ -184,8 +184,15 @@ COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests use "aot_eage
 
 def compiled(engine: nn.Module, cfg: RunConfig) -> nn.Module:
     """The module the training step calls: ``torch.compile(engine)`` under train.compile, sharing its
-    parameters (checkpoints, evaluation and saving use the uncompiled model)."""
-    return torch.compile(engine, backend=COMPILE_BACKEND) if cfg.train.compile else engine
+    parameters (checkpoints, evaluation and saving use the uncompiled model).
+
+    Inductor runs with ``fallback_random``: dropout masks come from aten's random ops, not inductor's
+    generated ones, which on CPU cost more than the fusions gain (MiniLM, 1 thread: compiled step
+    1.15× the eager one with inductor's random numbers, 1.02× with aten's; bench/floor.py --compile)."""
+    if not cfg.train.compile:
+        return engine
+    options = {"options": {"fallback_random": True}} if COMPILE_BACKEND == "inductor" else {}
+    return torch.compile(engine, backend=COMPILE_BACKEND, **options)
 
 
 def loss_weight(targets: int, step_targets: int, world: int) -> float:

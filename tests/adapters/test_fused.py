@@ -192,3 +192,81 @@ def test_the_fused_node_saves_what_autograds_graph_saves(structure, input_grad):
     ours, theirs = saved(lambda: adapter(x)), saved(general)
     assert ours == theirs, (ours, theirs)
     assert (adapter.base_layer.weight.numel() * 8, (5, 7)) in ours if input_grad else all(s != (5, 7) for _, s in ours)
+
+
+def dora_for(bias=True, dtype=torch.float64):
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5, bias=bias).to(dtype).requires_grad_(False)
+    adapter = ADAPTER_CLASSES["dora"](base, rank=3, scale=0.7)
+    with torch.no_grad():
+        adapter.A.normal_()
+        adapter.B.normal_()
+    adapter.finish_init()
+    with torch.no_grad():
+        adapter.magnitude.mul_(torch.linspace(0.5, 1.5, 5, dtype=dtype))
+    adapter.set_trainable()
+    return adapter
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+@pytest.mark.parametrize("frozen", [None, "magnitude", "B"])
+def test_dora_fused_node_equals_the_general_path(bias, input_grad, frozen):
+    """DoRA's single node (plain frozen Linear, no dropout) against its general path (forced by a forward hook
+    on the base layer): outputs and the gradients of exactly the tensors that need one, float64."""
+    adapter = dora_for(bias)
+    if frozen:
+        getattr(adapter, frozen).requires_grad_(False)
+    x = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=input_grad)
+    g = torch.randn(2, 4, 5, dtype=torch.float64)
+    assert fused.applies(adapter, x) and adapter._fits_fused_node(x)
+    results = []
+    for hooked in (False, True):
+        handle = adapter.base_layer.register_forward_hook(lambda m, a, out: None) if hooked else None
+        assert fused.applies(adapter, x) != hooked
+        adapter.zero_grad(set_to_none=True)
+        x.grad = None
+        y = adapter(x)
+        y.backward(g)
+        results.append((y.detach(), x.grad, {n: p.grad for n, p in adapter.named_parameters(recurse=False)}))
+        if handle:
+            handle.remove()
+    (y, gx, grads), (y_ref, gx_ref, grads_ref) = results
+    assert rel(y, y_ref) < 1e-13
+    assert (gx is None) == (not input_grad) and (gx is None or rel(gx, gx_ref) < 1e-12)
+    assert set(n for n, v in grads.items() if v is not None) == set(n for n, v in grads_ref.items() if v is not None)
+    for name, grad in grads.items():
+        assert (grad is None) == (name == frozen), name
+        if grad is not None:
+            assert rel(grad, grads_ref[name]) < 1e-12, name
+    assert adapter.base_layer.weight.grad is None
+
+
+def test_dora_fused_node_keeps_no_more_for_backward_than_autograds_graph():
+    adapter = dora_for()
+    x = torch.randn(64, 7, dtype=torch.float64, requires_grad=True)
+
+    def saved_bytes(run) -> int:
+        kept = {}
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+        return sum(kept.values())
+
+    ours = saved_bytes(lambda: adapter(x))
+    handle = adapter.base_layer.register_forward_hook(lambda m, a, out: None)
+    theirs = saved_bytes(lambda: adapter(x))
+    handle.remove()
+    assert ours <= theirs, (ours, theirs)
+
+
+def test_dora_in_bfloat16_or_with_dropout_takes_the_general_path():
+    adapter = dora_for(dtype=torch.bfloat16)
+    x = torch.randn(3, 7, dtype=torch.bfloat16)
+    assert not adapter._fits_fused_node(x)  # the general path runs its product in float32
+    dropped = ADAPTER_CLASSES["dora"](nn.Linear(7, 5).double().requires_grad_(False), rank=3, scale=0.7, dropout=0.1)
+    assert not fused.applies(dropped, torch.randn(3, 7, dtype=torch.float64))

@@ -29,3 +29,20 @@ def test_compiled_training_gives_the_eager_losses(tmp_path, monkeypatch, kind):
     assert calls == [{"backend": "aot_eager"}]  # compiled once, only when asked
     assert len(losses[True]) == 4
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_inductor_takes_atens_random_numbers_and_only_when_asked(monkeypatch, flag):
+    """train.compile with inductor (the default backend) compiles once with fallback_random (aten's dropout
+    masks: inductor's generated ones cost more than its fusions gain on CPU); without it, the module itself."""
+    import torch
+
+    from lorakit.recipes.config import from_dict
+
+    calls = []
+    monkeypatch.setattr(loop.torch, "compile", lambda m, **kw: calls.append(kw) or "compiled")
+    module = torch.nn.Linear(2, 2)
+    got = loop.compiled(module, from_dict({"train": {"compile": flag}}))
+    assert loop.COMPILE_BACKEND == "inductor"
+    assert (got, calls) == (("compiled", [{"backend": "inductor", "options": {"fallback_random": True}}]) if flag
+                            else (module, []))
