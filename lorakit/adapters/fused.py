@@ -130,7 +130,7 @@ def linear_dora(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, ma
     Autograd's graph of the same forward (base output, addmm with the scaled B, addcmul with r and a
     bias correction) runs two more T × out passes each way and keeps the same T × out tensor.
     """
-    return _LinearDoRA.apply(x, W, b, A, B, magnitude, norm, scale)
+    return autocast_apply(_LinearDoRA, x, W, b, A, B, magnitude, norm, scale)
 
 
 class _LinearDoRA(torch.autograd.Function):
