@@ -120,6 +120,27 @@ def test_gradients_of_a_and_b_match_the_dequantized_computation(base_dir, quant)
     assert rel(gA, rA) < tol and rel(gB, rB) < tol and rel(gx, rx) < tol
 
 
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_under_bf16_autocast_gradients_match_the_dequantized_computation_to_rounding(base_dir, quant, method):
+    """QLoRA's usual GPU setting (a Trainer with bf16=True: autocast over the quantized model): the
+    adapted layer's factor and input gradients equal the float32 ones to bf16 rounding, in float32."""
+    model = load(base_dir, quant)
+    lorakit.adapt(model, config(method))
+    perturb_trainables(model, scale=0.2)
+    adapter = adapters_of(model)["model.layers.0.mlp.down_proj"]
+    x = torch.randn(2, 3, adapter.in_features, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    params = [adapter.A, adapter.B, x]
+    grads = []
+    for autocast in (True, False):
+        with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            warnings.simplefilter("ignore")
+            y = adapter(x)
+        grads.append(torch.autograd.grad((y.float() ** 2).sum(), params))
+    for mixed, full in zip(*grads):
+        assert mixed.dtype == torch.float32 and rel(mixed, full) < 5e-2
+
+
 def train_steps(model, batch, steps: int = 3) -> list[float]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
