@@ -41,9 +41,10 @@ class DoRA(LoRA):
         ``W`` defaults to the (unmerged) base weight."""
         with torch.no_grad():
             W = self.base_weight if W is None else W
-            delta = self.delta_weight()
-            cdtype = torch.promote_types(compute_dtype(W.dtype), delta.dtype)
-            V = W.to(cdtype) + delta.to(device=W.device, dtype=cdtype)
+            cdtype = torch.promote_types(compute_dtype(W.dtype), compute_dtype(self.A.dtype))
+            A, B = (t.to(device=W.device, dtype=cdtype) for t in (self.A, self.B))
+            # V = W + s·BA in one addmm: no separate out × in product, scaling and sum (once per forward)
+            V = torch.addmm(W.to(cdtype), B, A, alpha=self.scale)
             return V, torch.linalg.vector_norm(V, dim=1)
 
     def finish_init(self) -> None:
