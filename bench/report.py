@@ -1032,9 +1032,9 @@ WHY = {  # what the numbers cannot say: why a target is missed and what would fi
                 "1.29 s of 1.64 s), so fusing everything else away would leave ≥ 0.8×. Measured on this loaded machine "
                 "(forward + backward, interleaved, one process each): 0.97× the eager step without dropout; with "
                 "MiniLM's dropout, inductor's own generated random numbers made it 1.15–1.22×, so train.compile now "
-                "takes aten's (inductor's fallback_random), which gave 1.01× and 1.02× in two such runs and 1.03× "
-                "in one bench/floor.py run; the bench/floor.py run in the table above, on a busier machine, "
-                "measured the figure shown. "
+                "takes aten's (inductor's fallback_random): 1.01× and 1.02× in two such runs, and 1.03×, 1.25× and "
+                "0.97× in three bench/floor.py runs of 5, 7 and 9 repeats (the last is the table above; the machine's "
+                "load, ~4 on 2 cores, moves this ratio by more than compilation does). "
                 "The compiled paths are device-agnostic (no host sync, no CPU-only op in the adapters), so the gain "
                 "on a GPU, where the element-wise work is a larger share, is for a device run to measure.",
     "issue 4": "The preconditioner's cost is fixed per step (per-pair r×r Grams, one batched inverse, two extra "
