@@ -407,6 +407,12 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
                 "not when it is below by more than the sum of the two seed standard deviations, and is inconclusive between; "
                 "a family reproduces the claim when some pair does, does not when every pair does not, and is inconclusive "
                 "otherwise. Only measured points count: an unmeasured point can change the verdict.", "")
+        unmeasured = [n for n in (f.get("study") or {}).get("points") or {} if n not in points]
+        sb = next(((o, sen) for fam, o, sen in verdicts if fam == "lora-sb"), None)
+        if sb is not None:
+            rep.readme.setdefault("frontier", []).append(
+                f"{sb[0]} on {setting(f)} ({sb[1]}"
+                + (f"; {len(unmeasured)} of {len(unmeasured) + len(points)} points not yet measured" if unmeasured else "") + ")")
         if verdicts:
             rep.headlines.append(f"Frontier ({key}), the {PARAM_RATIO:g}× claim: "
                                  + "; ".join(f"{fam} {outcome} ({sentence})" for fam, outcome, sentence in verdicts) + ".")
@@ -579,6 +585,12 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
         rep.plot(f"{name}_gaps.png", draw, "gap to the reference against the budget")
 
 
+def setting(f: dict[str, Any]) -> str:
+    """The model and data a study ran on, for a sentence: "minilm / rotten-tomatoes"."""
+    base = f.get("base_config") or {}
+    return f"{(base.get('model') or {}).get('name', '?')} / {(base.get('data') or {}).get('source', '?')}"
+
+
 def combination_rows(f: dict[str, Any]) -> list[dict[str, Any]]:
     """For each declared pair: the paired difference (combination - part) per part, and the verdict
     against the better part: better when mean - std > 0, worse when mean + std < 0, else no better."""
@@ -605,6 +617,13 @@ def _combinations(rep: Any, kit: Any, name: str, results: dict[str, dict[str, An
              r["best_part"], r["outcome"]] for r in rows]), "")
         rep.add("Differences are per seed (combination minus part, same seed), mean ± standard deviation over seeds. "
                 "Outcome against the better part: better when mean − std > 0, worse when mean + std < 0, no better otherwise.", "")
+        declared = (f.get("study") or {}).get("pairs") or {}
+        if rows:
+            better = [r["combination"] for r in rows if r["outcome"] == "better"]
+            rep.readme.setdefault("combinations", []).append(
+                f"on {setting(f)}, {len(better)} of {len(rows)} measured combinations beat their better part by more than "
+                f"the seed spread" + (f" ({', '.join(better)})" if better else "")
+                + (f", {len(declared) - len(rows)} of {len(declared)} not yet measured" if len(rows) < len(declared) else ""))
         if rows:
             plain = [r["combination"] for r in rows if r["outcome"] != "better"]
             rep.headlines.append(f"Combinations ({key}): {sum(r['outcome'] == 'better' for r in rows)} of {len(rows)} "

@@ -21,6 +21,11 @@ It applies only where it is exactly the layer's function: a plain ``nn.Linear`` 
 not quantized) whose weight is frozen, with no dropout on the adapter's input, and with no
 forward hooks on the base layer or globally (the hooks would not see a call that never happens,
 e.g. lorakit's own gradient taps during estimation). Everything else takes the general path.
+
+Under autocast (GPU mixed precision; CPU autocast alike) the node does what autocast does for the
+layer's linears: every operand in the autocast dtype, computed with autocast off inside (as
+``torch.amp.custom_fwd(cast_inputs=...)`` would), so the output has the dtype ``nn.Linear`` gives
+under autocast and float32 factors get float32 gradients through the casts.
 """
 
 from __future__ import annotations
@@ -30,15 +35,25 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 
+AUTOCASTABLE = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (never float64)
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast computes ``x``'s device's matmuls in, or None when autocast is off there."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def applies(adapter: nn.Module, x: Tensor) -> bool:
     """True when the fused node computes exactly what ``adapter``'s general path would."""
     base = adapter.base_layer
+    cast = autocast_dtype(x) is not None
     return (
         type(base) is nn.Linear
         and adapter.quantization is None
         and isinstance(adapter.dropout, nn.Identity)
         and not base.weight.requires_grad
-        and x.dtype == base.weight.dtype
+        and (x.dtype == base.weight.dtype if not cast else x.dtype in AUTOCASTABLE and base.weight.dtype in AUTOCASTABLE)
         and not (base._forward_hooks or base._forward_pre_hooks)
         and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
     )
@@ -47,7 +62,18 @@ def applies(adapter: nn.Module, x: Tensor) -> bool:
 def linear_low_rank(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, R: Tensor | None,
                     scale: float) -> Tensor:
     """x Wᵀ + b + s·(x Aᵀ)Bᵀ, or with R: x Wᵀ + b + s·((x Aᵀ) Rᵀ) Bᵀ; W and b get no gradient."""
-    return _LinearLowRank.apply(x, W, b, A, B, R, scale)
+    return autocast_apply(_LinearLowRank, x, W, b, A, B, R, scale)
+
+
+def autocast_apply(node: type[torch.autograd.Function], x: Tensor, *args):
+    """``node.apply(x, *args)``; under autocast with every floating tensor cast to autocast's dtype
+    first and autocast off inside the node (its backward then runs in that dtype too)."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return node.apply(x, *args)
+    cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in (x, *args)]
+    with torch.autocast(x.device.type, enabled=False):
+        return node.apply(*cast)
 
 
 class _LinearLowRank(torch.autograd.Function):
@@ -104,7 +130,7 @@ def linear_dora(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor, ma
     Autograd's graph of the same forward (base output, addmm with the scaled B, addcmul with r and a
     bias correction) runs two more T × out passes each way and keeps the same T × out tensor.
     """
-    return _LinearDoRA.apply(x, W, b, A, B, magnitude, norm, scale)
+    return autocast_apply(_LinearDoRA, x, W, b, A, B, magnitude, norm, scale)
 
 
 class _LinearDoRA(torch.autograd.Function):

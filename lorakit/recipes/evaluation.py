@@ -12,6 +12,8 @@ evaluates the whole split with the sharded model, the forwards in step).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from tqdm.auto import tqdm
 
@@ -125,27 +127,122 @@ def stop_tokens(s: Setup) -> list[int]:
 def option_scores(model: torch.nn.Module, options: list[list[dict]], batch_size: int, pad_id: int,
                   device: torch.device, ctx=None, progress: bool = False) -> list[list[tuple[float, int]]]:
     """Per question, per option: (Σ log p(option token | everything before it), option length in
-    characters). The options are scored in right-padded batches of ``batch_size`` rows, in order,
-    so that a question's options mostly share one forward pass; under torchrun each process
-    scores its share of the questions."""
+    characters). A question's options share their prompt: the tokens all its options begin with
+    run once, and each option continues from their key/value cache (questions batched so that a
+    forward holds at most ``batch_size`` option rows); a model without a plain attention cache
+    (or a question whose options share no prompt) scores whole prompt + option rows instead, in
+    right-padded batches of ``batch_size``. Under torchrun each process scores its share of the
+    questions."""
     mine = ctx.shard(options) if ctx is not None else options
-    flat = [(q, f) for q, question in enumerate(mine) for f in question]
-    sums: list[float] = []
-    bar = tqdm(total=len(flat), desc="score options", disable=not (progress and (ctx is None or ctx.is_main)), leave=False)
+    bar = tqdm(total=sum(len(q) for q in mine), desc="score options", leave=False,
+               disable=not (progress and (ctx is None or ctx.is_main)))
+    sums: list[list[float] | None] = [None] * len(mine)
+    shared = [q for q, question in enumerate(mine) if _shared_prompt_length(question) > 0]
+    for group in _groups(shared, [len(q) for q in mine], batch_size):
+        scored = _shared_prompt_sums(model, [mine[q] for q in group], pad_id, device)
+        if scored is None:  # no usable cache: this model takes the whole-row path for every question
+            break
+        for q, row in zip(group, scored):
+            sums[q] = row
+        bar.update(sum(len(mine[q]) for q in group))
+    rest = [q for q in range(len(mine)) if sums[q] is None]
+    flat = [(q, f) for q in rest for f in mine[q]]
     for start in range(0, len(flat), batch_size):
-        batch = D.to_device(D.collate([f for _, f in flat[start:start + batch_size]], pad_id), device)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))[:, :-1]
-        targets, keep = labels[:, 1:], labels[:, 1:] != D.IGNORE_INDEX
-        picked = torch.log_softmax(logits[keep], dim=-1).gather(-1, targets[keep][:, None])[:, 0]
-        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]
-        sums += torch.zeros(labels.shape[0], dtype=picked.dtype, device=picked.device).index_add_(0, rows, picked).tolist()
-        bar.update(labels.shape[0])
+        part = flat[start:start + batch_size]
+        for (q, _), total in zip(part, _row_sums(model, [f for _, f in part], pad_id, device)):
+            sums[q] = (sums[q] or []) + [total]
+        bar.update(len(part))
     bar.close()
-    scores: list[list[tuple[float, int]]] = [[] for _ in mine]
-    for (q, f), total in zip(flat, sums):
-        scores[q].append((total, f["chars"]))
+    scores = [[(total, f["chars"]) for total, f in zip(row, question)] for row, question in zip(sums, mine)]
     if ctx is None:
         return scores
     return [q for part in ctx.gather(scores, "scoring the options") for q in part]
+
+
+def _shared_prompt_length(question: list[dict]) -> int:
+    """How many leading tokens every option of a question has in common and that no option's
+    score needs a logit of: the common prefix, stopping one short of the first scored token."""
+    ids = [f["input_ids"] for f in question]
+    common = 0
+    while all(len(i) > common for i in ids) and len({i[common] for i in ids}) == 1:
+        common += 1
+    first_scored = min(next(k for k, t in enumerate(f["labels"]) if t != D.IGNORE_INDEX) for f in question)
+    return min(common, first_scored - 1)
+
+
+def _groups(questions: list[int], sizes: list[int], rows: int) -> list[list[int]]:
+    """Consecutive questions, as many per group as keep its option rows within ``rows`` (at least one)."""
+    groups: list[list[int]] = []
+    for q in questions:
+        if groups and sum(sizes[g] for g in groups[-1]) + sizes[q] <= rows:
+            groups[-1].append(q)
+        else:
+            groups.append([q])
+    return groups
+
+
+def _picked_sums(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Per row, Σ log p(label token) of the logits one position before it (labels -100 skipped)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))[:, :-1]
+    targets, keep = labels[:, 1:], labels[:, 1:] != D.IGNORE_INDEX
+    picked = torch.log_softmax(logits[keep], dim=-1).gather(-1, targets[keep][:, None])[:, 0]
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]
+    return torch.zeros(labels.shape[0], dtype=picked.dtype, device=picked.device).index_add_(0, rows, picked).tolist()
+
+
+def _row_sums(model: torch.nn.Module, features: list[dict], pad_id: int, device: torch.device) -> list[float]:
+    batch = D.to_device(D.collate(features, pad_id), device)
+    labels = batch.pop("labels")
+    return _picked_sums(model(**batch).logits, labels)
+
+
+def _returned_cache(out):
+    """The key/value cache a forward returned: ``cache`` (transformers ≥ 5.x) or ``past_key_values``."""
+    for name in ("cache", "past_key_values"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    return None
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The forward argument that takes a cache: ``cache`` where the model's forward names it, else
+    the older ``past_key_values``."""
+    inner = getattr(model, "module", model)  # DDP-wrapped
+    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
+
+
+def _plain_cache(cache) -> bool:
+    """A transformers Cache of full-attention layers only, which continuing after padding keeps exact."""
+    from transformers.cache_utils import Cache
+
+    layers = getattr(cache, "layers", None)
+    return isinstance(cache, Cache) and layers is not None and not any(getattr(l, "is_sliding", False) for l in layers)
+
+
+def _shared_prompt_sums(model: torch.nn.Module, questions: list[list[dict]], pad_id: int,
+                        device: torch.device) -> list[list[float]] | None:
+    """Option sums for questions that each share a prompt: one right-padded forward of the
+    prompts (explicit positions), its cache repeated per option, one forward of the options'
+    remaining tokens continuing at each prompt's own length. None if the model keeps no plain cache."""
+    lengths = [_shared_prompt_length(q) for q in questions]
+    prompts = [{"input_ids": q[0]["input_ids"][:k]} for q, k in zip(questions, lengths)]
+    head = D.to_device(D.collate(prompts, pad_id), device)
+    width = head["input_ids"].shape[1]
+    positions = torch.arange(width, device=device).expand(len(prompts), width)
+    out = model(**head, position_ids=positions, use_cache=True)
+    cache = _returned_cache(out)
+    if not _plain_cache(cache):
+        return None
+    rows = [q for q, question in enumerate(questions) for _ in question]
+    cache.reorder_cache(torch.tensor(rows, device=device))
+    tails = [{"input_ids": f["input_ids"][k:], "labels": f["labels"][k:]}
+             for question, k in zip(questions, lengths) for f in question]
+    batch = D.to_device(D.collate(tails, pad_id), device)
+    labels = batch.pop("labels")
+    start = torch.tensor([lengths[q] for q in rows], device=device)[:, None]
+    batch["position_ids"] = start + torch.arange(batch["input_ids"].shape[1], device=device)
+    batch["attention_mask"] = torch.cat([head["attention_mask"][rows], batch["attention_mask"]], dim=1)
+    batch[_cache_keyword(model)] = cache
+    sums = _picked_sums(model(**batch).logits, labels)
+    it = iter(sums)
+    return [[next(it) for _ in question] for question in questions]

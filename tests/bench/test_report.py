@@ -173,6 +173,28 @@ def test_decoder_before_and_after_rows(tmp_path):
     assert "Quality: MiniLM on Rotten Tomatoes: not run yet" in text
 
 
+def test_decoder_methods_against_lora_are_paired_per_seed_with_several_seeds(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs"
+    per_seed = {"lora": [0.30, 0.20, 0.40], "lora+": [0.34, 0.25, 0.43],  # above on every seed, by 4 ± 1 points
+                "pissa": [0.20, 0.30, 0.30],                               # -10, +10, -10: within the spread
+                "lora-sb": [0.10, 0.05, 0.20]}                             # far below
+    methods = {m: {"status": "ok", "lr": 5e-4, "metric": "exact_match", "test_per_seed": v, "mean": sum(v) / 3,
+                   "std": 0.05, "trainable_params": 99, "total_params": 1000, "init_seconds": 1.0, "train_seconds": 2.0,
+                   "peak_memory_mb": 10.0, "steps": 4, "train_loss": {str(i): [2.0, 1.0] for i in range(3)}}
+               for m, v in per_seed.items()}
+    figures = {"experiment": "quality_smollm2_reasoning", "config": "bench/configs/quality_smollm2_reasoning.yaml",
+               "budget": "full", "budget_description": "3 seeds", "seeds": [0, 1, 2], "metric": "exact_match",
+               "reference": "lora", "smooth_window": 2, "methods": methods}
+    write(results, "quality_smollm2_reasoning_full", figures)
+    text = report.write(results, out).read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if "seeds above" not in line and " of 3 |" in line}
+    assert rows["lora+"].endswith("| +4.0 ± 1.0 | 3 of 3 | above |")
+    assert rows["pissa"].endswith("| -3.3 ± 11.5 | 1 of 3 | within the spread |")
+    assert rows["lora-sb"].endswith("| -18.3 ± 2.9 | 0 of 3 | below |")
+    assert "Below lora by more than the seed spread: lora-sb. Above it by more than the spread: lora+." in text
+    assert "one seed" not in text.split("quality_smollm2_reasoning")[1].split("## Quality: SmolLM2-135M on a multiple")[0]
+
+
 def test_multiple_choice_table_has_raw_and_normalised_accuracy(tmp_path):
     results, out = tmp_path / "results", tmp_path / "docs"
     methods = {m: {"status": "ok", "lr": 1e-3, "metric": "accuracy", "test_per_seed": [a, a], "mean": a, "std": 0.0,
@@ -186,7 +208,8 @@ def test_multiple_choice_table_has_raw_and_normalised_accuracy(tmp_path):
     text = report.write(results, out).read_text()
     assert "| before training | 0.3000 | 0.3500 |" in text
     assert "| lora | 0.6000 | 0.5500 |" in text and "| lora-sb | 0.5000 | 0.4500 |" in text
-    assert "Methods that do **not** beat lora (test accuracy 0.6000): lora-sb 0.5000." in text
+    assert "| lora-sb | -10.0 ± 0.0 | 0 of 2 | below |" in text  # two seeds: paired per seed
+    assert "Below lora by more than the seed spread: lora-sb." in text
     assert "test accuracy: base model 0.300 (norm 0.350); after training lora 0.600 (+30.0 points) (norm 0.550), " \
            "lora-sb 0.500 (+20.0 points) (norm 0.450). Not above lora: lora-sb." in text.split("## Targets missed")[0]
     assert "issue 14's target" not in text.lower()  # the exact-match lift target is the reasoning table's only

@@ -300,3 +300,38 @@ def test_a_study_config_without_a_result_is_a_missed_target_and_a_partial_one_na
     assert any(m.startswith("issue 18: study_lr_x not run yet") for m in rep.missed)
     pending = [m for m in rep.missed if "partial" in m]
     assert len(pending) == 1 and "lora@r2" in pending[0] and "lora@r8" not in pending[0]
+
+
+def test_readme_headline_block_states_the_frontier_and_combination_verdicts_and_nothing_else_changes(tmp_path):
+    pts = frontier_points([0.79, 0.80, 0.80])
+    facts = {**{n: {"family": p["family"], "rank": p["rank"]} for n, p in pts.items()}, "lora-sb@r32": {"family": "lora-sb", "rank": 32}}
+    frontier = study_figures("frontier", {n: entry(p["per_seed"], p["params"], 1e-3) for n, p in pts.items()}, facts)
+    frontier["base_config"] = {"model": {"name": "minilm"}, "data": {"source": "rotten-tomatoes"}}
+    write_result(tmp_path / "r", "study_frontier_full", frontier, status="partial")
+    readme = tmp_path / "README.md"
+    before, after = "# title\n\nintro line\n\n", "\n\n## rest\ntext\n"
+    readme.write_text(f"{before}{report.README_BEGIN}\nstale sentence\n{report.README_END}{after}")
+    report.write(tmp_path / "r", tmp_path / "docs", readme)
+    text = readme.read_text()
+    assert text.startswith(before + report.README_BEGIN) and text.endswith(report.README_END + after)
+    block = text.split(report.README_BEGIN)[1].split(report.README_END)[0].strip().splitlines()
+    outcome, sentence = studies.frontier_verdict(studies.ratio_check(pts, cheap=("lora-sb",)), pts)
+    assert len(block) == 2 and "stale" not in text
+    assert f"{outcome} on minilm / rotten-tomatoes ({sentence}; 1 of {len(pts) + 1} points not yet measured)" in block[0]
+    assert block[1].startswith("- Combinations") and "not measured yet" in block[1]
+    combo = {"lora": entry([0.80, 0.81, 0.82], 10, 1e-3), "lora+neftune": entry([0.83, 0.84, 0.845], 10, 1e-3)}
+    f = study_figures("combinations", combo, {n: {"family": n} for n in combo},
+                      pairs={"lora+neftune": ["lora"], "dora+pissa": ["dora", "pissa"]})
+    f["base_config"] = {"model": {"name": "smollm2"}, "data": {"source": "reasoning-gym:chain_sum"}}
+    write_result(tmp_path / "r", "study_combo_full", f)
+    report.write(tmp_path / "r", tmp_path / "docs", readme)
+    block = readme.read_text().split(report.README_BEGIN)[1].split(report.README_END)[0].strip().splitlines()
+    assert ("on smollm2 / reasoning-gym:chain_sum, 1 of 1 measured combinations beat their better part by more than the "
+            "seed spread (lora+neftune), 1 of 2 not yet measured") in block[1]
+    again = readme.read_text()
+    report.write(tmp_path / "r", tmp_path / "docs", readme)
+    assert readme.read_text() == again  # idempotent
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no block here\n")
+    report.write(tmp_path / "r", tmp_path / "docs", plain)
+    assert plain.read_text() == "no block here\n"

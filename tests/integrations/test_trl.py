@@ -117,3 +117,18 @@ def test_a_trainer_built_with_peft_config_is_refused(tmp_path):
                              peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(LorakitError, match="built with peft_config"):
         prepare(trainer, AdapterConfig(rank=4))
+
+
+@pytest.mark.parametrize("method", ["lora", "lora-sb"])
+def test_sft_trainer_with_bf16_mixed_precision_trains_lorakit_adapters(tmp_path, method):
+    """bf16=True: accelerate runs the float32 model's forward under bf16 autocast (the usual GPU
+    setting; CPU autocast here). lorakit's layers compute under it and the loss falls; the factors
+    and their optimizer state stay float32."""
+    trainer = sft_trainer(tmp_path, bf16=True, learning_rate=3e-2)
+    prepare(trainer, AdapterConfig(method=method, rank=4, num_samples=16))
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 10 and all(l == l for l in losses) and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(v.dtype == torch.float32 for p in trainable for v in trainer.optimizer.state[p].values() if v.dim())

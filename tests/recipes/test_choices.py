@@ -51,6 +51,33 @@ def test_option_scores_equal_per_option_passes_whatever_the_batching(tmp_path):
                 assert [n for _, n in got] == [len(c) for c in ex["choices"]]
 
 
+def test_options_continue_from_their_shared_prompt_and_unshared_ones_score_whole(tmp_path):
+    """The prompt every option of a question begins with runs once (fewer tokens in all than the
+    whole rows), and a question whose options were cut to different prompt starts (max_length)
+    takes whole rows; every score still equals the independent per-option pass."""
+    model = LlamaForCausalLM.from_pretrained(assets.llama_folder(tmp_path / "llama"), dtype=torch.float64).eval()
+    tok = assets.tokenizer(causal=True)
+    examples = _examples()
+    options = [C.option_features(ex, tok, 64, "template", TEMPLATE) for ex in examples]
+    cut = C.option_features(examples[0], tok, 12, "template", TEMPLATE)  # options of 1, 3 and 5 tokens
+    assert len({f["input_ids"][0] for f in cut}) > 1  # their prompts start at different tokens
+    options.append(cut)
+    seen: list[int] = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: seen.append(kw["input_ids"].numel()) or forward(*a, **kw)
+    with torch.no_grad():
+        scores = option_scores(model, options, 4, 0, torch.device("cpu"))
+        model.forward = forward
+        for got, ex, feats in zip(scores, examples, options):
+            assert [s for s, _ in got] == pytest.approx([_independent(model, tok, ex, c) for c in ex["choices"]], abs=1e-10)
+        for (got, _), f in zip(scores[-1], cut):
+            logp = torch.log_softmax(model(torch.tensor([f["input_ids"]])).logits[0].double(), -1)
+            scored = [k for k, t in enumerate(f["labels"]) if t != -100]
+            assert got == pytest.approx(sum(float(logp[k - 1, f["input_ids"][k]]) for k in scored), abs=1e-10)
+    whole = sum(len(f["input_ids"]) for q in options for f in q)
+    assert sum(seen) < whole  # padded token slots processed, prompts once per question
+
+
 def test_raw_and_length_normalised_accuracy():
     scores = [[(-2.0, 1), (-3.0, 10)], [(-4.0, 2), (-6.0, 6)]]
     assert choice_accuracy(scores, [1, 1]) == {"accuracy": 0.0, "accuracy_norm": 1.0}
