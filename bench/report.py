@@ -1061,7 +1061,17 @@ WHY = {  # what the numbers cannot say: why a target is missed and what would fi
                 "alone leave at the profiled FLOP rate (pairs of one shape are already stacked into one bmm each, one "
                 "Cholesky factorisation and inverse per rank for every layer). What the profile shows above that bound "
                 "is the stacking copies (`cat`), the r×r factorisation and inverse (LAPACK per matrix), and the Python "
-                "around ~12 batched calls per step; the whole training step stays within ~1.05×.",
+                "around ~12 batched calls per step; the whole training step stays within ~1.05×. torch.compile (inductor, "
+                "CPU, one thread) cannot reach 0.85× the eager lora step either: the GEMMs (mm, addmm, bmm), which "
+                "inductor hands to the same BLAS calls, are ~80 % of the eager step's CPU time on MiniLM (profiled: "
+                "1.29 s of 1.64 s), so fusing everything else away would leave ≥ 0.8×. Measured on this loaded machine "
+                "(forward + backward, interleaved, one process each): 0.97× the eager step without dropout; with "
+                "MiniLM's dropout, inductor's own generated random numbers made it 1.15–1.22×, so train.compile now "
+                "takes aten's (inductor's fallback_random): 1.01× and 1.02× in two such runs, and 1.03×, 1.25× and "
+                "0.97× in three bench/floor.py runs of 5, 7 and 9 repeats (the last is the table above; the machine's "
+                "load, ~4 on 2 cores, moves this ratio by more than compilation does). "
+                "The compiled paths are device-agnostic (no host sync, no CPU-only op in the adapters), so the gain "
+                "on a GPU, where the element-wise work is a larger share, is for a device run to measure.",
     "issue 4": "The preconditioner's cost is fixed per step (per-pair r×r Grams, one batched inverse, two extra "
                "products per pair) while AdamW's own update is element-wise and cheap; in a whole training step the "
                "forward and backward passes dominate. Fusing the preconditioned update into a foreach AdamW kernel "

@@ -39,11 +39,13 @@ class DoRA(LoRA):
         """V = W + s·BA (out × in) and its row norms ‖V‖₂ (out,), in float32+, without gradient.
 
         ``W`` defaults to the (unmerged) base weight."""
-        with torch.no_grad():
-            W = self.base_weight if W is None else W
-            delta = self.delta_weight()
-            cdtype = torch.promote_types(compute_dtype(W.dtype), delta.dtype)
-            V = W.to(cdtype) + delta.to(device=W.device, dtype=cdtype)
+        W = self.base_weight if W is None else W
+        # autocast off: the addmm would otherwise round V (W included) to autocast's half-precision dtype
+        with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
+            cdtype = torch.promote_types(compute_dtype(W.dtype), compute_dtype(self.A.dtype))
+            A, B = (t.to(device=W.device, dtype=cdtype) for t in (self.A, self.B))
+            # V = W + s·BA in one addmm: no separate out × in product, scaling and sum (once per forward)
+            V = torch.addmm(W.to(cdtype), B, A, alpha=self.scale)
             return V, torch.linalg.vector_norm(V, dim=1)
 
     def finish_init(self) -> None:

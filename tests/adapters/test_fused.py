@@ -270,3 +270,13 @@ def test_dora_in_bfloat16_or_with_dropout_takes_the_general_path():
     assert not adapter._fits_fused_node(x)  # the general path runs its product in float32
     dropped = ADAPTER_CLASSES["dora"](nn.Linear(7, 5).double().requires_grad_(False), rank=3, scale=0.7, dropout=0.1)
     assert not fused.applies(dropped, torch.randn(3, 7, dtype=torch.float64))
+
+
+def test_dora_norm_stays_float32_under_autocast():
+    """‖W + s·BA‖ is computed in float32 even under bf16 autocast (not rounded through bfloat16)."""
+    adapter = dora_for(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        V, norm = adapter.direction()
+    assert V.dtype == norm.dtype == torch.float32
+    W, A, B = (t.detach().double() for t in (adapter.base_layer.weight, adapter.A, adapter.B))
+    assert rel(norm.double(), (W + 0.7 * B @ A).norm(dim=1)) < 1e-6
