@@ -41,8 +41,13 @@ def environment() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "peft": peft_version,
         "lorakit_commit": commit or None,
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "command": this_command(),
     }
+
+
+def this_command() -> str:
+    """The command line of this process, as results record it (``python bench/x.py --flag``)."""
+    return " ".join([Path(sys.executable).name] + sys.argv)
 
 
 def write_result(name: str, figures: dict[str, Any], status: str = "ok") -> Path:

@@ -45,7 +45,7 @@ from typing import Any, Callable
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, this_command, write_result  # noqa: E402
 import studies  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,7 +229,8 @@ def resume_from(result_name: str, figures: dict[str, Any]) -> float:
     if not path.is_file():
         print(f"nothing to resume in {path}; starting afresh", flush=True)
         return 0.0
-    earlier = json.loads(path.read_text())["figures"]
+    document = json.loads(path.read_text())
+    earlier = document["figures"]
     defaults = {"extend_grid": 0}  # results written before the key existed did not widen their grids
     for key in ("budget", "seeds", "lr_search", "extend_grid", "base_config"):
         if earlier.get(key, defaults.get(key)) != figures.get(key, defaults.get(key)):
@@ -240,6 +241,7 @@ def resume_from(result_name: str, figures: dict[str, Any]) -> float:
     if earlier.get("baseline", {}).get("status") == "ok":
         figures["baseline"] = earlier["baseline"]
     figures["sittings"] = earlier.get("sittings", [earlier.get("workdir")]) + [figures["workdir"]]
+    figures["commands"] = earlier.get("commands", [(document.get("environment") or {}).get("command")]) + [this_command()]
     print(f"resuming {path}: keeping {', '.join(kept) or 'no methods'}", flush=True)
     return float(earlier.get("elapsed_seconds", 0.0))
 

@@ -114,8 +114,11 @@ def environment(result: dict[str, Any]) -> str:
     machine = f"{env.get('machine', '?')}, {env.get('cpu_count', '?')} CPU cores"
     if env.get("torch_threads"):
         machine += f", {env['torch_threads']} torch threads"
+    commands = [c for c in (result.get("figures") or {}).get("commands") or [] if c]
+    command = (f"commands of its {len(commands)} sittings " + ", ".join(f"`{c}`" for c in commands) if len(commands) > 1
+               else f"command `{env.get('command', '?')}`")
     return (f"*Run {env.get('date', '?')} on {machine}; Python {env.get('python', '?')}, {', '.join(parts)}; "
-            f"lorakit {env.get('lorakit_commit', '?')}; command `{env.get('command', '?')}`; status **{result['status']}**.*")
+            f"lorakit {env.get('lorakit_commit', '?')}; {command}; status **{result['status']}**.*")
 
 
 def check(value: float, target: str | float) -> bool:

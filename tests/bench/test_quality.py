@@ -52,9 +52,10 @@ def test_resume_keeps_finished_methods_of_the_same_experiment_only(tmp_path, mon
     figures = {"budget": "full", "seeds": [0, 1, 2], "lr_search": True, "base_config": SPEC, "workdir": "w2", "methods": {}}
     earlier = {**figures, "workdir": "w1", "elapsed_seconds": 100.0,
                "methods": {"lora": {"status": "ok", "mean": 0.8}, "dora": {"status": "failed", "error": "x"}}}
-    (tmp_path / "exp.json").write_text(json.dumps({"figures": earlier}))
+    (tmp_path / "exp.json").write_text(json.dumps({"figures": earlier, "environment": {"command": "python first.py"}}))
     assert quality.resume_from("exp", figures) == 100.0
     assert list(figures["methods"]) == ["lora"] and figures["sittings"] == ["w1", "w2"]
+    assert figures["commands"] == ["python first.py", quality.this_command()]  # every sitting's command, in order
 
     other = {**figures, "methods": {}, "seeds": [0]}
     with pytest.raises(SystemExit, match="another seeds"):

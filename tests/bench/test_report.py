@@ -389,3 +389,10 @@ def test_vllm_section_renders_the_command_line_check_and_flags_its_mismatches(tm
     write(results, "vllm_check", figures, status="ok")
     text = report.write(results, out).read_text()
     assert "Through the command line" not in text and "CLI-exported" not in text
+
+
+def test_a_result_made_in_several_sittings_names_every_sittings_command():
+    result = {"status": "ok", "environment": ENV, "figures": {"commands": ["python a.py --x", "python a.py --resume"]}}
+    line = report.environment(result)
+    assert "commands of its 2 sittings `python a.py --x`, `python a.py --resume`" in line
+    assert f"command `{ENV['command']}`" in report.environment({"status": "ok", "environment": ENV, "figures": {}})
