@@ -42,6 +42,7 @@ from common import minilm_classifier, rotten_tomatoes_batch, write_result  # noq
 
 import lorakit  # noqa: E402
 from lorakit.adapters import fused  # noqa: E402
+from lorakit.recipes.loop import INDUCTOR_OPTIONS  # noqa: E402
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -99,7 +100,7 @@ class Timed:
             self.times[clock]["step"].append(marks[-1][c] - marks[0][c])
 
 
-COMPILE_OPTIONS = {"fallback_random": True}  # lorakit.recipes.loop.compiled's: aten's dropout masks, not inductor's
+COMPILE_OPTIONS = INDUCTOR_OPTIONS  # lorakit.recipes.loop.compiled's: aten's dropout masks, not inductor's
 
 
 def floor_variant(base: nn.Module, batch: dict[str, torch.Tensor]) -> Timed:

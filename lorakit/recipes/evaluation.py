@@ -137,9 +137,10 @@ def option_scores(model: torch.nn.Module, options: list[list[dict]], batch_size:
     bar = tqdm(total=sum(len(q) for q in mine), desc="score options", leave=False,
                disable=not (progress and (ctx is None or ctx.is_main)))
     sums: list[list[float] | None] = [None] * len(mine)
-    shared = [q for q, question in enumerate(mine) if _shared_prompt_length(question) > 0]
+    lengths = [_shared_prompt_length(question) for question in mine]
+    shared = [q for q, k in enumerate(lengths) if k > 0]
     for group in _groups(shared, [len(q) for q in mine], batch_size):
-        scored = _shared_prompt_sums(model, [mine[q] for q in group], pad_id, device)
+        scored = _shared_prompt_sums(model, [mine[q] for q in group], [lengths[q] for q in group], pad_id, device)
         if scored is None:  # no usable cache: this model takes the whole-row path for every question
             break
         for q, row in zip(group, scored):
@@ -219,12 +220,11 @@ def _plain_cache(cache) -> bool:
     return isinstance(cache, Cache) and layers is not None and not any(getattr(l, "is_sliding", False) for l in layers)
 
 
-def _shared_prompt_sums(model: torch.nn.Module, questions: list[list[dict]], pad_id: int,
+def _shared_prompt_sums(model: torch.nn.Module, questions: list[list[dict]], lengths: list[int], pad_id: int,
                         device: torch.device) -> list[list[float]] | None:
-    """Option sums for questions that each share a prompt: one right-padded forward of the
+    """Option sums for questions that each share a prompt (its first ``lengths[q]`` tokens): one right-padded forward of the
     prompts (explicit positions), its cache repeated per option, one forward of the options'
     remaining tokens continuing at each prompt's own length. None if the model keeps no plain cache."""
-    lengths = [_shared_prompt_length(q) for q in questions]
     prompts = [{"input_ids": q[0]["input_ids"][:k]} for q, k in zip(questions, lengths)]
     head = D.to_device(D.collate(prompts, pad_id), device)
     width = head["input_ids"].shape[1]

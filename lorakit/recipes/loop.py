@@ -182,6 +182,9 @@ def wrap_for_training(s: Setup) -> nn.Module:
 COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests use "aot_eager" (same capture and autograd, no C++ build)
 
 
+INDUCTOR_OPTIONS = {"fallback_random": True}  # aten's dropout masks, not inductor's generated ones (see compiled)
+
+
 def compiled(engine: nn.Module, cfg: RunConfig) -> nn.Module:
     """The module the training step calls: ``torch.compile(engine)`` under train.compile, sharing its
     parameters (checkpoints, evaluation and saving use the uncompiled model).
@@ -191,7 +194,7 @@ def compiled(engine: nn.Module, cfg: RunConfig) -> nn.Module:
     1.15× the eager one with inductor's random numbers, 1.02× with aten's; bench/floor.py --compile)."""
     if not cfg.train.compile:
         return engine
-    options = {"options": {"fallback_random": True}} if COMPILE_BACKEND == "inductor" else {}
+    options = {"options": INDUCTOR_OPTIONS} if COMPILE_BACKEND == "inductor" else {}
     return torch.compile(engine, backend=COMPILE_BACKEND, **options)
 
 
