@@ -94,6 +94,37 @@ def rotten_tomatoes_batch(tokenizer, size: int, max_length: int = 64, offset: in
     return dict(batch)
 
 
+def minilm_padded(batch_size: int, length: int):
+    """The MiniLM classifier and a Rotten Tomatoes batch padded to exactly ``length`` tokens."""
+    model, tokenizer = minilm_classifier()
+    enc = rotten_tomatoes_batch(tokenizer, batch_size, max_length=length)
+    if enc["input_ids"].shape[1] < length:
+        enc = dict(tokenizer.pad(enc, padding="max_length", max_length=length, return_tensors="pt"))
+    return model, enc
+
+
+def profile_compare(runs: dict[str, Callable[[], Any]], calls: int = 1, warmup: int = 0,
+                    top: int = 12) -> list[dict[str, Any]]:
+    """Self CPU ms per operator of one call of each of two runs (mean over ``calls``), keyed by the runs'
+    labels, with ``extra`` = first − second; the ``top`` largest differences first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    (first, second) = runs
+    per_op: dict[str, dict[str, Any]] = {}
+    for label, run in runs.items():
+        for _ in range(warmup):
+            run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                run()
+        for event in prof.key_averages():
+            row = per_op.setdefault(event.key, {first: 0.0, second: 0.0, f"calls {first}": 0, f"calls {second}": 0})
+            row[label] += event.self_cpu_time_total / 1000 / calls
+            row[f"calls {label}"] += event.count // calls
+    rows = [{"op": k, **v, "extra": v[first] - v[second]} for k, v in per_op.items()]
+    return sorted(rows, key=lambda r: -abs(r["extra"]))[:top]
+
+
 # -- added memory of one call, measured in a fresh worker process (bench/estimation.py, bench/scaling.py) --
 # Every block over 64 KiB gets its own mmap and goes back to the OS when freed, so the resident
 # set follows the live allocations (glibc otherwise keeps freed heap and the peak stops meaning much).

@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from unittest import mock
 
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import minilm_classifier, rotten_tomatoes_batch, write_result  # noqa: E402
+from common import minilm_padded, profile_compare, write_result  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.adapters import fused  # noqa: E402
@@ -60,14 +60,6 @@ def smollm2_causal(batch: int, length: int):
                     max_length=length, return_tensors="pt")
     enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     return model, dict(enc)
-
-
-def minilm(batch: int, length: int):
-    model, tokenizer = minilm_classifier()
-    enc = rotten_tomatoes_batch(tokenizer, batch, max_length=length)
-    if enc["input_ids"].shape[1] < length:  # pad to the stated length (the floor and every method alike)
-        enc = dict(tokenizer.pad(enc, padding="max_length", max_length=length, return_tensors="pt"))
-    return model, enc
 
 
 class Timed:
@@ -150,23 +142,12 @@ def paired(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def profile_summary(variants: dict[str, Timed], top: int = 12) -> list[dict[str, float | str]]:
-    """Self CPU ms per operator for one lora step and one floor step, largest extra first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    per_op: dict[str, dict[str, float]] = {}
-    for name in ("lora", "floor"):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            variants[name].step()
-        for event in prof.key_averages():
-            per_op.setdefault(event.key, {"lora": 0.0, "floor": 0.0, "calls lora": 0, "calls floor": 0})
-            per_op[event.key][name] += event.self_cpu_time_total / 1000
-            per_op[event.key][f"calls {name}"] += event.count
-    rows = [{"op": k, **v, "extra": v["lora"] - v["floor"]} for k, v in per_op.items()]
-    return sorted(rows, key=lambda r: -abs(r["extra"]))[:top]
+TARGETS = {"lora step / floor (cpu)": "<= 1.10", "lora-xs step / floor (cpu)": "<= 1.05",
+           "lora-fa step / floor (cpu)": "<= 1.05", "dora step / lora step (cpu)": "<= 1.15",
+           "compiled lora step / eager lora step (cpu)": "<= 0.85"}
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     parser.add_argument("--methods", default="lora,dora,lora-fa,lora-xs")
@@ -179,13 +160,10 @@ def main() -> None:
     parser.add_argument("--general", action="store_true",
                         help="also time lora through the adapters' general autograd path (no fused node)")
     parser.add_argument("--output", default=None, help="result name (default floor_<model>)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    batch_size = args.batch or (32 if args.model == "minilm" else 8)
-    length = args.length or (64 if args.model == "minilm" else 256)
-    base, batch = (minilm if args.model == "minilm" else smollm2_causal)(batch_size, length)
-    base.eval()
+    return parser.parse_args()
 
+
+def build_variants(args: argparse.Namespace, base: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Timed]:
     variants = {"floor": floor_variant(base, batch)}
     for method in args.methods.split(","):
         variants[method] = lorakit_variant(base, batch, method, args.rank)
@@ -193,21 +171,28 @@ def main() -> None:
         variants["lora general path"] = lorakit_variant(base, batch, "lora", args.rank, general=True)
     if args.compile:
         variants["lora compiled"] = lorakit_variant(base, batch, "lora", args.rank, compiled=True)
-    flops = {name: step_flops(v) for name, v in variants.items() if name != "lora compiled"}
-    load_before = os.getloadavg()
-    compile_seconds = {}
-    for name, v in variants.items():  # warm-up (and compilation) outside the timing
+    return variants
+
+
+def measure(variants: dict[str, Timed], repeats: int) -> dict[str, float]:
+    """One untimed call each (compilation included), then ``repeats`` interleaved timed steps; the first
+    calls' seconds are returned."""
+    first_call = {}
+    for name, v in variants.items():
         start = time.perf_counter()
         v.step()
-        compile_seconds[name] = time.perf_counter() - start
-    for _ in range(args.repeats):
+        first_call[name] = time.perf_counter() - start
+    for _ in range(repeats):
         for v in variants.values():
             v.run()
+    return first_call
+
+
+def step_ratios(variants: dict[str, Timed], flops: dict[str, int]) -> dict[str, float]:
+    """Each variant against the floor (per phase, both clocks, and in FLOPs) and the side-by-side pairs."""
     floor = variants["floor"].times
     ratios: dict[str, float] = {}
-    medians: dict[str, dict[str, dict[str, float]]] = {}
     for name, v in variants.items():
-        medians[name] = {clock: {p: statistics.median(t) for p, t in v.times[clock].items()} for clock in ("wall", "cpu")}
         if name == "floor":
             continue
         for clock in ("cpu", "wall"):
@@ -219,20 +204,19 @@ def main() -> None:
             ratios[f"{name} step / floor (FLOPs)"] = n / flops["floor"]
     if "dora" in flops and "lora" in flops:
         ratios["dora step / lora step (FLOPs)"] = flops["dora"] / flops["lora"]
+    pairs = {"fused lora step / general-path lora step": ("lora", "lora general path"),
+             "dora step / lora step": ("dora", "lora"),
+             "compiled lora step / eager lora step": ("lora compiled", "lora")}
     for clock in ("cpu", "wall"):
-        if "lora general path" in variants:
-            ratios[f"fused lora step / general-path lora step ({clock})"] = paired(
-                variants["lora"].times[clock]["step"], variants["lora general path"].times[clock]["step"])
-        if "dora" in variants and "lora" in variants:
-            ratios[f"dora step / lora step ({clock})"] = paired(variants["dora"].times[clock]["step"], variants["lora"].times[clock]["step"])
-        if "lora compiled" in variants:
-            ratios[f"compiled lora step / eager lora step ({clock})"] = paired(
-                variants["lora compiled"].times[clock]["step"], variants["lora"].times[clock]["step"])
-    profile = profile_summary(variants) if "lora" in variants else []
+        for label, (a, b) in pairs.items():
+            if a in variants and b in variants:
+                ratios[f"{label} ({clock})"] = paired(variants[a].times[clock]["step"], variants[b].times[clock]["step"])
+    return ratios
 
-    shape = tuple(batch["input_ids"].shape)
-    print(f"{args.model}, batch {shape[0]} x {shape[1]} tokens, rank {args.rank}, {args.threads} threads, "
-          f"{args.repeats} repeats, load {load_before[0]:.1f}")
+
+def print_summary(title: str, medians: dict[str, dict[str, dict[str, float]]], ratios: dict[str, float],
+                  profile: list[dict[str, Any]]) -> None:
+    print(title)
     for name, m in medians.items():
         parts = "  ".join(f"{p} {1000 * m['cpu'][p]:8.1f}" for p in PHASES)
         print(f"{name:14s} cpu ms: step {1000 * m['cpu']['step']:8.1f}  {parts}   wall step {1000 * m['wall']['step']:8.1f}")
@@ -243,6 +227,29 @@ def main() -> None:
         for row in profile:
             print(f"  {row['op'][:40]:40s} lora {row['lora']:8.2f} ({row['calls lora']:4d})  floor {row['floor']:8.2f} "
                   f"({row['calls floor']:4d})  extra {row['extra']:+8.2f}")
+
+
+def main() -> None:
+    args = arguments()
+    torch.set_num_threads(args.threads)
+    batch_size = args.batch or (32 if args.model == "minilm" else 8)
+    length = args.length or (64 if args.model == "minilm" else 256)
+    base, batch = (minilm_padded if args.model == "minilm" else smollm2_causal)(batch_size, length)
+    base.eval()
+
+    variants = build_variants(args, base, batch)
+    flops = {name: step_flops(v) for name, v in variants.items() if name != "lora compiled"}
+    load_before = os.getloadavg()
+    first_call = measure(variants, args.repeats)
+    medians = {name: {clock: {p: statistics.median(t) for p, t in v.times[clock].items()} for clock in ("wall", "cpu")}
+               for name, v in variants.items()}
+    ratios = step_ratios(variants, flops)
+    profile = (profile_compare({"lora": variants["lora"].step, "floor": variants["floor"].step})
+               if "lora" in variants else [])
+
+    shape = tuple(batch["input_ids"].shape)
+    print_summary(f"{args.model}, batch {shape[0]} x {shape[1]} tokens, rank {args.rank}, {args.threads} threads, "
+                  f"{args.repeats} repeats, load {load_before[0]:.1f}", medians, ratios, profile)
     write_result(
         args.output or f"floor_{args.model}",
         {
@@ -256,15 +263,13 @@ def main() -> None:
             "repeats": args.repeats,
             "torch_threads": args.threads,
             "load_average": {"before": load_before, "after": os.getloadavg()},
-            "first_call_seconds": compile_seconds,
+            "first_call_seconds": first_call,
             "compile": {"backend": "inductor", "options": COMPILE_OPTIONS} if args.compile else None,
             "step_flops": flops,
             "seconds_median": medians,
             "ratios": ratios,
             "profile_lora_vs_floor_ms": profile,
-            "target": {"lora step / floor (cpu)": "<= 1.10", "lora-xs step / floor (cpu)": "<= 1.05",
-                       "lora-fa step / floor (cpu)": "<= 1.05", "dora step / lora step (cpu)": "<= 1.15",
-                       "compiled lora step / eager lora step (cpu)": "<= 0.85"},
+            "target": TARGETS,
         },
     )
 

