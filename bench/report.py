@@ -700,6 +700,23 @@ def scaling_section(rep: Report, result: dict[str, Any]) -> None:
                         f"{x['memory_vs_predictor']['intercept']:.0f} MiB + {x['memory_vs_predictor']['slope'] * 2**20:.2f} B × "
                         + ("Σ m·n" if x["memory_vs_predictor"]["predictor"] == "target_parameters" else "Σ (m+n)"),
                         f"{x['memory_vs_predictor']['worst_relative_residual']:.0%}"] for m, x in fits.items()]), "")
+    scaling_verdict(rep, result, rows)
+    budget = [r for r in rows if "lorakit-exact-budget" in r["runs"] and "lorakit-exact" in r["runs"]]
+    if budget:
+        shares = ", ".join(f"{r['runs']['lorakit-exact-budget']['added_MiB'] / r['runs']['lorakit-exact']['added_MiB']:.2f}× "
+                           f"at {r['parameters'] / 1e6:,.0f}M" for r in budget)
+        rep.add(f"With `memory_budget` (a quarter of all G here), `lorakit.adapt` estimates one layer group per pass and cuts "
+                "each group's G to what the init needs (its top singular triplets) before the next pass, so the budget "
+                f"bounds the peak: the exact estimator's added memory with the budget is {shares} of its added memory "
+                "without one (the rest is the passes' activations and the one group's G), at the price of one pass per group.", "")
+    scaling_extrapolation(rep, f)
+
+    scaling_plots(rep, rows, methods)
+
+
+def scaling_verdict(rep: Report, result: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Issue 16's target at the largest measured size (sketch + checkpointing against PEFT)."""
+    f = result["figures"]
     target = f.get("target") or {}
     last = rows[-1].get("ratios_vs_peft", {}).get(target.get("method"))
     if last is not None and f.get("target_met") is not None:
@@ -715,16 +732,10 @@ def scaling_section(rep: Report, result: dict[str, Any]) -> None:
                              f"{last['memory']:.3f}× PEFT's memory in {last['time']:.2f}× its time.")
     elif result["status"] == "partial":
         rep.missed.append("issue 16, scaling curves: the run has not reached the largest size (`nice python bench/scaling.py`).")
-    budget = [r for r in rows if "lorakit-exact-budget" in r["runs"] and "lorakit-exact" in r["runs"]]
-    if budget:
-        shares = ", ".join(f"{r['runs']['lorakit-exact-budget']['added_MiB'] / r['runs']['lorakit-exact']['added_MiB']:.2f}× "
-                           f"at {r['parameters'] / 1e6:,.0f}M" for r in budget)
-        rep.add(f"With `memory_budget` (a quarter of all G here), `lorakit.adapt` estimates one layer group per pass and cuts "
-                "each group's G to what the init needs (its top singular triplets) before the next pass, so the budget "
-                f"bounds the peak: the exact estimator's added memory with the budget is {shares} of its added memory "
-                "without one (the rest is the passes' activations and the one group's G), at the price of one pass per group.", "")
-    scaling_extrapolation(rep, f)
 
+
+def scaling_plots(rep: Report, rows: list[dict[str, Any]], methods: list[str]) -> None:
+    """Added memory and time against parameter count, one curve per method, both axes log."""
     def curves(key: str, ylabel: str, what: str) -> Callable[[Any], None]:
         def draw(ax):
             palette = colours(methods)
@@ -900,6 +911,46 @@ def checkpointing_section(rep: Report, result: dict[str, Any]) -> None:
                          f"({ratios['peak_rss']:.2f}× the peak resident set) at {ratios['step_time']:.2f}× the step time.")
 
 
+def vllm_cli_part(rep: Report, cli: dict[str, Any]) -> None:
+    """vllm_check.py --cli: adapters made by `lorakit train` + `lorakit export --format vllm`, served offline and by
+    the server line `lorakit export` printed, against the same run's merged export."""
+    rep.add(f"Through the command line (vLLM {cli.get('vllm')}, offline): each adapter trained by `lorakit train` "
+            f"(`{cli.get('config')}`, the overrides below) and exported by `lorakit export RUN --format vllm`; the reference is "
+            f"transformers' greedy generation of the same run's `lorakit export RUN --format merged` folder reloaded with "
+            f"`AutoModelForCausalLM` ({cli.get('prompts')} prompts x {cli.get('tokens')} tokens).", "")
+    cli_serve = cli.get("serve") or {}
+    if "error" in cli_serve:
+        rep.missed.append(f"issue 17, vLLM: the server line `lorakit export` printed failed: {cli_serve['error'].splitlines()[0]}")
+    served = cli_serve.get("methods", {})
+    rows = [[name, m.get("exported_rank"), m.get("max_lora_rank"), f"{m['equal']}/{m['prompts']}",
+             fmt(m.get("max_abs_logprob_diff_on_common_prefix"), 1),
+             f"{served[name]['equal']}/{served[name]['prompts']}" if name in served else "not run",
+             f"{fmt(m.get('loss_first'), 3)} → {fmt(m.get('loss_last'), 3)}", m.get("prompts_differing_from_base")]
+            for name, m in cli["methods"].items()]
+    rep.add(table(["method (CLI)", "exported rank", "--max-lora-rank", "offline vLLM = merged export", "max abs Δ log-prob",
+                   "printed server line = merged export", "train loss first → last", "prompts changed vs base"], rows), "")
+    for name, m in cli["methods"].items():
+        rep.add(f"{name}: " + "; ".join(f"`{c}`" for c in m.get("commands", [])), "")
+    rep.add(f"vLLM offline: `{cli.get('vllm_command')}`.", "")
+    for name, m in served.items():
+        rep.add(f"{name}, the server line `lorakit export` printed, run with only `--host`/`--port` added (ready after "
+                f"{fmt(m.get('server_start_seconds'), 0)} s), queried as `{m.get('served_name')}`: `{m.get('printed')}`", "")
+        if m["equal"] != m["prompts"]:
+            rep.missed.append(f"issue 17, vLLM: the server line `lorakit export` printed for {name} gives greedy tokens "
+                              f"other than its `--format merged` export ({m['equal']}/{m['prompts']}).")
+    auto = cli.get("serve_auto_dtype")
+    if auto:
+        rep.add(f"Without `--dtype` (the server lines `lorakit export` printed before it named the base's dtype), vLLM's "
+                f"default `--dtype auto` served the float32 base in {auto.get('dtype')}: "
+                + ", ".join(f"{n} {m['equal']}/{m['prompts']} (log-prob Δ up to {fmt(m.get('max_abs_logprob_diff_on_common_prefix'), 2)})"
+                            for n, m in auto.get("methods", {}).items())
+                + " equal to the float32 merged export; the hint now names `--dtype` of a local base folder.", "")
+    for name, m in cli["methods"].items():
+        if m["equal"] != m["prompts"]:
+            rep.missed.append(f"issue 17, vLLM: the CLI-exported {name} adapter's served greedy tokens differ from its "
+                              f"`--format merged` export ({m['equal']}/{m['prompts']}).")
+
+
 def vllm_section(rep: Report, result: dict[str, Any]) -> None:
     """vLLM serving lorakit's exports: greedy tokens equal to transformers' on the merged model (bench/vllm_check.py)."""
     f = result["figures"]
@@ -933,41 +984,7 @@ def vllm_section(rep: Report, result: dict[str, Any]) -> None:
                 f"request of the token-id prompts ({', '.join(f'{k}={v}' for k, v in serve.get('request', {}).items() if k not in ('model', 'prompt'))}).", "")
     cli = f.get("cli")
     if cli:
-        rep.add(f"Through the command line (vLLM {cli.get('vllm')}, offline): each adapter trained by `lorakit train` "
-                f"(`{cli.get('config')}`, the overrides below) and exported by `lorakit export RUN --format vllm`; the reference is "
-                f"transformers' greedy generation of the same run's `lorakit export RUN --format merged` folder reloaded with "
-                f"`AutoModelForCausalLM` ({cli.get('prompts')} prompts x {cli.get('tokens')} tokens).", "")
-        cli_serve = cli.get("serve") or {}
-        if "error" in cli_serve:
-            rep.missed.append(f"issue 17, vLLM: the server line `lorakit export` printed failed: {cli_serve['error'].splitlines()[0]}")
-        served = cli_serve.get("methods", {})
-        rows = [[name, m.get("exported_rank"), m.get("max_lora_rank"), f"{m['equal']}/{m['prompts']}",
-                 fmt(m.get("max_abs_logprob_diff_on_common_prefix"), 1),
-                 f"{served[name]['equal']}/{served[name]['prompts']}" if name in served else "not run",
-                 f"{fmt(m.get('loss_first'), 3)} → {fmt(m.get('loss_last'), 3)}", m.get("prompts_differing_from_base")]
-                for name, m in cli["methods"].items()]
-        rep.add(table(["method (CLI)", "exported rank", "--max-lora-rank", "offline vLLM = merged export", "max abs Δ log-prob",
-                       "printed server line = merged export", "train loss first → last", "prompts changed vs base"], rows), "")
-        for name, m in cli["methods"].items():
-            rep.add(f"{name}: " + "; ".join(f"`{c}`" for c in m.get("commands", [])), "")
-        rep.add(f"vLLM offline: `{cli.get('vllm_command')}`.", "")
-        for name, m in served.items():
-            rep.add(f"{name}, the server line `lorakit export` printed, run with only `--host`/`--port` added (ready after "
-                    f"{fmt(m.get('server_start_seconds'), 0)} s), queried as `{m.get('served_name')}`: `{m.get('printed')}`", "")
-            if m["equal"] != m["prompts"]:
-                rep.missed.append(f"issue 17, vLLM: the server line `lorakit export` printed for {name} gives greedy tokens "
-                                  f"other than its `--format merged` export ({m['equal']}/{m['prompts']}).")
-        auto = cli.get("serve_auto_dtype")
-        if auto:
-            rep.add(f"Without `--dtype` (the server lines `lorakit export` printed before it named the base's dtype), vLLM's "
-                    f"default `--dtype auto` served the float32 base in {auto.get('dtype')}: "
-                    + ", ".join(f"{n} {m['equal']}/{m['prompts']} (log-prob Δ up to {fmt(m.get('max_abs_logprob_diff_on_common_prefix'), 2)})"
-                                for n, m in auto.get("methods", {}).items())
-                    + " equal to the float32 merged export; the hint now names `--dtype` of a local base folder.", "")
-        for name, m in cli["methods"].items():
-            if m["equal"] != m["prompts"]:
-                rep.missed.append(f"issue 17, vLLM: the CLI-exported {name} adapter's served greedy tokens differ from its "
-                                  f"`--format merged` export ({m['equal']}/{m['prompts']}).")
+        vllm_cli_part(rep, cli)
     ok = [n for n, m in methods.items() if m["equal"] == m["prompts"]
           and (serve is None or serve["methods"].get(n, {}).get("equal") == m["prompts"])]
     for name in methods:
