@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import yaml
 
@@ -246,8 +246,75 @@ def resume_from(result_name: str, figures: dict[str, Any]) -> float:
     return float(earlier.get("elapsed_seconds", 0.0))
 
 
+class Experiment(NamedTuple):
+    """What every method of one experiment shares: the budget, seeds, the selection rule, the test metric
+    and where the runs go."""
+    budget: dict[str, Any]
+    seeds: list[int]
+    select: dict[str, Any]
+    metric: str
+    workdir: Path
+    gather: bool
+
+
+def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any], ex: Experiment) -> dict[str, Any]:
+    """One method: its lr from the grid on validation at the first seed (budgets with ``lr_search``), then every
+    seed at that lr (the grid's own run reused for the first); the entry of the result file."""
+    entry: dict[str, Any] = {"status": "ok"}
+    lr = float(method["lr"])
+    grid_runs: dict[float, dict[str, Any]] = {}
+    first = ex.seeds[0]
+    if ex.budget.get("lr_search") and method.get("lr_search", True):  # a study's fixed-lr point: no search
+        def validation_at(candidate: float) -> float:
+            print(f"== {name} lr {candidate:g} (grid, seed {first})", flush=True)
+            cfg = deep_merge(method_base, {"optim": {"lr": candidate}, "train": {"seed": first}})
+            out = launch("single", cfg, ex.workdir / f"{name}-lr{candidate:g}-seed{first}", ex.gather)
+            if not out["validation"]:
+                raise RuntimeError("no validation evaluation to choose the lr on; set eval.every_epoch: true")
+            grid_runs[candidate] = out
+            return out["validation"].get(ex.select["metric"])
+
+        lr, scores, added = search_lr(method.get("grid") or [lr], validation_at, ex.select.get("mode", "max"),
+                                      int(ex.budget.get("extend_grid", 0)))
+        entry["lr_grid"] = {f"{k:g}": v for k, v in scores.items()}
+        if added:
+            entry["lr_grid_extended"] = [f"{k:g}" for k in added]
+    entry["lr"] = lr
+    runs = []
+    for seed in ex.seeds:
+        if seed == first and lr in grid_runs:
+            runs.append(grid_runs[lr])  # the grid already trained this (lr, seed)
+            continue
+        print(f"== {name} lr {lr:g} seed {seed}", flush=True)
+        cfg = deep_merge(method_base, {"optim": {"lr": lr}, "train": {"seed": seed}})
+        runs.append(launch("single", cfg, ex.workdir / f"{name}-lr{lr:g}-seed{seed}", ex.gather))
+    entry.update(summarise(runs, ex.metric))
+    entry["train_loss"] = {str(seed): r["train_loss"] for seed, r in zip(ex.seeds, runs)}
+    print(f"   {name}: test {ex.metric} {entry['mean']:.4f} ± {entry['std']:.4f}, "
+          f"train {entry['train_seconds']:.0f}s", flush=True)
+    return entry
+
+
 # -- the experiment --------------------------------------------------------------------------
-def main() -> None:
+def describe(spec: dict[str, Any], budget_name: str, budget: dict[str, Any], config_path: Path, base: dict[str, Any],
+             workdir: Path) -> dict[str, Any]:
+    """The result file's figures before any run: the protocol every method of the experiment shares."""
+    seeds = [int(s) for s in budget.get("seeds", [0])]
+    metric = "exact_match" if base.get("task", "classification") == "causal-lm" else "accuracy"  # multiple-choice: accuracy
+    figures: dict[str, Any] = {
+        "experiment": spec["name"], "config": str(config_path), "budget": budget_name,
+        "budget_description": budget.get("description", ""), "seeds": seeds, "lr_search": bool(budget.get("lr_search")),
+        "extend_grid": int(budget.get("extend_grid", 0)),
+        "select": spec.get("select", {"metric": "accuracy", "mode": "max"}), "metric": metric,
+        "reference": spec.get("reference", "lora"), "smooth_window": int(budget.get("smooth", 8)),
+        "base_config": base, "workdir": str(workdir), "methods": {},
+    }
+    if spec.get("study"):
+        figures["study"] = studies.study_facts(spec)
+    return figures
+
+
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="bench/configs/quality_minilm.yaml")
     parser.add_argument("--budget", default="quick", help="a budget named in the config (quick, full, ...)")
@@ -260,7 +327,11 @@ def main() -> None:
                         help="train nothing: collect the finished runs of the workdir, leaving out methods with unfinished runs")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--baseline", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments()
     if args.single:
         return single(args.single)
     if args.baseline:
@@ -275,22 +346,11 @@ def main() -> None:
     base = deep_merge(spec["base"], budget.get("overrides") or {})
     if args.threads:
         base = deep_merge(base, {"train": {"threads": args.threads}})
-    seeds = [int(s) for s in budget.get("seeds", [0])]
-    window = int(budget.get("smooth", 8))
-    select = spec.get("select", {"metric": "accuracy", "mode": "max"})
-    metric = "exact_match" if base.get("task", "classification") == "causal-lm" else "accuracy"  # multiple-choice: accuracy
-    reference = spec.get("reference", "lora")
     result_name = args.output or f"{spec['name']}_{args.budget}"
     workdir = Path(args.workdir) / f"{spec['name']}_{args.budget}"
-    figures: dict[str, Any] = {
-        "experiment": spec["name"], "config": str(config_path), "budget": args.budget,
-        "budget_description": budget.get("description", ""), "seeds": seeds, "lr_search": bool(budget.get("lr_search")),
-        "extend_grid": int(budget.get("extend_grid", 0)),
-        "select": select, "metric": metric, "reference": reference, "smooth_window": window,
-        "base_config": base, "workdir": str(workdir), "methods": {},
-    }
-    if spec.get("study"):
-        figures["study"] = studies.study_facts(spec)
+    figures = describe(spec, args.budget, budget, config_path, base, workdir)
+    seeds, select, metric = figures["seeds"], figures["select"], figures["metric"]
+    reference, window = figures["reference"], figures["smooth_window"]
     earlier_seconds = 0.0
     if args.resume:
         earlier_seconds = resume_from(result_name, figures)
@@ -320,7 +380,6 @@ def main() -> None:
             continue
         method = spec["methods"][name]
         method_base = deep_merge(base, method.get("overrides") or {})
-        entry: dict[str, Any] = {"status": "ok"}
         t0 = time.perf_counter()
         earlier = studies.reused(spec, name, method_base, figures, RESULTS, deep_merge)
         if earlier is not None:  # a point another result measured by the same protocol
@@ -330,36 +389,7 @@ def main() -> None:
             save("partial")
             continue
         try:
-            lr = float(method["lr"])
-            grid_runs: dict[float, dict[str, Any]] = {}
-            if budget.get("lr_search") and method.get("lr_search", True):  # a study's fixed-lr point: no search
-                def validation_at(candidate: float) -> float:
-                    print(f"== {name} lr {candidate:g} (grid, seed {seeds[0]})", flush=True)
-                    cfg = deep_merge(method_base, {"optim": {"lr": candidate}, "train": {"seed": seeds[0]}})
-                    out = launch("single", cfg, workdir / f"{name}-lr{candidate:g}-seed{seeds[0]}", args.gather)
-                    if not out["validation"]:
-                        raise RuntimeError("no validation evaluation to choose the lr on; set eval.every_epoch: true")
-                    grid_runs[candidate] = out
-                    return out["validation"].get(select["metric"])
-
-                lr, scores, added = search_lr(method.get("grid") or [lr], validation_at, select.get("mode", "max"),
-                                              int(budget.get("extend_grid", 0)))
-                entry["lr_grid"] = {f"{k:g}": v for k, v in scores.items()}
-                if added:
-                    entry["lr_grid_extended"] = [f"{k:g}" for k in added]
-            entry["lr"] = lr
-            runs = []
-            for seed in seeds:
-                if seed == seeds[0] and lr in grid_runs:
-                    runs.append(grid_runs[lr])  # the grid already trained this (lr, seed)
-                    continue
-                print(f"== {name} lr {lr:g} seed {seed}", flush=True)
-                cfg = deep_merge(method_base, {"optim": {"lr": lr}, "train": {"seed": seed}})
-                runs.append(launch("single", cfg, workdir / f"{name}-lr{lr:g}-seed{seed}", args.gather))
-            entry.update(summarise(runs, metric))
-            entry["train_loss"] = {str(seed): r["train_loss"] for seed, r in zip(seeds, runs)}
-            print(f"   {name}: test {metric} {entry['mean']:.4f} ± {entry['std']:.4f}, "
-                  f"train {entry['train_seconds']:.0f}s", flush=True)
+            entry = train_method(name, method, method_base, Experiment(budget, seeds, select, metric, workdir, args.gather))
         except NotFinished as exc:
             print(f"   {name}: not finished yet ({exc}); left out", flush=True)
             continue
