@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -346,6 +347,7 @@ def main() -> None:
     base = deep_merge(spec["base"], budget.get("overrides") or {})
     if args.threads:
         base = deep_merge(base, {"train": {"threads": args.threads}})
+        torch.set_num_threads(args.threads)  # what the result's environment records: the runs' threads
     result_name = args.output or f"{spec['name']}_{args.budget}"
     workdir = Path(args.workdir) / f"{spec['name']}_{args.budget}"
     figures = describe(spec, args.budget, budget, config_path, base, workdir)
