@@ -9,7 +9,8 @@ every position in the loss: the cost does not depend on the text), causal-LM los
 is switched on exactly as the recipe does (lorakit.recipes.loop.gradient_checkpointing).
 
 Each measurement is a fresh process (so its peak memory is its own): load, adapt, ``--warmup`` untimed
-steps, then ``--steps`` timed steps (forward + backward + optimizer step). Peak memory is the
+steps, then ``--steps`` timed steps (forward + backward + optimizer step). Each step's user and system CPU time and minor page faults (getrusage) are recorded beside its wall
+time: the step without checkpointing first-touches several GB of new activations. Peak memory is the
 process's peak resident set (VmHWM) over the steps, after the peak is reset once the model is
 loaded and its weights paged in by a tiny no-grad forward (Linux /proc/self/clear_refs), and
 the part of it above the resident set before the first step (activations, gradients, optimizer
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,11 +62,17 @@ def child(on: bool, batch: int, seq: int, steps: int, warmup: int, threads: int)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
+    usage: list[dict[str, float]] = []
+
     def step() -> float:
-        start = time.perf_counter()
+        """One step's wall seconds; its user and system CPU seconds and minor page faults go to ``usage``."""
+        start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         model(**inputs).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        usage.append({"user_seconds": after.ru_utime - before.ru_utime, "system_seconds": after.ru_stime - before.ru_stime,
+                      "minor_page_faults": after.ru_minflt - before.ru_minflt})
         return time.perf_counter() - start
 
     with torch.no_grad():  # pages every weight in (they are memory-mapped) and warms the kernels up
@@ -75,7 +83,7 @@ def child(on: bool, batch: int, seq: int, steps: int, warmup: int, threads: int)
     times = [step() for _ in range(steps)]
     peak = _status_mb("VmHWM")
     return {"checkpointing": on, "rss_before_mb": before, "peak_rss_mb": peak, "peak_above_start_mb": peak - before,
-            "step_seconds": times, "warmup_seconds": warmups}
+            "step_seconds": times, "warmup_seconds": warmups, "step_usage": usage[warmup:]}
 
 
 def main() -> None:
@@ -118,6 +126,8 @@ def figures(args: argparse.Namespace, runs: list[dict]) -> dict:
             "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in mine),
             "peak_above_start_mb_median": statistics.median(r["peak_above_start_mb"] for r in mine),
             "rss_before_mb_median": statistics.median(r["rss_before_mb"] for r in mine),
+            **{f"{k}_median": statistics.median(u[k] for r in mine for u in r["step_usage"])
+               for k in ("user_seconds", "system_seconds", "minor_page_faults") if all(r.get("step_usage") for r in mine)},
         }
 
     off, on = summary(False), summary(True)

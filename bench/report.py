@@ -898,6 +898,11 @@ def checkpointing_section(rep: Report, result: dict[str, Any]) -> None:
             ["peak resident memory (MB)", fmt(off["peak_rss_mb_median"], 0), fmt(on["peak_rss_mb_median"], 0), f"{ratios['peak_rss']:.2f}×"],
             ["peak above start (MB)", fmt(off["peak_above_start_mb_median"], 0), fmt(on["peak_above_start_mb_median"], 0),
              f"{ratios['peak_above_start']:.2f}×"]]
+    for key, label, digits in (("user_seconds", "user CPU time (s)", 1), ("system_seconds", "system CPU time (s)", 1),
+                               ("minor_page_faults", "minor page faults", 0)):
+        if f"{key}_median" in off and f"{key}_median" in on:
+            a, b = off[f"{key}_median"], on[f"{key}_median"]
+            rows.append([label, fmt(a, digits), fmt(b, digits), f"{b / a:.2f}×" if a else "–"])
     rep.add(table(["", "without", "with checkpointing", "with / without"], rows), "")
     pairs = {}
     for r in f.get("runs", []):

@@ -23,7 +23,8 @@ def test_the_result_is_written_after_every_repeat_with_medians_of_what_finished(
         calls.append(mode)
         step, peak, above = measured[(mode, repeat)]
         out = {"checkpointing": mode == "on", "rss_before_mb": peak - above, "peak_rss_mb": peak,
-               "peak_above_start_mb": above, "step_seconds": [step], "warmup_seconds": []}
+               "peak_above_start_mb": above, "step_seconds": [step], "warmup_seconds": [],
+               "step_usage": [{"user_seconds": step - 2, "system_seconds": 2.0 + repeat, "minor_page_faults": int(above) * 10}]}
         return type("Done", (), {"returncode": 0, "stdout": "log line\n" + json.dumps(out) + "\n", "stderr": ""})()
 
     written: list[tuple[dict, str]] = []
@@ -41,6 +42,9 @@ def test_the_result_is_written_after_every_repeat_with_medians_of_what_finished(
             assert figures[mode]["step_seconds_median"] == statistics.median(m[0] for m in mine)
             assert figures[mode]["peak_rss_mb_median"] == statistics.median(m[1] for m in mine)
             assert figures[mode]["peak_above_start_mb_median"] == statistics.median(m[2] for m in mine)
+            assert figures[mode]["user_seconds_median"] == statistics.median(m[0] - 2 for m in mine)
+            assert figures[mode]["system_seconds_median"] == statistics.median(2.0 + r for r in range(done))
+            assert figures[mode]["minor_page_faults_median"] == statistics.median(int(m[2]) * 10 for m in mine)
         ratios = figures["ratios"]
         assert ratios["step_time"] == figures["on"]["step_seconds_median"] / figures["off"]["step_seconds_median"]
         assert ratios["peak_above_start"] == figures["on"]["peak_above_start_mb_median"] / figures["off"]["peak_above_start_mb_median"]

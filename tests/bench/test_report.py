@@ -229,6 +229,16 @@ def test_checkpointing_section_ratios(tmp_path):
     assert "Gradient checkpointing on SmolLM2-135M (batch 8 x 512): 0.25× the training memory above the weights " \
            "(0.40× the peak resident set) at 1.33× the step time." in text
     assert "2 interleaved repeat(s) of 1 timed step(s)" in text
+    assert "user CPU time" not in text  # results measured before getrusage was recorded have no such rows
+    usage = lambda user, system, faults: {"user_seconds_median": user, "system_seconds_median": system,  # noqa: E731
+                                          "minor_page_faults_median": faults}
+    figures = json.loads((results / "checkpointing.json").read_text())["figures"]
+    write(results, "checkpointing", {**figures, "off": {**figures["off"], **usage(50.0, 8.0, 2000000)},
+                                     "on": {**figures["on"], **usage(75.0, 2.0, 500000)}})
+    text = report.write(results, out).read_text()
+    assert "| user CPU time (s) | 50.0 | 75.0 | 1.50× |" in text
+    assert "| system CPU time (s) | 8.0 | 2.0 | 0.25× |" in text
+    assert "| minor page faults | 2,000,000 | 500,000 | 0.25× |" in text
     runs = [{"repeat": r, "checkpointing": on, "step_seconds": [t]} for r, on, t in
             ((0, False, 50.0), (0, True, 60.0), (1, False, 40.0), (1, True, 80.0))]
     figures = json.loads((results / "checkpointing.json").read_text())["figures"]
