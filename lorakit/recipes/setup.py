@@ -61,7 +61,7 @@ def setup(cfg: RunConfig, label_names: list[str] | None = None, ctx: dist_ctx.Co
     encoded = D.encode_splits(splits, cfg.data, cfg.task, loaded.tokenizer, cfg.model.max_length, cfg.model.name)
     if cfg.model.quantization is None:  # a quantized model is loaded onto its device
         loaded.model.to(device)
-    return Setup(cfg, loaded, splits, encoded.features, encoded.prompts, encoded.options, encoded.notes,
+    return Setup(cfg, loaded, splits, encoded.features, encoded.prompts, encoded.options, splits.notes + encoded.notes,
                  device=device, ctx=ctx)
 
 

@@ -354,6 +354,9 @@ def evaluate_model(model: str, cfg: RunConfig, split: str = "test", quiet: bool 
 
 
 def _evaluate_and_print(s: Setup, name: str, split: str, quiet: bool) -> dict[str, float]:
+    if not quiet:
+        for note in s.notes:
+            print(note)
     result = evaluate(s, split, progress=s.cfg.train.progress and not quiet)
     print(f"{name}: {split} " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     return result

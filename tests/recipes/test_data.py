@@ -179,6 +179,23 @@ def test_reasoning_gym_task_by_name_is_split_by_seed_and_scored_by_its_own_score
         assert ex["source"][1]["metadata"]["num_terms"] == 2
 
 
+@pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="reasoning-gym not installed")
+def test_an_evaluation_split_the_task_cannot_fill_is_reported_with_its_count():
+    # one-digit sums and differences: 200 distinct questions, most of them already in a train split of 300
+    cfg = DataSection(source="reasoning-gym:chain_sum", train_size=300, validation_size=40, test_size=40,
+                      options={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
+    splits = D.load_splits(cfg, "causal-lm")
+    seen = {ex["prompt"] for ex in splits.train}
+    assert len(splits.test) < 40 and not seen & {ex["prompt"] for ex in splits.test}
+    notes = {n.split(" split")[0]: n for n in splits.notes}
+    assert set(notes) <= {"data: the validation", "data: the test"} and "data: the test" in notes
+    assert notes["data: the test"].startswith(f"data: the test split has {len(splits.test)} of the 40 examples "
+                                              "data.test_size asks for; reasoning-gym:chain_sum repeats train questions")
+    full = D.load_splits(DataSection(source="reasoning-gym:chain_sum", train_size=50, validation_size=5, test_size=20,
+                                     options={"min_terms": 2, "max_terms": 2, "max_digits": 2}), "causal-lm")
+    assert full.notes == [] and len(full.test) == 20  # a split that fills says nothing
+
+
 def test_a_non_utf8_byte_far_into_a_file_is_named_by_its_line(tmp_path):
     from lorakit.recipes.data.files import read_rows
 

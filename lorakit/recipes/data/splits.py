@@ -21,7 +21,7 @@ labels are numbered from the training split.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class Splits:
     label_names: list[str] | None = None  # classification: index -> name
     format: str = "template"  # causal-lm / multiple-choice: how examples become tokens (template, prompt-completion, chat)
     scorer: str = "number"  # causal-lm exact match: number (final number), text (whole answer), reasoning-gym
+    notes: list[str] = field(default_factory=list)  # what the user should know about the splits, one line each
 
     @property
     def num_labels(self) -> int:
@@ -112,7 +113,18 @@ def load_splits(cfg: DataSection, task: str, saved_labels: list[str] | None = No
             raise LorakitError(f"the {name} split of {source!r} is empty; give a dataset with examples (or smaller fractions)")
     if fmt == "chat":
         parts = {name: R.as_chat(rows, cfg) for name, rows in parts.items()}
-    return Splits(parts["train"], parts["validation"], parts["test"], label_names, fmt, _scorer(parts["test"]))
+    notes = shortfalls(parts, limits, source)
+    return Splits(parts["train"], parts["validation"], parts["test"], label_names, fmt, _scorer(parts["test"]), notes)
+
+
+def shortfalls(parts: dict[str, list[dict[str, Any]]], asked: dict[str, int | None], source: str) -> list[str]:
+    """One line per split with fewer examples than its ``data.*_size`` asked for (a size the data cannot fill)."""
+    why = (f"; {source} repeats train questions, which evaluation drops: the task's question space is small "
+           "(widen data.options or lower data.train_size)" if source.startswith(REASONING_GYM) or source == "gsm-symbolic"
+           else "")
+    return [f"data: the {name} split has {len(rows)} of the {asked[name]} examples data.{name}_size asks for"
+            + (why if name != "train" else "")
+            for name, rows in parts.items() if asked[name] and len(rows) < asked[name]]
 
 
 def _check_task(source: str, task: str, kind: str) -> None:
