@@ -244,7 +244,7 @@ def resume_from(result_name: str, figures: dict[str, Any]) -> float:
     figures["sittings"] = earlier.get("sittings", [earlier.get("workdir")]) + [figures["workdir"]]
     figures["commands"] = earlier.get("commands", [(document.get("environment") or {}).get("command")]) + [this_command()]
     print(f"resuming {path}: keeping {', '.join(kept) or 'no methods'}", flush=True)
-    return float(earlier.get("elapsed_seconds", 0.0))
+    return float(earlier.get("elapsed_seconds") or 0.0)  # None after a --gather: that pass's runners' time is unknown
 
 
 class Experiment(NamedTuple):

@@ -85,6 +85,14 @@ def test_gather_reads_finished_runs_and_leaves_unfinished_methods_out(tmp_path, 
     assert saved["figures"]["methods"]["lora"]["mean"] == 0.8
     assert saved["figures"]["gathered"] is True and saved["figures"]["elapsed_seconds"] is None
     assert "dora: not finished yet" in capsys.readouterr().out
+    # a gathered result (elapsed_seconds None) can itself be resumed, by another gather or a training sitting
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "exp_b.json").write_text(json.dumps({"status": saved["status"], "figures": saved["figures"]}))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--config", str(config), "--budget", "b", "--workdir", str(workdir),
+                                      "--gather", "--resume"])
+    quality.main()
+    assert list(saved["figures"]["methods"]) == ["lora"] and saved["figures"]["methods"]["lora"]["mean"] == 0.8
+    assert "resuming" in capsys.readouterr().out
 
 
 def test_lr_search_widens_the_grid_past_an_edge_until_the_best_is_inside():
