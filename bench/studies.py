@@ -257,7 +257,7 @@ def frontier_verdict(check: dict[str, Any], points: dict[str, dict[str, Any]]) -
     closest = max(check["candidates"], key=lambda c: c["difference"])
     if any(v == "reproduced" for _, v in judged):
         c = max((c for c, v in judged if v == "reproduced"), key=lambda c: c["ratio"])
-        return "reproduced", (f"{c['cheap']} has equal or better mean test accuracy than {c['reference']} "
+        return "reproduced", (f"{c['cheap']} has an equal or better mean test metric than {c['reference']} "
                               f"({c['difference'] * 100:+.2f} points) with {c['ratio']:.1f}x fewer parameters")
     if all(v == "not reproduced" for _, v in judged):
         return "not reproduced", (f"every measured pair at >= {check['ratio']:g}x has the SB/XS point below LoRA by more than "
@@ -391,12 +391,12 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
         check = ratio_check(points)
         pairs = sorted(check["candidates"], key=lambda c: -c["ratio"])
         rep.add(f"The {PARAM_RATIO:g}× check: pairs of a LoRA-SB/XS point and a LoRA point with at least {PARAM_RATIO:g}× "
-                "more parameters, and the difference of their mean test accuracy (SB/XS minus LoRA): "
+                f"more parameters, and the difference of their mean test {f.get('metric')} (SB/XS minus LoRA): "
                 + ("; ".join(f"{c['cheap']} vs {c['reference']} {c['ratio']:.1f}× {c['difference'] * 100:+.2f} points"
                              for c in pairs) or "none measured") + ". "
-                + (f"The pair with the largest ratio at equal or better mean accuracy: {check['best']['cheap']} vs "
+                + (f"The pair with the largest ratio at equal or better mean {f.get('metric')}: {check['best']['cheap']} vs "
                    f"{check['best']['reference']} ({check['best']['ratio']:.1f}×)." if check["best"] else
-                   f"No measured pair at ≥ {PARAM_RATIO:g}× has the SB/XS point at equal or better mean accuracy."), "")
+                   f"No measured pair at ≥ {PARAM_RATIO:g}× has the SB/XS point at equal or better mean {f.get('metric')}."), "")
         verdicts = []
         for family in CHEAP:  # one verdict per family: LoRA-SB's claim is LoRA-SB's, LoRA-XS is measured beside it
             if any(p["family"] == family for p in points.values()):
