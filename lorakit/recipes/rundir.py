@@ -25,9 +25,18 @@ RUN_FILE = "run.json"
 RUN_FORMAT = "lorakit-run"
 
 
+_ISSUED: set[Path] = set()
+
+
 def default_run_dir(cfg: RunConfig) -> Path:
-    """runs/<task>-<method>-<date>-<time>-<4 random hex>: two runs started in the same second differ."""
-    return Path("runs") / f"{cfg.task}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    """runs/<task>-<method>-<date>-<time>-<6 random hex>: two runs started in the same second differ
+    (a name this process already gave out or that exists on disk is drawn again)."""
+    stem = f"{cfg.task}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    while True:
+        path = Path("runs") / f"{stem}-{secrets.token_hex(3)}"
+        if path not in _ISSUED and not path.exists():
+            _ISSUED.add(path)
+            return path
 
 
 def check_new_run_dir(run_dir: Path) -> Path:

@@ -134,8 +134,23 @@ def test_default_run_directories_started_in_the_same_second_differ():
     from lorakit.recipes.rundir import default_run_dir
 
     cfg = RunConfig()
-    names = {default_run_dir(cfg) for _ in range(50)}
-    assert len(names) == 50
+    names = {default_run_dir(cfg) for _ in range(200)}
+    assert len(names) == 200
+
+
+def test_default_run_directory_never_names_one_that_exists(tmp_path, monkeypatch):
+    from lorakit.recipes import rundir
+    from lorakit.recipes.config import RunConfig
+
+    draws = iter(["aaaaaa", "aaaaaa", "bbbbbb", "cccccc"])
+    monkeypatch.setattr(rundir.secrets, "token_hex", lambda n: next(draws))
+    frozen = rundir.datetime(2026, 1, 2, 3, 4, 5)
+    monkeypatch.setattr(rundir, "datetime", type("Frozen", (), {"now": staticmethod(lambda: frozen)}))
+    monkeypatch.chdir(tmp_path)
+    first = rundir.default_run_dir(RunConfig())
+    first.mkdir(parents=True)
+    second = rundir.default_run_dir(RunConfig())  # draws "aaaaaa" again (taken on disk), then "bbbbbb"
+    assert first.name.endswith("-aaaaaa") and second.name.endswith("-bbbbbb")
 
 
 # -- resumable whatever happened ------------------------------------------------------------------------
