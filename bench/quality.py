@@ -202,6 +202,38 @@ def summarise(runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     }
 
 
+def runner_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many runs a method took (grid, widened grid and seeds) and their wall seconds summed: the compute it
+    cost, whichever runner trained each run (None when a run's time was not recorded)."""
+    walls = [r.get("wall_seconds") for r in runs]
+    return {"run_count": len(runs), "run_seconds": None if None in walls else sum(walls)}
+
+
+def study_runner_time(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The experiment's own runs (points reused from another result not counted) and their summed wall seconds."""
+    own = {n: e for n, e in methods.items() if e.get("status") == "ok" and not e.get("reused_from")}
+    timed = {n: e for n, e in own.items() if e.get("run_seconds") is not None}
+    return {"run_count": sum(e["run_count"] for e in timed.values()), "run_seconds": sum(e["run_seconds"] for e in timed.values()),
+            "methods_without_run_time": sorted(set(own) - set(timed))}
+
+
+def runner_commands(experiment: str, budget: str, exclude: str) -> list[str]:
+    """The commands of the runner results (bench/results/parts/*.json) of the same experiment and budget, in the
+    order they were written: what a --gather collects runs from."""
+    found = []
+    for path in sorted((RESULTS / "parts").glob("*.json"), key=lambda p: p.stat().st_mtime):
+        if path.stem == exclude:
+            continue
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        figures = document.get("figures") or {}
+        if figures.get("experiment") == experiment and figures.get("budget") == budget:
+            found += figures.get("commands") or [(document.get("environment") or {}).get("command")]
+    return [c for c in found if c]
+
+
 def add_convergence(methods: dict[str, dict[str, Any]], reference: str, window: int) -> None:
     """Steps to reach the reference's final (trailing-mean) training loss, per seed, same seed."""
     ref = methods.get(reference)
@@ -290,6 +322,7 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
         cfg = deep_merge(method_base, {"optim": {"lr": lr}, "train": {"seed": seed}})
         runs.append(launch("single", cfg, ex.workdir / f"{name}-lr{lr:g}-seed{seed}", ex.gather))
     entry.update(summarise(runs, ex.metric))
+    entry.update(runner_time([*grid_runs.values(), *(r for r in runs if not any(r is g for g in grid_runs.values()))]))
     entry["train_loss"] = {str(seed): r["train_loss"] for seed, r in zip(ex.seeds, runs)}
     print(f"   {name}: test {ex.metric} {entry['mean']:.4f} ± {entry['std']:.4f}, "
           f"train {entry['train_seconds']:.0f}s", flush=True)
@@ -360,10 +393,15 @@ def main() -> None:
 
     if args.gather:
         figures["gathered"] = True  # from finished runs, possibly trained by several runners side by side
+        commands = figures.get("commands", []) + runner_commands(spec["name"], args.budget, Path(result_name).name)
+        commands.append(this_command())
+        # each distinct command once: the training sittings first (in order), then the gathering passes
+        figures["commands"] = sorted(dict.fromkeys(commands), key=lambda c: "--gather" in c.split())
 
     def save(status: str) -> None:
         # a gathering pass trains nothing: its own seconds say nothing of the experiment's
         figures["elapsed_seconds"] = None if args.gather else earlier_seconds + time.perf_counter() - started
+        figures.update(study_runner_time(figures["methods"]))
         write_result(result_name, figures, status=status)
 
     if spec.get("baseline") and figures.get("baseline", {}).get("status") != "ok":
@@ -377,7 +415,7 @@ def main() -> None:
         save("partial")
 
     for name in names:
-        if figures["methods"].get(name, {}).get("status") == "ok":
+        if figures["methods"].get(name, {}).get("status") == "ok" and not args.gather:  # a gather reads every run again
             print(f"== {name}: kept from the earlier sitting", flush=True)
             continue
         method = spec["methods"][name]
@@ -393,12 +431,14 @@ def main() -> None:
         try:
             entry = train_method(name, method, method_base, Experiment(budget, seeds, select, metric, workdir, args.gather))
         except NotFinished as exc:
-            print(f"   {name}: not finished yet ({exc}); left out", flush=True)
+            kept = figures["methods"].get(name, {}).get("status") == "ok"
+            print(f"   {name}: not finished yet ({exc}); " + ("its earlier entry kept" if kept else "left out"), flush=True)
             continue
         except (RuntimeError, KeyError, ValueError) as exc:
             entry = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
             print(f"!! {name} failed: {entry['error']}", flush=True)
-        entry["wall_seconds"] = time.perf_counter() - t0
+        # a gathering pass reads runs back in no time: the method's wall time is then its runs' own
+        entry["wall_seconds"] = entry.get("run_seconds") if args.gather else time.perf_counter() - t0
         figures["methods"][name] = entry
         add_convergence(figures["methods"], reference, window)
         save("partial")

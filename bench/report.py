@@ -121,6 +121,18 @@ def environment(result: dict[str, Any]) -> str:
             f"lorakit {env.get('lorakit_commit', '?')}; {command}; status **{result['status']}**.*")
 
 
+def run_time(f: dict[str, Any]) -> str:
+    """A quality result's compute: its own runs (grid and seeds, points taken from other results not counted) and
+    their wall times summed, whichever runner trained them; '' for results written before runs were counted."""
+    if not f.get("run_count"):
+        return ""
+    hours = f["run_seconds"] / 3600
+    untimed = f.get("methods_without_run_time") or []
+    return (f" Its {f['run_count']} runs took {hours:.1f} h of runner wall time (each run's own, summed"
+            + (f"; {', '.join(untimed)} not counted: kept from a sitting that did not record run times" if untimed else "")
+            + ").")
+
+
 def check(value: float, target: str | float) -> bool:
     """``value`` against a target written '<= 1.05', '>= 2' or a bare number (an upper bound)."""
     if isinstance(target, (int, float)):
@@ -271,6 +283,7 @@ def _quality_setup(rep: Report, f: dict[str, Any], result: dict[str, Any]) -> No
             f"{f.get('seeds')}; learning rate " + ("chosen per method on the validation split from the grid in the config"
                                                   if f.get("lr_search") else "fixed per method (no validation search)") + "."
             + (f" The whole run took {f['elapsed_seconds'] / 60:.0f} minutes." if f.get("elapsed_seconds") else "")
+            + run_time(f)
             + (" The runs were trained by runner processes side by side and gathered from their run directories "
                "(`--gather`); their train times below are each run's own." if f.get("gathered") else ""))
     protocol = protocol_budget(f)

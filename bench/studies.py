@@ -341,7 +341,7 @@ def render(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) ->
         taken = sorted({e["reused_from"].split(":")[0] for e in g.get("methods", {}).values() if e.get("reused_from")})
         reuse = (f" Points {', '.join(n for n, e in g['methods'].items() if e.get('reused_from'))} are taken from "
                  f"{', '.join(taken)} (same protocol, checked)." if taken else "")
-        rep.add(f"`{key}`: status {result['status']}.{took}{reuse}{note}", "", kit.environment(result), "")
+        rep.add(f"`{key}`: status {result['status']}.{took}{kit.run_time(g)}{reuse}{note}", "", kit.environment(result), "")
         if pending:
             rep.missed.append(f"issue 18: {key} is partial; not yet measured: {', '.join(pending)} "
                               f"(`nice python bench/quality.py --config {g.get('config')} --budget {g.get('budget')} --threads 1 --resume`).")

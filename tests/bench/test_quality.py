@@ -85,6 +85,9 @@ def test_gather_reads_finished_runs_and_leaves_unfinished_methods_out(tmp_path, 
     assert saved["figures"]["methods"]["lora"]["mean"] == 0.8
     assert saved["figures"]["gathered"] is True and saved["figures"]["elapsed_seconds"] is None
     assert "dora: not finished yet" in capsys.readouterr().out
+    # no run time recorded for this run (no .wall file): the method is named as untimed, not counted as 0 s
+    assert saved["figures"]["methods"]["lora"]["run_seconds"] is None
+    assert saved["figures"]["methods_without_run_time"] == ["lora"] and saved["figures"]["run_count"] == 0
     # a gathered result (elapsed_seconds None) can itself be resumed, by another gather or a training sitting
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "exp_b.json").write_text(json.dumps({"status": saved["status"], "figures": saved["figures"]}))
@@ -197,3 +200,42 @@ def test_the_baseline_writes_the_base_models_generations_and_its_scores(tmp_path
     written = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert written == samples
     assert json.loads((out / "results.json").read_text())["test"] == {"exact_match": 0.5, "loss": 1.25}
+
+
+def test_gather_sums_every_runs_own_wall_time_and_names_the_runners_commands(tmp_path, monkeypatch):
+    """A gathered study's compute is its runs' recorded wall times (grid runs included, each run once), and its
+    commands are those of the runner results in bench/results/parts/ of the same experiment and budget, then the
+    gather's own; another experiment's runner is not named."""
+    config = tmp_path / "exp.yaml"
+    config.write_text(json.dumps({
+        "name": "exp", "base": {"task": "classification", "train": {}},
+        "budgets": {"b": {"seeds": [0, 1], "lr_search": True}},
+        "methods": {"lora": {"lr": 1e-3, "grid": [1e-3, 2e-3]}}}))
+    workdir = tmp_path / "runs" / "exp_b"
+    walls = {(1e-3, 0): 10.0, (2e-3, 0): 20.0, (2e-3, 1): 40.0}
+    for (lr, seed), wall in walls.items():
+        spec = {"task": "classification", "train": {"seed": seed}, "optim": {"lr": lr}, "output": {}}
+        run = workdir / f"lora-lr{lr:g}-seed{seed}"
+        finished_run(run, spec, 0.8)
+        (run / "results.json").write_text(json.dumps(
+            {"test": {"accuracy": 0.8}, "trainable_params": 10, "total_params": 100, "train_seconds": 1.0, "steps": 1}))
+        (run / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 1, "loss": 0.5}) + "\n"
+                                           + json.dumps({"type": "eval", "split": "validation", "accuracy": lr}) + "\n")
+        (workdir / f"{run.name}.wall").write_text(f"{wall}\n")
+    parts = tmp_path / "results" / "parts"
+    parts.mkdir(parents=True)
+    for name, experiment, command in [("a", "exp", "python runner-a"), ("z", "other", "python other")]:
+        (parts / f"{name}.json").write_text(json.dumps(
+            {"figures": {"experiment": experiment, "budget": "b", "commands": [command]}}))
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
+    saved: dict = {}
+    monkeypatch.setattr(quality, "write_result", lambda name, figures, status: saved.update(figures=figures))
+    monkeypatch.setattr(quality.subprocess, "run", lambda *a, **k: pytest.fail("--gather trained a run"))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--config", str(config), "--budget", "b", "--workdir",
+                                      str(tmp_path / "runs"), "--gather"])
+    quality.main()
+    lora = saved["figures"]["methods"]["lora"]
+    assert lora["lr"] == 2e-3 and lora["run_count"] == 3 and lora["run_seconds"] == sum(walls.values())
+    assert lora["wall_seconds"] == sum(walls.values())  # not the gather's own instant
+    assert saved["figures"]["run_count"] == 3 and saved["figures"]["run_seconds"] == 70.0
+    assert saved["figures"]["commands"] == ["python runner-a", quality.this_command()]

@@ -406,3 +406,9 @@ def test_a_result_made_in_several_sittings_names_every_sittings_command():
     line = report.environment(result)
     assert "commands of its 2 sittings `python a.py --x`, `python a.py --resume`" in line
     assert f"command `{ENV['command']}`" in report.environment({"status": "ok", "environment": ENV, "figures": {}})
+
+
+def test_run_time_names_the_runs_and_their_summed_hours_and_what_was_not_timed():
+    assert report.run_time({}) == ""  # results written before runs were counted say nothing
+    text = report.run_time({"run_count": 4, "run_seconds": 5400.0, "methods_without_run_time": ["dora"]})
+    assert text.startswith(" Its 4 runs took 1.5 h of runner wall time") and "dora not counted" in text
