@@ -412,3 +412,12 @@ def test_run_time_names_the_runs_and_their_summed_hours_and_what_was_not_timed()
     assert report.run_time({}) == ""  # results written before runs were counted say nothing
     text = report.run_time({"run_count": 4, "run_seconds": 5400.0, "methods_without_run_time": ["dora"]})
     assert text.startswith(" Its 4 runs took 1.5 h of runner wall time") and "dora not counted" in text
+
+
+def test_a_floor_target_below_the_variants_flop_ratio_is_named_as_unreachable():
+    ratios = {"lora-fa step / floor (cpu)": 1.11, "lora-fa step / floor (FLOPs)": 1.053,
+              "lora step / floor (cpu)": 1.13, "lora step / floor (FLOPs)": 1.069}
+    targets = {"lora-fa step / floor (cpu)": "<= 1.05", "lora step / floor (cpu)": "<= 1.10",
+               "dora step / lora step (cpu)": "<= 1.15"}
+    found = report.floor_targets_below_arithmetic(ratios, targets)
+    assert found == ["lora-fa's step does 1.053× the floor's FLOPs, against a target of <= 1.05"]
