@@ -209,6 +209,20 @@ def ratio_check(points: dict[str, dict[str, Any]], cheap: tuple[str, ...] = CHEA
             "best": max(hits, key=lambda h: h["ratio"]) if hits else None}
 
 
+def closest_matches(points: dict[str, dict[str, Any]], family: str, reference: str = "lora") -> dict[str, Any]:
+    """At parameter ratios from 1 to below the claim's 27x (the frontier's shape): the pair of a ``family``
+    point and a cheaper-by-that-ratio ``reference`` point with the largest ratio at equal or better mean
+    (``better``), and the one with the largest ratio whose mean is below by less than the two seed standard
+    deviations (``within``); None where no pair qualifies."""
+    check = ratio_check(points, cheap=(family,), reference=reference, ratio=1.0)
+    below = [c for c in check["candidates"] if c["ratio"] < PARAM_RATIO]  # the claim's own pairs have the verdict
+    spread = lambda c: points[c["cheap"]]["std"] + points[c["reference"]]["std"]  # noqa: E731
+    better = [c for c in below if c["difference"] >= 0]
+    within = [c for c in below if c["difference"] < 0 and -c["difference"] <= spread(c)]
+    return {"better": max(better, key=lambda c: c["ratio"]) if better else None,
+            "within": max(within, key=lambda c: c["ratio"]) if within else None}
+
+
 def lr_range(lr_means: dict[float, float], within: float = WITHIN) -> dict[str, Any]:
     """The lrs whose mean metric is within ``within`` of the best one, and the width of that range as
     max/min lr. The range is the contiguous run of grid lrs around the best that all stay within
@@ -403,6 +417,13 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
                 outcome, sentence = frontier_verdict(ratio_check(points, cheap=(family,)), points)
                 verdicts.append((family, outcome, sentence))
                 rep.add(f"**Verdict ({family}): {outcome}** — {sentence}.", "")
+                close = closest_matches(points, family)
+                parts = [f"{label} {c['cheap']} vs {c['reference']} ({c['ratio']:.1f}×, {c['difference'] * 100:+.2f} points)"
+                         for label, c in (("at equal or better mean,", close["better"]),
+                                          ("within the two seed standard deviations,", close["within"])) if c]
+                if parts:
+                    rep.add(f"Below {PARAM_RATIO:g}× ({family}; outside the claim, the frontier's shape): the largest "
+                            "parameter ratio " + "; ".join(parts) + ".", "")
         rep.add(f"Thresholds: a pair at ≥ {PARAM_RATIO:g}× reproduces the claim when the SB/XS mean is ≥ the LoRA mean, does "
                 "not when it is below by more than the sum of the two seed standard deviations, and is inconclusive between; "
                 "a family reproduces the claim when some pair does, does not when every pair does not, and is inconclusive "
@@ -410,8 +431,13 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
         unmeasured = [n for n in (f.get("study") or {}).get("points") or {} if n not in points]
         sb = next(((o, sen) for fam, o, sen in verdicts if fam == "lora-sb"), None)
         if sb is not None:
+            close = closest_matches(points, "lora-sb")
+            near = max((c for c in (close["better"], close["within"]) if c), key=lambda c: c["ratio"], default=None)
             rep.readme.setdefault("frontier", []).append(
                 f"{sb[0]} on {setting(f)} ({sb[1]}"
+                + (f"; below {PARAM_RATIO:g}×, {near['cheap']} vs {near['reference']} ({near['ratio']:.1f}×) "
+                   + ("at equal or better mean" if near["difference"] >= 0 else "within the seed spread")
+                   + f", {near['difference'] * 100:+.2f} points" if near else "")
                 + (f"; {len(unmeasured)} of {len(unmeasured) + len(points)} points not yet measured" if unmeasured else "") + ")")
         if verdicts:
             rep.headlines.append(f"Frontier ({key}), the {PARAM_RATIO:g}× claim: "

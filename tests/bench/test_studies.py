@@ -317,7 +317,11 @@ def test_readme_headline_block_states_the_frontier_and_combination_verdicts_and_
     block = text.split(report.README_BEGIN)[1].split(report.README_END)[0].strip().splitlines()
     outcome, sentence = studies.frontier_verdict(studies.ratio_check(pts, cheap=("lora-sb",)), pts)
     assert len(block) == 2 and "stale" not in text
-    assert f"{outcome} on minilm / rotten-tomatoes ({sentence}; 1 of {len(pts) + 1} points not yet measured)" in block[0]
+    # below 27x: the largest ratio at equal or better mean is lora-sb@r16 against lora r1 (4.2x; sb96 beats r16 at 2x)
+    near = pts["lora-sb@r16"]["mean"] - pts["lora@r1"]["mean"]
+    ratio = pts["lora@r1"]["params"] / pts["lora-sb@r16"]["params"]
+    assert (f"{outcome} on minilm / rotten-tomatoes ({sentence}; below 27×, lora-sb@r16 vs lora@r1 ({ratio:.1f}×) at "
+            f"equal or better mean, {near * 100:+.2f} points; 1 of {len(pts) + 1} points not yet measured)") in block[0]
     assert block[1].startswith("- Combinations") and "not measured yet" in block[1]
     combo = {"lora": entry([0.80, 0.81, 0.82], 10, 1e-3), "lora+neftune": entry([0.83, 0.84, 0.845], 10, 1e-3)}
     f = study_figures("combinations", combo, {n: {"family": n} for n in combo},
@@ -335,3 +339,19 @@ def test_readme_headline_block_states_the_frontier_and_combination_verdicts_and_
     plain.write_text("no block here\n")
     report.write(tmp_path / "r", tmp_path / "docs", plain)
     assert plain.read_text() == "no block here\n"
+
+
+def test_closest_matches_below_the_claims_ratio_equal_an_exhaustive_search():
+    """A lora-sb@r32 point as good as lora r8 (8.8x more parameters), within the spread of lora r16 (17.5x)."""
+    pts = frontier_points([0.60, 0.61, 0.62])
+    pts["lora-sb@r32"] = point("lora-sb", sb_params(32), [0.79, 0.80, 0.81], rank=32)
+    close = studies.closest_matches(pts, "lora-sb")
+    pairs = [(a, b, pts[b]["params"] / pts[a]["params"], pts[a]["mean"] - pts[b]["mean"], pts[a]["std"] + pts[b]["std"])
+             for a, b in itertools.product(pts, pts) if pts[a]["family"] == "lora-sb" and pts[b]["family"] == "lora"
+             and pts[a]["params"] < pts[b]["params"] < 27 * pts[a]["params"]]
+    better = max((p for p in pairs if p[3] >= 0), key=lambda p: p[2])
+    within = max((p for p in pairs if p[3] < 0 and -p[3] <= p[4]), key=lambda p: p[2])
+    assert (close["better"]["cheap"], close["better"]["reference"]) == better[:2] == ("lora-sb@r32", "lora@r8")
+    assert (close["within"]["cheap"], close["within"]["reference"]) == within[:2]
+    assert close["within"]["ratio"] == pytest.approx(within[2])
+    assert studies.closest_matches({k: v for k, v in pts.items() if k.startswith("lora@")}, "lora-sb") == {"better": None, "within": None}
