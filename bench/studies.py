@@ -483,7 +483,15 @@ def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, A
                             f"{r['width']:.1f}×" + (" (reaches the grid's edge)" if r["at_edge"] else ""),
                             f"{r['grid_width']:.0f}×"] for fam, r in ranges.items()]), "")
         widths = {fam: r["width"] for fam, r in ranges.items()}
+        planned: dict[str, int] = {}
+        for facts in ((f.get("study") or {}).get("points") or {}).values():
+            planned[facts.get("family")] = planned.get(facts.get("family"), 0) + 1
         for method in ("riemannian", "lora-sb"):
+            missing = {fam: planned.get(fam, 0) - len(fams.get(fam, {})) for fam in (method, "lora")}
+            if any(n > 0 for n in missing.values()) and method in planned:  # a width on part of the grid is no width
+                rep.add(f"**Verdict ({method} vs lora): pending** — not yet measured: "
+                        + ", ".join(f"{n} of {planned[fam]} {fam} rates" for fam, n in missing.items() if n > 0) + ".", "")
+                continue
             if method in widths and "lora" in widths:
                 v = lr_width_verdict(widths, method)
                 rep.add(f"**Verdict ({method} vs lora): {v}** — lr range within {WITHIN * 100:g} point of the best: "

@@ -256,6 +256,12 @@ def test_report_renders_lr_robustness_widths_and_combination_differences(tmp_pat
         assert f"{w:.1f}×" in row
     assert "**Verdict (riemannian vs lora): reproduced**" in text
     assert (tmp_path / "docs" / "study_lr_full_lr.png").is_file()
+    # a family with a rate still unmeasured gets no verdict: a width on part of the grid is not the family's width
+    partial = {n: e for n, e in methods.items() if n != studies.point_name("riemannian", "lr", 3e-3)}
+    write_result(tmp_path / "r", "study_lr_full", study_figures("lr-robustness", partial, facts), status="partial")
+    text = report.write(tmp_path / "r", tmp_path / "docs").read_text()
+    assert "**Verdict (riemannian vs lora): pending** — not yet measured: 1 of 6 riemannian rates." in text
+    assert "Verdict (riemannian vs lora): reproduced" not in text
     row = studies.combination_rows(study_figures("combinations", combo, {}, pairs={"pissa+riemannian": ["pissa", "riemannian"]}))[0]
     d = row["differences"]["pissa"]
     assert row["best_part"] == "pissa" and d["mean"] == pytest.approx(0.005 / 3) and row["outcome"] == "no better"
