@@ -346,7 +346,9 @@ def render(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) ->
     f = first["figures"]
     rep.add(f"**Claim.** {facts['claim']}", "", f"**Paper's setting.** {facts['paper']}", "",
             f"**Setting here.** Config `{f.get('config')}` (protocol inherited from `{f['study'].get('inherit')}`): "
-            f"{f.get('budget_description', '')}; seeds {f.get('seeds')}; metric test {f.get('metric')}.", "")
+            f"{f.get('budget_description', '')}; seeds {f.get('seeds')}; metric test {f.get('metric')}."
+            + (" Here every point trains at its own fixed learning rate on every seed: no selection on validation."
+               if kind == "lr-robustness" else ""), "")
     for key, result in results.items():
         g = result["figures"]
         pending = [p for p in g["study"]["points"] if g.get("methods", {}).get(p, {}).get("status") != "ok"]
@@ -368,9 +370,15 @@ def render(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) ->
     SECTIONS_BY_KIND[kind](rep, kit, name, results)
 
 
-def _log_x_axes(ax: Any, title: str, against: str, metric: Any) -> None:
-    """The frontier's and the lr study's axes: log x, the metric's mean ± std over seeds on y, a legend."""
+def _log_x_axes(ax: Any, title: str, against: str, metric: Any, ticks: list[float] | None = None) -> None:
+    """The frontier's and the lr study's axes: log x, the metric's mean ± std over seeds on y, a legend;
+    ``ticks``: label exactly these x values (the lr grid), no minor labels to overlap them."""
     ax.set_xscale("log")
+    if ticks:
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"{against.removeprefix('the ')} (log)")
     ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
     ax.set_title(f"{title} against {against}", fontsize=9)
@@ -506,7 +514,8 @@ def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, A
             for fam, by in fams.items():
                 ax.errorbar(list(by), [p["mean"] for p in by.values()], yerr=[p["std"] for p in by.values()],
                             fmt="o-", capsize=3, color=colour[fam], label=fam)
-            _log_x_axes(ax, f"{key}: test {f.get('metric')}", "the learning rate", f.get("metric"))
+            _log_x_axes(ax, f"{key}: test {f.get('metric')}", "the learning rate", f.get("metric"),
+                        ticks=sorted({lr for by in fams.values() for lr in by}))
 
         rep.plot(f"{key}_lr.png", draw, "test metric against the learning rate, every point on every seed")
 
