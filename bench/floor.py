@@ -129,13 +129,15 @@ def lorakit_variant(base: nn.Module, batch: dict[str, torch.Tensor], method: str
 
 
 def inplace_mm_flop(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
-    """addmm_ / baddbmm_: what their out-of-place forms count (torch's FlopCounterMode counts them as 0)."""
+    """addmm_ / baddbmm_: what their out-of-place forms count (torch's FlopCounterMode counts a bare call as 0)."""
     return 2 * math.prod(a_shape) * b_shape[-1]
 
 
 def counted_flops(fn: Callable[[], Any]) -> int:
     """Floating-point operations of ``fn()``'s matmuls, convolutions and attention, counted by torch's
-    FlopCounterMode with the in-place GEMMs it leaves out (the fused node's addmm_) counted too."""
+    FlopCounterMode, a bare in-place GEMM included (the counter leaves one out outside autograd; inside the
+    fused node's autograd.Function it sees them already, and tests/bench/test_floor.py checks nothing is
+    counted twice)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten

@@ -313,7 +313,7 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
         if added:
             entry["lr_grid_extended"] = [f"{k:g}" for k in added]
     entry["lr"] = lr
-    runs = []
+    runs, launched = [], list(grid_runs.values())  # launched: every run this method took, each once
     for seed in ex.seeds:
         if seed == first and lr in grid_runs:
             runs.append(grid_runs[lr])  # the grid already trained this (lr, seed)
@@ -321,8 +321,9 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
         print(f"== {name} lr {lr:g} seed {seed}", flush=True)
         cfg = deep_merge(method_base, {"optim": {"lr": lr}, "train": {"seed": seed}})
         runs.append(launch("single", cfg, ex.workdir / f"{name}-lr{lr:g}-seed{seed}", ex.gather))
+        launched.append(runs[-1])
     entry.update(summarise(runs, ex.metric))
-    entry.update(runner_time([*grid_runs.values(), *(r for r in runs if not any(r is g for g in grid_runs.values()))]))
+    entry.update(runner_time(launched))
     entry["train_loss"] = {str(seed): r["train_loss"] for seed, r in zip(ex.seeds, runs)}
     print(f"   {name}: test {ex.metric} {entry['mean']:.4f} ± {entry['std']:.4f}, "
           f"train {entry['train_seconds']:.0f}s", flush=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -419,13 +420,13 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
                 + (f"The pair with the largest ratio at equal or better mean {f.get('metric')}: {check['best']['cheap']} vs "
                    f"{check['best']['reference']} ({check['best']['ratio']:.1f}×)." if check["best"] else
                    f"No measured pair at ≥ {PARAM_RATIO:g}× has the SB/XS point at equal or better mean {f.get('metric')}."), "")
-        verdicts = []
+        verdicts, closest = [], {}
         for family in CHEAP:  # one verdict per family: LoRA-SB's claim is LoRA-SB's, LoRA-XS is measured beside it
             if any(p["family"] == family for p in points.values()):
                 outcome, sentence = frontier_verdict(ratio_check(points, cheap=(family,)), points)
                 verdicts.append((family, outcome, sentence))
                 rep.add(f"**Verdict ({family}): {outcome}** — {sentence}.", "")
-                close = closest_matches(points, family)
+                close = closest[family] = closest_matches(points, family)
                 parts = [f"{label} {c['cheap']} vs {c['reference']} ({c['ratio']:.1f}×, {c['difference'] * 100:+.2f} points)"
                          for label, c in (("at equal or better mean,", close["better"]),
                                           ("within the two seed standard deviations,", close["within"])) if c]
@@ -439,8 +440,7 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
         unmeasured = [n for n in (f.get("study") or {}).get("points") or {} if n not in points]
         sb = next(((o, sen) for fam, o, sen in verdicts if fam == "lora-sb"), None)
         if sb is not None:
-            close = closest_matches(points, "lora-sb")
-            near = max((c for c in (close["better"], close["within"]) if c), key=lambda c: c["ratio"], default=None)
+            near = max((c for c in closest["lora-sb"].values() if c), key=lambda c: c["ratio"], default=None)
             rep.readme.setdefault("frontier", []).append(
                 f"{sb[0]} on {setting(f)} ({sb[1]}"
                 + (f"; below {PARAM_RATIO:g}×, {near['cheap']} vs {near['reference']} ({near['ratio']:.1f}×) "
@@ -491,9 +491,7 @@ def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, A
                             f"{r['width']:.1f}×" + (" (reaches the grid's edge)" if r["at_edge"] else ""),
                             f"{r['grid_width']:.0f}×"] for fam, r in ranges.items()]), "")
         widths = {fam: r["width"] for fam, r in ranges.items()}
-        planned: dict[str, int] = {}
-        for facts in ((f.get("study") or {}).get("points") or {}).values():
-            planned[facts.get("family")] = planned.get(facts.get("family"), 0) + 1
+        planned = Counter(facts.get("family") for facts in ((f.get("study") or {}).get("points") or {}).values())
         for method in ("riemannian", "lora-sb"):
             missing = {fam: planned.get(fam, 0) - len(fams.get(fam, {})) for fam in (method, "lora")}
             if any(n > 0 for n in missing.values()) and method in planned:  # a width on part of the grid is no width
