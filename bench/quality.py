@@ -117,7 +117,9 @@ def launch(mode: str, config: dict[str, Any], run_dir: Path, gather: bool = Fals
     metrics = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     result["train_loss"] = [r["loss"] for r in records if r.get("type") == "train"]
-    result["validation"] = next((r for r in reversed(records) if r.get("type") == "eval" and r.get("split") == "validation"), None)
+    curve = [r for r in records if r.get("type") == "eval" and r.get("split") == "validation"]
+    result["validation"] = curve[-1] if curve else None
+    result["validation_curve"] = curve  # every validation evaluation, in step order (eval.every_steps)
     return result
 
 
@@ -234,11 +236,44 @@ def runner_commands(experiment: str, budget: str, exclude: str) -> list[str]:
     return [c for c in found if c]
 
 
-def add_convergence(methods: dict[str, dict[str, Any]], reference: str, window: int) -> None:
-    """Steps to reach the reference's final (trailing-mean) training loss, per seed, same seed."""
+def steps_to_metric(curve: list[list[float]], target: float, mode: str) -> int | None:
+    """First evaluated step (curve: [step, value] pairs) whose value reaches ``target`` (>= for max, <= for min)."""
+    for step, value in curve:
+        if (value >= target) if mode == "max" else (value <= target):
+            return int(step)
+    return None
+
+
+def add_metric_convergence(methods: dict[str, dict[str, Any]], reference: str, select: dict[str, Any]) -> None:
+    """From the validation curves (eval.every_steps): the first evaluated step at which each method reaches the
+    reference's final validation metric, per seed, same seed."""
+    ref = methods.get(reference)
+    if not ref or ref.get("status") != "ok" or not ref.get("validation_curve"):
+        return
+    mode = select.get("mode", "max")
+    targets = {seed: curve[-1][1] for seed, curve in ref["validation_curve"].items() if curve}
+    for entry in methods.values():
+        if entry.get("status") != "ok" or not entry.get("validation_curve"):
+            continue
+        per_seed = {seed: steps_to_metric(curve, targets[seed], mode)
+                    for seed, curve in entry["validation_curve"].items() if seed in targets}
+        reached = [v for v in per_seed.values() if v is not None]
+        entry["steps_to_reference_metric"] = {
+            "reference": reference, "metric": select.get("metric"), "per_seed": per_seed,
+            "mean": statistics.fmean(reached) if len(reached) == len(per_seed) and reached else None,
+            "reached_in": f"{len(reached)}/{len(per_seed)} seeds",
+            "final_mean": statistics.fmean(curve[-1][1] for curve in entry["validation_curve"].values()),
+        }
+
+
+def add_convergence(methods: dict[str, dict[str, Any]], reference: str, window: int,
+                    select: dict[str, Any] | None = None) -> None:
+    """Steps to reach the reference's final (trailing-mean) training loss, per seed, same seed; with validation
+    curves, also the steps to its final validation metric (``select``'s metric and mode)."""
     ref = methods.get(reference)
     if not ref or ref.get("status") != "ok":
         return
+    add_metric_convergence(methods, reference, select or {"metric": "accuracy", "mode": "max"})
     targets = {seed: trailing_means(loss, window)[-1] for seed, loss in ref["train_loss"].items() if loss}
     for entry in methods.values():
         if entry.get("status") != "ok":
@@ -312,6 +347,8 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
         entry["lr_grid"] = {f"{k:g}": v for k, v in scores.items()}
         if added:
             entry["lr_grid_extended"] = [f"{k:g}" for k in added]
+    if method.get("chosen"):  # the lr another result of this protocol chose on validation (a study's lr_from)
+        entry.update({k: v for k, v in method["chosen"].items() if k != "lr"})  # its grid's scores and where from
     entry["lr"] = lr
     runs, launched = [], list(grid_runs.values())  # launched: every run this method took, each once
     for seed in ex.seeds:
@@ -325,6 +362,9 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
     entry.update(summarise(runs, ex.metric))
     entry.update(runner_time(launched))
     entry["train_loss"] = {str(seed): r["train_loss"] for seed, r in zip(ex.seeds, runs)}
+    if (method_base.get("eval") or {}).get("every_steps"):  # learning curves of the validation metric
+        entry["validation_curve"] = {str(seed): [[c["step"], c[ex.select["metric"]]] for c in r["validation_curve"]]
+                                     for seed, r in zip(ex.seeds, runs)}
     print(f"   {name}: test {ex.metric} {entry['mean']:.4f} ± {entry['std']:.4f}, "
           f"train {entry['train_seconds']:.0f}s", flush=True)
     return entry
@@ -426,9 +466,16 @@ def main() -> None:
         if earlier is not None:  # a point another result measured by the same protocol
             print(f"== {name}: taken from {earlier['reused_from']}", flush=True)
             figures["methods"][name] = earlier
-            add_convergence(figures["methods"], reference, window)
+            add_convergence(figures["methods"], reference, window, select)
             save("partial")
             continue
+        try:
+            chosen = studies.chosen_lr(spec, name, method_base, figures, RESULTS, deep_merge)
+            if chosen is not None:
+                print(f"== {name}: lr {chosen['lr']:g}, chosen on validation in {chosen['lr_from']}", flush=True)
+                method = {**method, "lr": chosen["lr"], "lr_search": False, "chosen": chosen}
+        except studies.StudyError as exc:
+            raise SystemExit(str(exc)) from None
         try:
             entry = train_method(name, method, method_base, Experiment(budget, seeds, select, metric, workdir, args.gather))
         except NotFinished as exc:
@@ -441,9 +488,9 @@ def main() -> None:
         # a gathering pass reads runs back in no time: the method's wall time is then its runs' own
         entry["wall_seconds"] = entry.get("run_seconds") if args.gather else time.perf_counter() - t0
         figures["methods"][name] = entry
-        add_convergence(figures["methods"], reference, window)
+        add_convergence(figures["methods"], reference, window, select)
         save("partial")
-    add_convergence(figures["methods"], reference, window)  # methods kept by --resume included
+    add_convergence(figures["methods"], reference, window, select)  # methods kept by --resume included
     failed = [n for n, e in figures["methods"].items() if e["status"] != "ok"]
     missing = [n for n in names if n not in figures["methods"]]
     save("partial" if missing else "ok" if not failed else "failed-methods")

@@ -147,15 +147,13 @@ def study_facts(spec: dict[str, Any]) -> dict[str, Any]:
             "points": {n: {"family": m.get("family", n), **(m.get("point") or {})} for n, m in spec["methods"].items()}}
 
 
-def reused(spec: dict[str, Any], name: str, method_base: dict[str, Any], figures: dict[str, Any],
-           results: Path, deep_merge: Any) -> dict[str, Any] | None:
-    """The entry of ``name`` from the result named in ``reuse`` when it was made by the same protocol
-    (base config, budget facts, the method's resolved config and grid); else None (train it)."""
-    reuse = spec.get("reuse") or {}
-    source = (reuse.get("points") or {}).get(name)
-    if not source:
-        return None
-    path = results / f"{reuse['result']}.json"
+def _same_protocol_entry(result: str, source: str, name: str, spec: dict[str, Any], method_base: dict[str, Any],
+                         figures: dict[str, Any], results: Path, deep_merge: Any, ignore: tuple[str, ...] = ()
+                         ) -> dict[str, Any] | None:
+    """Method ``source``'s finished entry in result ``result`` when that result was made by this experiment's
+    protocol (budget facts, the method's resolved config and its grid), else None. ``ignore``: dotted config
+    keys left out of the comparison (settings that do not change the training, e.g. eval.every_steps)."""
+    path = results / f"{result}.json"
     if not path.is_file():
         return None
     earlier = json.loads(path.read_text())["figures"]
@@ -168,9 +166,52 @@ def reused(spec: dict[str, Any], name: str, method_base: dict[str, Any], figures
     other = yaml.safe_load((ROOT / earlier["config"]).read_text())["methods"].get(source, {})
     other_base = deep_merge(earlier["base_config"], other.get("overrides") or {})
     mine = spec["methods"][name]
-    if other_base != method_base or sorted(other.get("grid") or []) != sorted(mine.get("grid") or []):
+    if _without(other_base, ignore) != _without(method_base, ignore) or \
+            sorted(other.get("grid") or []) != sorted(mine.get("grid") or []):
         return None
-    return {**entry, "reused_from": f"{reuse['result']}:{source}"}
+    return entry
+
+
+def _without(config: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    out = json.loads(json.dumps(config))
+    for key in keys:
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
+def reused(spec: dict[str, Any], name: str, method_base: dict[str, Any], figures: dict[str, Any],
+           results: Path, deep_merge: Any) -> dict[str, Any] | None:
+    """The entry of ``name`` from the result named in ``reuse`` when it was made by the same protocol
+    (base config, budget facts, the method's resolved config and grid); else None (train it)."""
+    reuse = spec.get("reuse") or {}
+    source = (reuse.get("points") or {}).get(name)
+    if not source:
+        return None
+    entry = _same_protocol_entry(reuse["result"], source, name, spec, method_base, figures, results, deep_merge)
+    return None if entry is None else {**entry, "reused_from": f"{reuse['result']}:{source}"}
+
+
+LR_FROM_IGNORES = ("eval.every_steps",)  # what a run may add to the source's protocol: it leaves the training unchanged
+
+
+def chosen_lr(spec: dict[str, Any], name: str, method_base: dict[str, Any], figures: dict[str, Any],
+              results: Path, deep_merge: Any) -> dict[str, Any] | None:
+    """For a study with ``lr_from: RESULT``: the lr RESULT chose on validation for method ``name`` (its
+    validation scores too), when RESULT ran the same protocol up to LR_FROM_IGNORES; None without
+    ``lr_from``. Raises StudyError when the source cannot give it (no silent grid search in its place)."""
+    source = spec.get("lr_from")
+    if not source:
+        return None
+    entry = _same_protocol_entry(source, name, name, spec, method_base, figures, results, deep_merge, LR_FROM_IGNORES)
+    if entry is None or "lr_grid" not in entry:
+        raise StudyError(f"lr_from: {source} has no finished {name!r} chosen on validation by this study's protocol "
+                         f"(bench/results/{source}.json); run it first or drop lr_from to search the grid here")
+    return {"lr": float(entry["lr"]), "lr_grid": entry["lr_grid"], "lr_from": f"{source}:{name}"}
 
 
 # -- computations on results ----------------------------------------------------------------
@@ -521,49 +562,90 @@ def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, A
 CONVERGENCE_CLAIMS = {"lora-ga": CONVERGENCE_SPEEDUP, "pissa": 1.25}  # method -> speed-up the verdict requires
 
 
+CONVERGENCE_MEASURES = {  # what "steps to reach" counts against: key of the runner's figure -> its words
+    "loss": {"key": "steps_to_reference_loss", "final": "final_loss_trailing_mean", "what": "training loss",
+             "target": "final training loss"},
+    "metric": {"key": "steps_to_reference_metric", "final": "final_mean", "what": "validation {metric}",
+               "target": "final validation {metric}"},
+}
+
+
 def _convergence(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
     for key, result in results.items():
         f = result["figures"]
         ok = {m: e for m, e in f["methods"].items() if e.get("status") == "ok"}
         ref = f.get("reference", "lora")
-        own = ((ok.get(ref) or {}).get("steps_to_reference_loss") or {}).get("mean")
-        rows = []
-        for m, e in ok.items():
-            conv = e.get("steps_to_reference_loss") or {}
-            steps = conv.get("mean")
-            rows.append([m, f"{e['lr']:g}", f"{conv.get('final_loss_trailing_mean', float('nan')):.4f}",
-                         ", ".join(str(v) if v is not None else "never" for v in (conv.get("per_seed") or {}).values()),
-                         kit.fmt(steps, 1), f"{own / steps:.2f}×" if own and steps else "–", _score(ok_points(f)[m])])
-        rep.add(kit.table(["method", "lr", "final train loss", f"steps to {ref}'s final loss, per seed", "mean",
-                           f"speed-up vs {ref}", f"test {f.get('metric')}"], rows), "")
-        for m, need_ratio in CONVERGENCE_CLAIMS.items():
-            if m in ok:
-                steps = (ok[m].get("steps_to_reference_loss") or {}).get("mean")
-                v = speedup_verdict(own, steps, need_ratio)
-                rep.add(f"**Verdict ({m}): {v}** — {ref} first reaches its own final loss at step {kit.fmt(own, 1)}, {m} at "
-                        f"{kit.fmt(steps, 1) if steps else 'never (on some seed)'}. Thresholds: reproduced at ≥ {need_ratio:g}× "
-                        f"fewer steps than {ref}, not reproduced at more steps than {ref} or never, inconclusive between.", "")
-        window = int(f.get("smooth_window") or 8)
-        curves = {m: e["train_loss"] for m, e in ok.items() if e.get("train_loss")}
-        if not curves:
+        sources = sorted({e["lr_from"].split(":")[0] for e in ok.values() if e.get("lr_from")})
+        if sources:
+            rep.add(f"Each method trains at the lr {', '.join(sources)} chose for it on validation (same protocol, checked).", "")
+        outcomes = []
+        for measure, words in CONVERGENCE_MEASURES.items():
+            if any(e.get(words["key"]) for e in ok.values()):
+                outcomes += _convergence_measure(rep, kit, f, ok, ref, words)
+        if outcomes:
+            rep.headlines.append(f"Convergence ({key}), steps to {ref}'s final value: " + "; ".join(outcomes) + ".")
+        _convergence_plots(rep, kit, key, f, ok, ref)
+
+
+def _convergence_measure(rep: Any, kit: Any, f: dict[str, Any], ok: dict[str, dict[str, Any]], ref: str,
+                         words: dict[str, str]) -> list[str]:
+    """One measure's table (steps to the reference's final value, per seed) and each claim's verdict; returns
+    the verdicts as short phrases for the headline."""
+    what, target = (words[k].format(metric=f.get("metric")) for k in ("what", "target"))
+    own = ((ok.get(ref) or {}).get(words["key"]) or {}).get("mean")
+    rows = []
+    for m, e in ok.items():
+        conv = e.get(words["key"]) or {}
+        steps = conv.get("mean")
+        rows.append([m, f"{e['lr']:g}", kit.fmt(conv.get(words["final"]), 4),
+                     ", ".join(str(v) if v is not None else "never" for v in (conv.get("per_seed") or {}).values()),
+                     kit.fmt(steps, 1), f"{own / steps:.2f}×" if own and steps else "–", _score(ok_points(f)[m])])
+    rep.add(kit.table(["method", "lr", f"final {what}", f"steps to {ref}'s {target}, per seed", "mean",
+                       f"speed-up vs {ref}", f"test {f.get('metric')}"], rows), "")
+    phrases = []
+    for m, need_ratio in CONVERGENCE_CLAIMS.items():
+        if m in ok:
+            steps = (ok[m].get(words["key"]) or {}).get("mean")
+            v = speedup_verdict(own, steps, need_ratio)
+            phrases.append(f"{m} ({what}) {v}")
+            rep.add(f"**Verdict ({m}, {what}): {v}** — {ref} first reaches its own {target} at step {kit.fmt(own, 1)}, "
+                    f"{m} at {kit.fmt(steps, 1) if steps else 'never (on some seed)'}. Thresholds: reproduced at ≥ "
+                    f"{need_ratio:g}× fewer steps than {ref}, not reproduced at more steps than {ref} or never, "
+                    "inconclusive between.", "")
+    return phrases
+
+
+def _convergence_plots(rep: Any, kit: Any, key: str, f: dict[str, Any], ok: dict[str, dict[str, Any]], ref: str) -> None:
+    """The training-loss curves (trailing mean) and, when evaluated periodically, the validation-metric curves:
+    mean over seeds, band min-max."""
+    window = int(f.get("smooth_window") or 8)
+    losses = {m: {s: (list(range(1, len(v) + 1)), trailing(v, window)) for s, v in e["train_loss"].items()}
+              for m, e in ok.items() if e.get("train_loss")}
+    curves = {m: {s: ([c[0] for c in v], [c[1] for c in v]) for s, v in e["validation_curve"].items()}
+              for m, e in ok.items() if e.get("validation_curve")}
+    for series, file, ylabel, caption in (
+            (losses, "convergence", f"training loss (trailing mean of {window}; band: min–max over seeds)",
+             "training loss per step, mean and min-max band over seeds"),
+            (curves, "validation", f"validation {f.get('metric')} (band: min–max over seeds)",
+             f"validation {f.get('metric')} every few steps, mean and min-max band over seeds")):
+        if not series:
             continue
 
-        def draw(ax, curves=curves, window=window, ref=ref):
-            colour = _colours(kit, list(curves))
-            for m, per_seed in curves.items():
-                smooth = [trailing(v, window) for v in per_seed.values()]
-                n = min(len(s) for s in smooth)
-                mean = [statistics.fmean(s[i] for s in smooth) for i in range(n)]
-                ax.plot(range(1, n + 1), mean, color=colour[m], label=m, linewidth=2.2 if m == ref else 1.0)
-                ax.fill_between(range(1, n + 1), [min(s[i] for s in smooth) for i in range(n)],
-                                [max(s[i] for s in smooth) for i in range(n)], color=colour[m], alpha=0.15)
+        def draw(ax, series=series, ylabel=ylabel):
+            colour = _colours(kit, list(series))
+            for m, per_seed in series.items():
+                n = min(len(ys) for _, ys in per_seed.values())
+                xs = next(iter(per_seed.values()))[0][:n]
+                at = [[ys[i] for _, ys in per_seed.values()] for i in range(n)]
+                ax.plot(xs, [statistics.fmean(v) for v in at], color=colour[m], label=m, linewidth=2.2 if m == ref else 1.0)
+                ax.fill_between(xs, [min(v) for v in at], [max(v) for v in at], color=colour[m], alpha=0.15)
             ax.set_xlabel("step")
-            ax.set_ylabel(f"training loss (trailing mean of {window}; band: min–max over seeds)")
-            ax.set_title(f"{key}: training loss, mean over seeds", fontsize=9)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_title(f"{key}: {ylabel.split(' (')[0]}, mean over seeds", fontsize=9)
             ax.legend(fontsize=7, ncol=2)
             ax.grid(alpha=0.3)
 
-        rep.plot(f"{key}_convergence.png", draw, "training loss per step, mean and min-max band over seeds", (7.0, 4.5))
+        rep.plot(f"{key}_{file}.png", draw, caption, (7.0, 4.5))
 
 
 def trailing(losses: list[float], window: int) -> list[float]:

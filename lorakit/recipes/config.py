@@ -141,9 +141,14 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
+    """``every_epoch``: evaluate the validation split at the end of every epoch (and of the budget);
+    ``every_steps``: also every that many optimizer steps (0: never), for learning curves of the
+    validation metric. Evaluation leaves the training itself unchanged (no random numbers drawn)."""
+
     batch_size: int = 64
     max_new_tokens: int = 128
     every_epoch: bool = True
+    every_steps: int = 0
 
 
 @dataclass
@@ -196,6 +201,8 @@ class RunConfig:
             raise LorakitError(f"train.dist_timeout must be a positive number of seconds, got {self.train.dist_timeout!r}")
         if self.train.checkpoint_every < 0:
             raise LorakitError("train.checkpoint_every must be >= 0 (0 = no checkpoints)")
+        if self.eval.every_steps < 0:
+            raise LorakitError("eval.every_steps must be >= 0 (0 = only at the end of each epoch)")
         if not 0 <= self.data.validation_fraction < 1 or not 0 < self.data.test_fraction < 1 or \
                 self.data.validation_fraction + self.data.test_fraction >= 1:
             raise LorakitError("data.validation_fraction and data.test_fraction must be in [0, 1) and sum below 1")

@@ -277,6 +277,15 @@ def train_step(s: Setup, engine: nn.Module, group: list[tuple[dict[str, torch.Te
             "examples": examples, "tokens": tokens}
 
 
+def validate(s: Setup, log: Any, step: int, epoch: int, progress: bool) -> None:
+    """Evaluate the validation split (when there is one) after ``step`` and log it; back to training mode."""
+    if not s.features["validation"]:
+        return
+    result = evaluate(s, "validation", progress)
+    log.write({"type": "eval", "split": "validation", "step": step, "epoch": epoch, **result})
+    s.model.train()
+
+
 # checkpoint(position, train_seconds): write a checkpoint of the state after ``position``
 Checkpointer = Callable[[ckpt.Position, float], None]
 
@@ -313,12 +322,13 @@ def fit(s: Setup, opt: Optimization, log: Any, *, start: ckpt.Position | None = 
                        "tokens_per_s": record["tokens"] / dt})
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
+            every = cfg.eval.every_steps
+            if every and step % every == 0 and (b < n_batches and step < total or not cfg.eval.every_epoch):
+                validate(s, log, step, epoch, progress)  # at an epoch's end the every_epoch evaluation below is it
             if checkpoint is not None and cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
                 checkpoint(ckpt.Position(step=step, epoch=epoch, batch=b, metrics_offset=log.offset()), seconds)
-        if (b >= n_batches or step >= total) and cfg.eval.every_epoch and s.features["validation"]:
-            result = evaluate(s, "validation", progress)
-            log.write({"type": "eval", "split": "validation", "step": step, "epoch": epoch, **result})
-            model.train()
+        if (b >= n_batches or step >= total) and cfg.eval.every_epoch:
+            validate(s, log, step, epoch, progress)
         epoch += 1
         start_batch = 0
     bar.close()

@@ -283,11 +283,97 @@ def test_report_renders_convergence_and_long_budget_from_the_runner_figures(tmp_
     text = report.write(tmp_path / "r", tmp_path / "docs").read_text()
     own = methods["lora"]["steps_to_reference_loss"]["mean"]
     ga = methods["lora-ga"]["steps_to_reference_loss"]["mean"]
-    assert f"**Verdict (lora-ga): {studies.speedup_verdict(own, ga)}**" in text and own / ga >= 2
+    assert f"**Verdict (lora-ga, training loss): {studies.speedup_verdict(own, ga)}**" in text and own / ga >= 2
     row = next(line for line in text.splitlines() if line.startswith("| pissa | "))
     assert "-2.00 ± 0.00" in row and "-0.50 ± 0.00" in row and row.rstrip(" |").endswith("shrinks")
     assert (tmp_path / "docs" / "study_conv_full_convergence.png").is_file()
     assert (tmp_path / "docs" / "study_long_gaps.png").is_file()
+
+
+def test_steps_to_the_reference_validation_metric_follow_the_curves_and_are_reported(tmp_path):
+    """Validation curves (eval.every_steps): each method's first evaluated step at or above lora's final value
+    on the same seed, a verdict on that measure beside the training loss's, and the curves' plot."""
+    ref_curves = {"0": [[2, 0.70], [4, 0.78], [6, 0.80]], "1": [[2, 0.60], [4, 0.79], [6, 0.81]], "2": [[2, 0.7], [4, 0.8], [6, 0.8]]}
+    fast = {"0": [[2, 0.80], [4, 0.81], [6, 0.81]], "1": [[2, 0.70], [4, 0.82], [6, 0.82]], "2": [[2, 0.8], [4, 0.8], [6, 0.8]]}
+    slow = {"0": [[2, 0.50], [4, 0.60], [6, 0.79]], "1": [[2, 0.50], [4, 0.70], [6, 0.81]], "2": [[2, 0.5], [4, 0.7], [6, 0.8]]}
+    methods = {"lora": entry([0.8, 0.8, 0.81], 10, 1e-3), "lora-ga": entry([0.8, 0.81, 0.81], 10, 1e-4),
+               "pissa": entry([0.8, 0.81, 0.81], 10, 1e-4)}
+    for m, curves in (("lora", ref_curves), ("lora-ga", fast), ("pissa", slow)):
+        methods[m]["validation_curve"] = curves
+        methods[m]["lr_from"] = f"quality_x:{m}"
+    quality.add_convergence(methods, "lora", 2, {"metric": "accuracy", "mode": "max"})
+    brute = {m: {s: next((st for st, v in c if v >= ref_curves[s][-1][1]), None) for s, c in methods[m]["validation_curve"].items()}
+             for m in methods}
+    for m in methods:
+        assert methods[m]["steps_to_reference_metric"]["per_seed"] == brute[m]
+    assert brute["lora-ga"] == {"0": 2, "1": 4, "2": 2} and brute["pissa"]["0"] is None
+    assert methods["lora"]["steps_to_reference_metric"]["mean"] == pytest.approx(16 / 3)
+    assert methods["pissa"]["steps_to_reference_metric"]["mean"] is None  # never on seed 0
+    write_result(tmp_path / "r", "study_conv_full", study_figures("convergence", methods, {n: {"family": n} for n in methods}))
+    text = report.write(tmp_path / "r", tmp_path / "docs").read_text()
+    own, ga = (methods[m]["steps_to_reference_metric"]["mean"] for m in ("lora", "lora-ga"))
+    assert f"**Verdict (lora-ga, validation accuracy): {studies.speedup_verdict(own, ga)}**" in text
+    assert "**Verdict (pissa, validation accuracy): not reproduced**" in text
+    assert "Each method trains at the lr quality_x chose for it on validation" in text
+    assert "Convergence (study_conv_full), steps to lora's final value:" in text
+    assert (tmp_path / "docs" / "study_conv_full_validation.png").stat().st_size > 0
+
+
+def test_lr_from_takes_the_source_choice_only_under_the_same_protocol(tmp_path):
+    spec = studies.expand({"name": "s", "study": "convergence", "inherit": "bench/configs/quality_minilm.yaml",
+                           "from_parent": ["lora", "pissa"], "lr_from": "old"})
+    base = quality.deep_merge(spec["base"], spec["budgets"]["full"]["overrides"])
+    figures = {"seeds": [0, 1, 2], "lr_search": True, "extend_grid": 2, "metric": "accuracy", "select": spec["select"]}
+    grid = {"0.0005": 0.7, "0.001": 0.8, "0.002": 0.75}
+    old = {**figures, "config": "bench/configs/quality_minilm.yaml", "base_config": base,
+           "methods": {"lora": {"status": "ok", "lr": 1e-3, "lr_grid": grid}, "pissa": {"status": "failed"}}}
+    (tmp_path / "old.json").write_text(json.dumps({"figures": old}))
+    at = lambda name, extra=None: quality.deep_merge(quality.deep_merge(base, spec["methods"][name]["overrides"]), extra)  # noqa: E731
+    periodic = at("lora", {"eval": {"every_steps": 10}})  # evaluating more often leaves the training as it was
+    assert studies.chosen_lr(spec, "lora", periodic, figures, tmp_path, quality.deep_merge) == \
+        {"lr": 1e-3, "lr_grid": grid, "lr_from": "old:lora"}
+    for name, method_base in (("lora", at("lora", {"adapter": {"rank": 8}})), ("pissa", at("pissa"))):
+        with pytest.raises(studies.StudyError, match=f"old has no finished '{name}' chosen on validation"):
+            studies.chosen_lr(spec, name, method_base, figures, tmp_path, quality.deep_merge)
+    with pytest.raises(studies.StudyError):
+        studies.chosen_lr(spec, "lora", periodic, {**figures, "seeds": [0]}, tmp_path, quality.deep_merge)
+    assert studies.chosen_lr({**spec, "lr_from": None}, "lora", periodic, figures, tmp_path, quality.deep_merge) is None
+
+
+def test_the_runner_trains_an_lr_from_study_on_every_seed_at_the_source_lr_and_keeps_its_curves(tmp_path, monkeypatch):
+    grid = {"0.0005": 0.7, "0.001": 0.8, "0.002": 0.75}
+    spec = studies.expand({"name": "s", "study": "convergence", "inherit": "bench/configs/quality_minilm.yaml",
+                           "from_parent": ["lora"]})
+    base = quality.deep_merge(spec["base"], spec["budgets"]["full"]["overrides"])
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "old.json").write_text(json.dumps({"figures": {
+        "seeds": [0, 1, 2], "lr_search": True, "extend_grid": 2, "metric": "accuracy", "select": spec["select"],
+        "config": "bench/configs/quality_minilm.yaml", "base_config": base,
+        "methods": {"lora": {"status": "ok", "lr": 1e-3, "lr_grid": grid}}}}))
+    config = tmp_path / "s.yaml"
+    config.write_text(json.dumps({"name": "s", "study": "convergence", "inherit": "bench/configs/quality_minilm.yaml",
+                                  "base_overrides": {"eval": {"every_steps": 2}}, "lr_from": "old", "from_parent": ["lora"]}))
+    launched = []
+
+    def fake_launch(mode, cfg, run_dir, gather=False):
+        launched.append((cfg["optim"]["lr"], cfg["train"]["seed"], cfg["eval"]["every_steps"]))
+        curve = [{"step": s, "accuracy": 0.1 * s} for s in (2, 4)]
+        return {"test": {"accuracy": 0.5}, "validation": curve[-1], "validation_curve": curve, "trainable_params": 10,
+                "total_params": 100, "init_seconds": 1.0, "train_seconds": 2.0, "peak_memory_mb": 3.0, "steps": 4,
+                "train_loss": [0.5] * 4}
+
+    saved: dict = {}
+    monkeypatch.setattr(quality, "launch", fake_launch)
+    monkeypatch.setattr(quality, "RESULTS", results)
+    monkeypatch.setattr(quality, "write_result", lambda name, figures, status: saved.update(figures=figures))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--config", str(config), "--budget", "full", "--workdir", str(tmp_path)])
+    quality.main()
+    assert sorted(launched) == [(1e-3, 0, 2), (1e-3, 1, 2), (1e-3, 2, 2)]  # no grid: the source chose on validation
+    lora = saved["figures"]["methods"]["lora"]
+    assert lora["lr"] == 1e-3 and lora["lr_grid"] == grid and lora["lr_from"] == "old:lora"
+    assert lora["validation_curve"] == {str(s): [[2, 0.2], [4, 0.4]] for s in range(3)}
+    assert lora["steps_to_reference_metric"]["per_seed"] == {"0": 4, "1": 4, "2": 4}
 
 
 def test_a_study_config_without_a_result_is_a_missed_target_and_a_partial_one_names_its_pending_points(tmp_path):
