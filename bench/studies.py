@@ -386,9 +386,11 @@ def render(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) ->
     facts = STUDIES[kind]
     rep.add(f"## {facts['title']} ({name})", "")
     f = first["figures"]
+    budgets = (f.get("budget_description", "") if len(results) == 1 else  # several budgets: each one's own protocol
+               "; ".join(f"budget {r['figures'].get('budget')}: {r['figures'].get('budget_description', '')}" for r in results.values()))
     rep.add(f"**Claim.** {facts['claim']}", "", f"**Paper's setting.** {facts['paper']}", "",
             f"**Setting here.** Config `{f.get('config')}` (protocol inherited from `{f['study'].get('inherit')}`): "
-            f"{f.get('budget_description', '')}; seeds {f.get('seeds')}; metric test {f.get('metric')}."
+            f"{budgets}; seeds {f.get('seeds')}; metric test {f.get('metric')}."
             + (" Here every point trains at its own fixed learning rate on every seed: no selection on validation."
                if kind == "lr-robustness" else ""), "")
     for key, result in results.items():

@@ -32,7 +32,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def training_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path | None:
-    """Loss, learning rate and gradient norm per step, and the evaluation metrics per epoch."""
+    """Loss, learning rate and gradient norm per step, and the validation metrics at each evaluation."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -50,7 +50,7 @@ def training_curves(records: Sequence[dict[str, Any]], path: Path, title: str = 
     metric_keys = sorted({k for r in evals for k, v in r.items() if isinstance(v, (int, float))} - {"step", "epoch"})
     for key in metric_keys:
         ax.plot([r["step"] for r in evals], [r.get(key) for r in evals], marker="o", label=key)
-    ax.set_title("validation (per epoch)")
+    ax.set_title("validation")
     ax.set_xlabel("step")
     if metric_keys:
         ax.legend(fontsize=8)

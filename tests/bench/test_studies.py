@@ -286,6 +286,8 @@ def test_report_renders_convergence_and_long_budget_from_the_runner_figures(tmp_
     assert f"**Verdict (lora-ga, training loss): {studies.speedup_verdict(own, ga)}**" in text and own / ga >= 2
     row = next(line for line in text.splitlines() if line.startswith("| pissa | "))
     assert "-2.00 ± 0.00" in row and "-0.50 ± 0.00" in row and row.rstrip(" |").endswith("shrinks")
+    setting = next(line for line in text.split("## Study: long budget")[1].splitlines() if line.startswith("**Setting here.**"))
+    assert setting.count("budget full: d") == 2  # every budget's own description (both synthetic ones say "d")
     assert (tmp_path / "docs" / "study_conv_full_convergence.png").is_file()
     assert (tmp_path / "docs" / "study_long_gaps.png").is_file()
 
