@@ -405,6 +405,46 @@ def arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def method_entry(name: str, spec: dict[str, Any], base: dict[str, Any], figures: dict[str, Any], ex: Experiment
+                 ) -> dict[str, Any] | None:
+    """The result entry of method ``name``: taken from an identical-protocol result (``reuse``), or trained at the
+    lr another result chose (``lr_from``) or its grid chooses here; a failed method's error; None when a gather
+    finds its runs unfinished."""
+    method = spec["methods"][name]
+    method_base = deep_merge(base, method.get("overrides") or {})
+    earlier = studies.reused(spec, name, method_base, figures, RESULTS, deep_merge)
+    if earlier is not None:  # a point another result measured by the same protocol
+        print(f"== {name}: taken from {earlier['reused_from']}", flush=True)
+        return earlier
+    try:
+        chosen = studies.chosen_lr(spec, name, method_base, figures, RESULTS, deep_merge)
+    except studies.StudyError as exc:
+        raise SystemExit(str(exc)) from None
+    if chosen is not None:
+        print(f"== {name}: lr {chosen['lr']:g}, chosen on validation in {chosen['lr_from']}", flush=True)
+        method = {**method, "lr": chosen["lr"], "lr_search": False, "chosen": chosen}
+    t0 = time.perf_counter()
+    try:
+        entry = train_method(name, method, method_base, ex)
+    except NotFinished as exc:
+        kept = figures["methods"].get(name, {}).get("status") == "ok"
+        print(f"   {name}: not finished yet ({exc}); " + ("its earlier entry kept" if kept else "left out"), flush=True)
+        return None
+    except (RuntimeError, KeyError, ValueError) as exc:
+        entry = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        print(f"!! {name} failed: {entry['error']}", flush=True)
+    # a gathering pass reads runs back in no time: the method's wall time is then its runs' own
+    entry["wall_seconds"] = entry.get("run_seconds") if ex.gather else time.perf_counter() - t0
+    return entry
+
+
+def gathered_commands(figures: dict[str, Any], experiment: str, budget: str, result_name: str) -> list[str]:
+    """A gather's sittings: the earlier ones, the runners' it collects from and its own, each distinct command
+    once, the training sittings first (in order), then the gathering passes."""
+    commands = figures.get("commands", []) + runner_commands(experiment, budget, Path(result_name).name) + [this_command()]
+    return sorted(dict.fromkeys(commands), key=lambda c: "--gather" in c.split())
+
+
 def main() -> None:
     args = arguments()
     if args.single:
@@ -425,19 +465,13 @@ def main() -> None:
     result_name = args.output or f"{spec['name']}_{args.budget}"
     workdir = Path(args.workdir) / f"{spec['name']}_{args.budget}"
     figures = describe(spec, args.budget, budget, config_path, base, workdir)
-    seeds, select, metric = figures["seeds"], figures["select"], figures["metric"]
-    reference, window = figures["reference"], figures["smooth_window"]
-    earlier_seconds = 0.0
-    if args.resume:
-        earlier_seconds = resume_from(result_name, figures)
+    ex = Experiment(budget, figures["seeds"], figures["select"], figures["metric"], workdir, args.gather)
+    convergence = lambda: add_convergence(figures["methods"], figures["reference"], figures["smooth_window"], ex.select)  # noqa: E731
+    earlier_seconds = resume_from(result_name, figures) if args.resume else 0.0
     started = time.perf_counter()
-
     if args.gather:
         figures["gathered"] = True  # from finished runs, possibly trained by several runners side by side
-        commands = figures.get("commands", []) + runner_commands(spec["name"], args.budget, Path(result_name).name)
-        commands.append(this_command())
-        # each distinct command once: the training sittings first (in order), then the gathering passes
-        figures["commands"] = sorted(dict.fromkeys(commands), key=lambda c: "--gather" in c.split())
+        figures["commands"] = gathered_commands(figures, spec["name"], args.budget, result_name)
 
     def save(status: str) -> None:
         # a gathering pass trains nothing: its own seconds say nothing of the experiment's
@@ -459,38 +493,12 @@ def main() -> None:
         if figures["methods"].get(name, {}).get("status") == "ok" and not args.gather:  # a gather reads every run again
             print(f"== {name}: kept from the earlier sitting", flush=True)
             continue
-        method = spec["methods"][name]
-        method_base = deep_merge(base, method.get("overrides") or {})
-        t0 = time.perf_counter()
-        earlier = studies.reused(spec, name, method_base, figures, RESULTS, deep_merge)
-        if earlier is not None:  # a point another result measured by the same protocol
-            print(f"== {name}: taken from {earlier['reused_from']}", flush=True)
-            figures["methods"][name] = earlier
-            add_convergence(figures["methods"], reference, window, select)
+        entry = method_entry(name, spec, base, figures, ex)
+        if entry is not None:
+            figures["methods"][name] = entry
+            convergence()
             save("partial")
-            continue
-        try:
-            chosen = studies.chosen_lr(spec, name, method_base, figures, RESULTS, deep_merge)
-            if chosen is not None:
-                print(f"== {name}: lr {chosen['lr']:g}, chosen on validation in {chosen['lr_from']}", flush=True)
-                method = {**method, "lr": chosen["lr"], "lr_search": False, "chosen": chosen}
-        except studies.StudyError as exc:
-            raise SystemExit(str(exc)) from None
-        try:
-            entry = train_method(name, method, method_base, Experiment(budget, seeds, select, metric, workdir, args.gather))
-        except NotFinished as exc:
-            kept = figures["methods"].get(name, {}).get("status") == "ok"
-            print(f"   {name}: not finished yet ({exc}); " + ("its earlier entry kept" if kept else "left out"), flush=True)
-            continue
-        except (RuntimeError, KeyError, ValueError) as exc:
-            entry = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-            print(f"!! {name} failed: {entry['error']}", flush=True)
-        # a gathering pass reads runs back in no time: the method's wall time is then its runs' own
-        entry["wall_seconds"] = entry.get("run_seconds") if args.gather else time.perf_counter() - t0
-        figures["methods"][name] = entry
-        add_convergence(figures["methods"], reference, window, select)
-        save("partial")
-    add_convergence(figures["methods"], reference, window, select)  # methods kept by --resume included
+    convergence()  # methods kept by --resume included
     failed = [n for n, e in figures["methods"].items() if e["status"] != "ok"]
     missing = [n for n in names if n not in figures["methods"]]
     save("partial" if missing else "ok" if not failed else "failed-methods")
