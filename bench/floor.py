@@ -18,7 +18,12 @@ lora-sb trains. ``--compile`` adds lora with ``torch.compile`` (inductor with ``
 autograd path instead of the fused Linear + low-rank node. Each variant's FLOPs per step (torch's
 FlopCounterMode) give the ratio no implementation can beat without less arithmetic: the floor
 of the floor ratio. A torch profiler summary compares one lora step
-with one floor step per operator: where the extra time goes.
+with one floor step per operator: where the extra time goes. ``--gemm-bound`` times, in the same
+interleaved repeats, the GEMMs alone: the frozen layers' own two (x Wᵀ, g W) and, for lora, lora-fa and
+lora-xs, the low-rank GEMMs the fused node adds (written out per layer on buffers of the step's sizes):
+their FLOP rates show the thin rank-r GEMMs' efficiency against the frozen ones', and floor + those GEMMs +
+the variant's optimizer step estimates the step of an implementation that adds nothing else with these
+GEMM kernels (an estimate, not a bound: in the step the GEMMs' operands may sit warmer in cache).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from collections import Counter
+from types import SimpleNamespace
 from typing import Any, Callable
 
 from unittest import mock
@@ -43,6 +50,7 @@ from common import minilm_padded, profile_compare, write_result  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.adapters import fused  # noqa: E402
+from lorakit.adapters.base import LowRankAdapter  # noqa: E402
 from lorakit.recipes.loop import INDUCTOR_OPTIONS  # noqa: E402
 
 PHASES = ("forward", "backward", "optimizer")
@@ -128,6 +136,102 @@ def lorakit_variant(base: nn.Module, batch: dict[str, torch.Tensor], method: str
     return Timed(forward, optimizer)
 
 
+# -- the GEMMs alone (--gemm-bound) ------------------------------------------------------------
+ADAPTER_GEMMS = ("lora", "lora-fa", "lora-xs")  # the structures whose low-rank GEMMs gemm_block writes out
+FROZEN = "frozen"  # gemm_block's name for the frozen layers' own GEMMs (the floor's x Wᵀ and g W)
+
+
+def adapted_shapes(base: nn.Module, method: str, rank: int) -> list[tuple[int, int]]:
+    """(in, out) of every layer lorakit adapts in ``base`` for ``method``, in module order."""
+    model = copy.deepcopy(base)
+    lorakit.adapt(model, lorakit.AdapterConfig(method=method, rank=rank, alpha=2 * rank))
+    return [(m.base_layer.in_features, m.base_layer.out_features) for m in model.modules()
+            if isinstance(m, LowRankAdapter) and isinstance(m.base_layer, nn.Linear)]
+
+
+def gemm_block(shapes: list[tuple[int, int]], tokens: int, rank: int, method: str, pool: int = 1) -> Timed:
+    """One step's GEMMs of ``method`` (``FROZEN``: the frozen layers' x Wᵀ and g W; else the low-rank GEMMs the
+    fused node of lorakit.adapters.fused adds for that structure, its scalings included), per layer of
+    ``shapes``, on activations and output gradients of ``tokens`` rows (``pool`` buffers per shape in rotation;
+    1: as warm as in the step, where the base GEMM has just read them) and per-layer weights: a ``Timed`` with
+    forward and backward."""
+    scale, buffers, seen = 0.5, {}, Counter()
+    layers = []
+    for d_in, d_out in shapes:
+        if (d_in, d_out) not in buffers:
+            buffers[(d_in, d_out)] = [{"x": torch.randn(tokens, d_in), "y": torch.randn(tokens, d_out),
+                                       "g": torch.randn(tokens, d_out), "gx": torch.randn(tokens, d_in)} for _ in range(pool)]
+        io = buffers[(d_in, d_out)][seen[(d_in, d_out)] % pool]
+        seen[(d_in, d_out)] += 1
+        w = ({"W": torch.randn(d_out, d_in)} if method == FROZEN else
+             {"A": torch.randn(rank, d_in), "B": torch.randn(d_out, rank), "R": torch.randn(rank, rank)})
+        layers.append({**io, **w})
+    step = {FROZEN: (_frozen_forward, _frozen_backward), "lora": (_lora_forward, _lora_backward),
+            "lora-fa": (_lora_forward, _lora_fa_backward), "lora-xs": (_xs_forward, _xs_backward)}[method]
+
+    def forward() -> Any:
+        saved = [step[0](layer, scale) for layer in layers]
+        return SimpleNamespace(backward=lambda: [step[1](layer, h, scale) for layer, h in zip(layers, saved)])
+
+    return Timed(forward, None)
+
+
+def _frozen_forward(L: dict[str, torch.Tensor], s: float) -> None:
+    torch.mm(L["x"], L["W"].T, out=L["y"])
+
+
+def _frozen_backward(L: dict[str, torch.Tensor], h: None, s: float) -> None:
+    torch.mm(L["g"], L["W"], out=L["gx"])
+
+
+def _lora_forward(L: dict[str, torch.Tensor], s: float) -> torch.Tensor:
+    h = L["x"] @ L["A"].T
+    L["y"].addmm_(h, L["B"].T, alpha=s)
+    return h
+
+
+def _lora_backward(L: dict[str, torch.Tensor], h: torch.Tensor, s: float) -> None:
+    (L["g"].T @ h).mul_(s)  # ∇B
+    v = L["g"] @ L["B"]
+    (v.T @ L["x"]).mul_(s)  # ∇A
+    L["gx"].addmm_(v, L["A"], alpha=s)
+
+
+def _lora_fa_backward(L: dict[str, torch.Tensor], h: torch.Tensor, s: float) -> None:
+    (L["g"].T @ h).mul_(s)  # ∇B; A is frozen
+    L["gx"].addmm_(L["g"] @ L["B"], L["A"], alpha=s)
+
+
+def _xs_forward(L: dict[str, torch.Tensor], s: float) -> torch.Tensor:
+    h_a = L["x"] @ L["A"].T
+    L["y"].addmm_(h_a @ L["R"].T, L["B"].T, alpha=s)
+    return h_a
+
+
+def _xs_backward(L: dict[str, torch.Tensor], h_a: torch.Tensor, s: float) -> None:
+    v = L["g"] @ L["B"]
+    (v.T @ h_a).mul_(s)  # ∇R; A and B are frozen
+    L["gx"].addmm_(v @ L["R"], L["A"], alpha=s)
+
+
+def gemm_bound_ratios(variants: dict[str, Timed]) -> dict[str, float]:
+    """Per structure timed with its GEMMs alone: (floor + its adapter GEMMs + its optimizer step) / floor, paired
+    per repeat (the step of an implementation adding nothing else, estimated), and the frozen GEMMs' share of
+    the floor step."""
+    floor_steps = variants["floor"].times["cpu"]["step"]
+    ratios = {}
+    frozen = variants.get(f"{FROZEN} GEMMs")
+    if frozen is not None:
+        ratios["frozen GEMMs / floor step (cpu)"] = paired(frozen.times["cpu"]["step"], floor_steps)
+    for method in ADAPTER_GEMMS:
+        block, step = variants.get(f"{method} GEMMs"), variants.get(method)
+        if block is None or step is None:
+            continue
+        bound = [(f + g + o) / f for f, g, o in zip(floor_steps, block.times["cpu"]["step"], step.times["cpu"]["optimizer"])]
+        ratios[f"{method}: (floor + its GEMMs alone + optimizer) / floor (cpu)"] = statistics.median(bound)
+    return ratios
+
+
 def inplace_mm_flop(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
     """addmm_ / baddbmm_: what their out-of-place forms count (torch's FlopCounterMode counts a bare call as 0)."""
     return 2 * math.prod(a_shape) * b_shape[-1]
@@ -173,6 +277,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="also time lora under torch.compile")
     parser.add_argument("--general", action="store_true",
                         help="also time lora through the adapters' general autograd path (no fused node)")
+    parser.add_argument("--gemm-bound", action="store_true",
+                        help="also time the frozen layers' GEMMs and each structure's low-rank GEMMs alone")
     parser.add_argument("--output", default=None, help="result name (default floor_<model>)")
     return parser.parse_args()
 
@@ -185,6 +291,11 @@ def build_variants(args: argparse.Namespace, base: nn.Module, batch: dict[str, t
         variants["lora general path"] = lorakit_variant(base, batch, "lora", args.rank, general=True)
     if args.compile:
         variants["lora compiled"] = lorakit_variant(base, batch, "lora", args.rank, compiled=True)
+    if args.gemm_bound:
+        tokens = math.prod(batch["input_ids"].shape)
+        for method in (FROZEN, *(m for m in args.methods.split(",") if m in ADAPTER_GEMMS)):
+            shapes = adapted_shapes(base, "lora" if method == FROZEN else method, args.rank)
+            variants[f"{method} GEMMs"] = gemm_block(shapes, tokens, args.rank, method)
     return variants
 
 
@@ -207,14 +318,14 @@ def step_ratios(variants: dict[str, Timed], flops: dict[str, int]) -> dict[str, 
     floor = variants["floor"].times
     ratios: dict[str, float] = {}
     for name, v in variants.items():
-        if name == "floor":
+        if name == "floor" or name.endswith(" GEMMs"):
             continue
         for clock in ("cpu", "wall"):
             ratios[f"{name} step / floor ({clock})"] = paired(v.times[clock]["step"], floor[clock]["step"])
             ratios[f"{name} forward / floor forward ({clock})"] = paired(v.times[clock]["forward"], floor[clock]["forward"])
             ratios[f"{name} backward / floor backward ({clock})"] = paired(v.times[clock]["backward"], floor[clock]["backward"])
     for name, n in flops.items():
-        if name != "floor":
+        if name != "floor" and not name.endswith(" GEMMs"):
             ratios[f"{name} step / floor (FLOPs)"] = n / flops["floor"]
     if "dora" in flops and "lora" in flops:
         ratios["dora step / lora step (FLOPs)"] = flops["dora"] / flops["lora"]
@@ -257,7 +368,7 @@ def main() -> None:
     first_call = measure(variants, args.repeats)
     medians = {name: {clock: {p: statistics.median(t) for p, t in v.times[clock].items()} for clock in ("wall", "cpu")}
                for name, v in variants.items()}
-    ratios = step_ratios(variants, flops)
+    ratios = {**step_ratios(variants, flops), **gemm_bound_ratios(variants)}
     profile = (profile_compare({"lora": variants["lora"].step, "floor": variants["floor"].step})
                if "lora" in variants else [])
 

@@ -872,6 +872,8 @@ def floor_section(rep: Report, result: dict[str, Any]) -> None:
             "to the floor than that without doing less arithmetic.", "", environment(result), "")
     rows = []
     for name, m in medians.items():
+        if name.endswith(" GEMMs"):
+            continue  # the GEMMs timed alone: their own table below
         cpu = m["cpu"]
         rows.append([name, fmt(1000 * cpu["step"], 1), fmt(1000 * cpu["forward"], 1), fmt(1000 * cpu["backward"], 1),
                      fmt(1000 * cpu["optimizer"], 2), "1" if name == "floor" else fmt(ratios.get(f"{name} step / floor (cpu)"), 3),
@@ -885,6 +887,7 @@ def floor_section(rep: Report, result: dict[str, Any]) -> None:
     bound = floor_targets_below_arithmetic(ratios, f.get("target") or {})
     if bound:
         rep.add("Targets below the arithmetic alone: " + "; ".join(bound) + ".", "")
+    gemms_alone(rep, f)
     profile = f.get("profile_lora_vs_floor_ms") or []
     if profile:
         rep.add("Where a lora step's extra time goes (self CPU ms of one step per operator, lora vs floor, largest "
@@ -896,6 +899,37 @@ def floor_section(rep: Report, result: dict[str, Any]) -> None:
     if lora is not None:
         rep.headlines.append(f"{f.get('model')}: lora step {lora:.2f}× its floor (CPU time; the FLOP ratio is "
                              f"{fmt(ratios.get('lora step / floor (FLOPs)'), 3)}×).")
+
+
+def gemms_alone(rep: Report, f: dict[str, Any]) -> None:
+    """bench/floor.py --gemm-bound: the frozen layers' GEMMs and each structure's low-rank GEMMs timed alone in the
+    same repeats, their FLOP rates, and the step that adding nothing but them to the floor would take."""
+    medians, ratios, flops = f["seconds_median"], f["ratios"], f.get("step_flops") or {}
+    blocks = [n for n in medians if n.endswith(" GEMMs")]
+    if not blocks:
+        return
+    rows, rate = [], {}
+    for name in blocks:
+        cpu = medians[name]["cpu"]
+        method = name[: -len(" GEMMs")]
+        rate[method] = flops[name] / cpu["step"] / 1e9 if name in flops and cpu["step"] else None
+        estimate = ratios.get(f"{method}: (floor + its GEMMs alone + optimizer) / floor (cpu)")
+        rows.append([name, fmt(1000 * cpu["step"], 1), fmt(1000 * cpu["forward"], 1), fmt(1000 * cpu["backward"], 1),
+                     f"{flops[name] / 1e9:.2f}" if name in flops else "–", fmt(rate[method], 1),
+                     fmt(ratios.get("frozen GEMMs / floor step (cpu)"), 3) + " of the floor step" if method == "frozen"
+                     else fmt(estimate, 3), fmt(ratios.get(f"{method} step / floor (cpu)"), 3)])
+    rep.add("The GEMMs alone, timed in the same interleaved repeats on buffers of the step's sizes (one per layer, "
+            "the weights each layer's own): the frozen layers' x Wᵀ and g W, and the low-rank GEMMs each structure's "
+            "fused node adds. \"Estimate\" is (floor + those GEMMs + the variant's optimizer step) ÷ floor: the step of "
+            "an implementation that adds nothing but them, with this CPU's GEMM kernels (an estimate, not a bound: "
+            "in the step their operands can be warmer in cache).", "",
+            table(["GEMMs", "ms per step (CPU)", "forward", "backward", "GFLOP", "GFLOP/s", "estimate ÷ floor",
+                   "measured step ÷ floor"], rows), "")
+    thin = [f"{m} {rate[m]:.1f}" for m in rate if m != "frozen" and rate[m]]
+    if rate.get("frozen") and thin:
+        rep.add(f"GFLOP/s of the low-rank GEMMs ({', '.join(thin)}) against the frozen layers' {rate['frozen']:.1f}: "
+                "the rank-r products (T × in by in × r, T × r by r × out and their transposes) move as many bytes per "
+                "FLOP as element-wise work does, so they run at a fraction of the big GEMMs' rate.", "")
 
 
 def floor_targets_below_arithmetic(ratios: dict[str, float], targets: dict[str, str]) -> list[str]:
