@@ -24,6 +24,8 @@ lora-xs, the low-rank GEMMs the fused node adds (written out per layer on buffer
 their FLOP rates show the thin rank-r GEMMs' efficiency against the frozen ones', and floor + those GEMMs +
 the variant's optimizer step estimates the step of an implementation that adds nothing else with these
 GEMM kernels (an estimate, not a bound: in the step the GEMMs' operands may sit warmer in cache).
+Every run also times the floor a second time, last in each repeat ("floor, again"): its ratio to the
+floor, 1 on an ideal machine, is the run's own resolution.
 """
 
 from __future__ import annotations
@@ -283,7 +285,12 @@ def arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
+CONTROL = "floor, again"  # the A/A control: a second copy of the floor, timed last in every repeat
+
+
 def build_variants(args: argparse.Namespace, base: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Timed]:
+    """The floor, each method's step, the optional variants and GEMM blocks, and last the floor again (its ratio
+    to the floor is this run's own resolution: two identical steps measured side by side)."""
     variants = {"floor": floor_variant(base, batch)}
     for method in args.methods.split(","):
         variants[method] = lorakit_variant(base, batch, method, args.rank)
@@ -296,6 +303,7 @@ def build_variants(args: argparse.Namespace, base: nn.Module, batch: dict[str, t
         for method in (FROZEN, *(m for m in args.methods.split(",") if m in ADAPTER_GEMMS)):
             shapes = adapted_shapes(base, "lora" if method == FROZEN else method, args.rank)
             variants[f"{method} GEMMs"] = gemm_block(shapes, tokens, args.rank, method)
+    variants[CONTROL] = floor_variant(base, batch)
     return variants
 
 

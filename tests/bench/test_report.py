@@ -421,3 +421,25 @@ def test_a_floor_target_below_the_variants_flop_ratio_is_named_as_unreachable():
                "dora step / lora step (cpu)": "<= 1.15"}
     found = report.floor_targets_below_arithmetic(ratios, targets)
     assert found == ["lora-fa's step does 1.053× the floor's FLOPs, against a target of <= 1.05"]
+
+
+def test_a_verdict_closer_to_its_target_than_the_runs_aa_spread_says_so(tmp_path):
+    """floor.py's A/A control (the floor timed twice): a ratio within |control − 1| of its target is annotated, in
+    the table and in the missed list; one farther away is not; the GEMM table gives the rates and the estimate."""
+    medians = {name: {"cpu": {"forward": 0.5, "backward": 0.5, "optimizer": 0.0, "step": s},
+                      "wall": {"forward": 0.5, "backward": 0.5, "optimizer": 0.0, "step": s}}
+               for name, s in (("floor", 1.0), ("lora", 1.12), ("lora-xs", 1.2), ("floor, again", 1.04),
+                               ("frozen GEMMs", 0.7), ("lora GEMMs", 0.1))}
+    ratios = {"lora step / floor (cpu)": 1.12, "lora-xs step / floor (cpu)": 1.2, "floor, again step / floor (cpu)": 1.04,
+              "frozen GEMMs / floor step (cpu)": 0.7, "lora: (floor + its GEMMs alone + optimizer) / floor (cpu)": 1.101}
+    flops = {"floor": 9e10, "lora": 9.6e10, "lora-xs": 9.4e10, "floor, again": 9e10, "frozen GEMMs": 7e10, "lora GEMMs": 4e9}
+    write(tmp_path, "floor_minilm", {"model": "m", "seconds_median": medians, "ratios": ratios, "step_flops": flops,
+                                     "target": {"lora step / floor (cpu)": "<= 1.10", "lora-xs step / floor (cpu)": "<= 1.05"}})
+    text = report.write(tmp_path, tmp_path / "docs").read_text()
+    missed = [line for line in text.splitlines() if line.startswith("- issue 19, m:")]
+    assert missed == ["- issue 19, m: lora step / floor (cpu) = 1.120×, target <= 1.10 (by less than this run's A/A spread, ±4.0 %).",
+                      "- issue 19, m: lora-xs step / floor (cpu) = 1.200×, target <= 1.05."]
+    assert "A/A control: the floor timed a second time, last in every repeat, is 1.040× the floor" in text
+    gemm = next(line for line in text.splitlines() if line.startswith("| lora GEMMs |"))
+    assert "| 40.0 |" in gemm and "| 1.101 |" in gemm  # 4 GFLOP in 0.1 s; the estimate
+    assert "| frozen GEMMs | 700.0 |" in text and "100.0 |" in text.split("| frozen GEMMs |")[1].splitlines()[0]
