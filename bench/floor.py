@@ -38,7 +38,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from collections import Counter
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -151,20 +150,18 @@ def adapted_shapes(base: nn.Module, method: str, rank: int) -> list[tuple[int, i
             if isinstance(m, LowRankAdapter) and isinstance(m.base_layer, nn.Linear)]
 
 
-def gemm_block(shapes: list[tuple[int, int]], tokens: int, rank: int, method: str, pool: int = 1) -> Timed:
+def gemm_block(shapes: list[tuple[int, int]], tokens: int, rank: int, method: str) -> Timed:
     """One step's GEMMs of ``method`` (``FROZEN``: the frozen layers' x Wᵀ and g W; else the low-rank GEMMs the
     fused node of lorakit.adapters.fused adds for that structure, its scalings included), per layer of
-    ``shapes``, on activations and output gradients of ``tokens`` rows (``pool`` buffers per shape in rotation;
-    1: as warm as in the step, where the base GEMM has just read them) and per-layer weights: a ``Timed`` with
-    forward and backward."""
-    scale, buffers, seen = 0.5, {}, Counter()
-    layers = []
+    ``shapes``, with per-layer weights on activations and output gradients of ``tokens`` rows, one set per
+    shape (as warm as in the step, where the base GEMM has just read them): a ``Timed`` with forward and
+    backward."""
+    scale, buffers, layers = 0.5, {}, []
     for d_in, d_out in shapes:
         if (d_in, d_out) not in buffers:
-            buffers[(d_in, d_out)] = [{"x": torch.randn(tokens, d_in), "y": torch.randn(tokens, d_out),
-                                       "g": torch.randn(tokens, d_out), "gx": torch.randn(tokens, d_in)} for _ in range(pool)]
-        io = buffers[(d_in, d_out)][seen[(d_in, d_out)] % pool]
-        seen[(d_in, d_out)] += 1
+            buffers[(d_in, d_out)] = {"x": torch.randn(tokens, d_in), "y": torch.randn(tokens, d_out),
+                                      "g": torch.randn(tokens, d_out), "gx": torch.randn(tokens, d_in)}
+        io = buffers[(d_in, d_out)]
         w = ({"W": torch.randn(d_out, d_in)} if method == FROZEN else
              {"A": torch.randn(rank, d_in), "B": torch.randn(d_out, rank), "R": torch.randn(rank, rank)})
         layers.append({**io, **w})

@@ -244,6 +244,13 @@ def steps_to_metric(curve: list[list[float]], target: float, mode: str) -> int |
     return None
 
 
+def reached_summary(per_seed: dict[str, int | None]) -> dict[str, Any]:
+    """Steps to a target per seed (None: never): them, their mean when every seed got there, and how many did."""
+    reached = [v for v in per_seed.values() if v is not None]
+    return {"per_seed": per_seed, "mean": statistics.fmean(reached) if len(reached) == len(per_seed) and reached else None,
+            "reached_in": f"{len(reached)}/{len(per_seed)} seeds"}
+
+
 def add_metric_convergence(methods: dict[str, dict[str, Any]], reference: str, select: dict[str, Any]) -> None:
     """From the validation curves (eval.every_steps): the first evaluated step at which each method reaches the
     reference's final validation metric, per seed, same seed."""
@@ -257,11 +264,8 @@ def add_metric_convergence(methods: dict[str, dict[str, Any]], reference: str, s
             continue
         per_seed = {seed: steps_to_metric(curve, targets[seed], mode)
                     for seed, curve in entry["validation_curve"].items() if seed in targets}
-        reached = [v for v in per_seed.values() if v is not None]
         entry["steps_to_reference_metric"] = {
-            "reference": reference, "metric": select.get("metric"), "per_seed": per_seed,
-            "mean": statistics.fmean(reached) if len(reached) == len(per_seed) and reached else None,
-            "reached_in": f"{len(reached)}/{len(per_seed)} seeds",
+            "reference": reference, "metric": select.get("metric"), **reached_summary(per_seed),
             "final_mean": statistics.fmean(curve[-1][1] for curve in entry["validation_curve"].values()),
         }
 
@@ -280,12 +284,9 @@ def add_convergence(methods: dict[str, dict[str, Any]], reference: str, window: 
             continue
         per_seed = {seed: steps_to_reach(entry["train_loss"][seed], targets[seed], window)
                     for seed in entry["train_loss"] if seed in targets}
-        reached = [v for v in per_seed.values() if v is not None]
         entry["steps_to_reference_loss"] = {
             "reference": reference,
-            "per_seed": per_seed,
-            "mean": statistics.fmean(reached) if len(reached) == len(per_seed) and reached else None,
-            "reached_in": f"{len(reached)}/{len(per_seed)} seeds",
+            **reached_summary(per_seed),
             "final_loss_trailing_mean": statistics.fmean(trailing_means(v, window)[-1] for v in entry["train_loss"].values()),
         }
 

@@ -133,14 +133,19 @@ def run_time(f: dict[str, Any]) -> str:
             + ").")
 
 
-def check(value: float, target: str | float) -> bool:
-    """``value`` against a target written '<= 1.05', '>= 2' or a bare number (an upper bound)."""
+def parse_target(target: str | float) -> tuple[str, float]:
+    """(operator, number) of a target written '<= 1.05', '>= 2' or a bare number (an upper bound)."""
     if isinstance(target, (int, float)):
-        return value <= target
+        return "<=", float(target)
     match = re.fullmatch(r"\s*(<=|>=|<|>)\s*([0-9.eE+-]+)\s*", str(target))
     if not match:
         raise ReportError(f"target {target!r} is not of the form '<= number'")
-    op, bound = match.group(1), float(match.group(2))
+    return match.group(1), float(match.group(2))
+
+
+def check(value: float, target: str | float) -> bool:
+    """``value`` against a target written '<= 1.05', '>= 2' or a bare number (an upper bound)."""
+    op, bound = parse_target(target)
     return {"<=": value <= bound, ">=": value >= bound, "<": value < bound, ">": value > bound}[op]
 
 
@@ -564,17 +569,13 @@ def ratio_targets(rep: Report, where: str, ratios: dict[str, float], targets: di
             rows.append([key, f"{value:.3f}×", "–", "–"])
             continue
         ok = check(value, target)
-        close = resolution is not None and abs(value - bound_of(target)) <= resolution * bound_of(target)
+        bound = parse_target(target)[1]
+        close = resolution is not None and abs(value - bound) <= resolution * bound
         note = f" (by less than this run's A/A spread, ±{100 * resolution:.1f} %)" if close else ""
         rows.append([key, f"{value:.3f}×", str(target), verdict(ok) + note])
         if not ok:
             rep.missed.append(f"{where}: {key} = {value:.3f}×, target {target}{note}.")
     return rows
-
-
-def bound_of(target: str | float) -> float:
-    """The number of a target written '<= 1.05' (or a bare number)."""
-    return float(target) if isinstance(target, (int, float)) else float(re.sub(r"^\s*[<>]=?\s*", "", str(target)))
 
 
 def train_step_section(rep: Report, result: dict[str, Any]) -> None:
@@ -599,7 +600,7 @@ def train_step_section(rep: Report, result: dict[str, Any]) -> None:
     for key, value in ratios.items():
         if "floor" not in key:
             rep.headlines.append(f"Training step, {key}: {value:.2f}×.")
-    bound = next((float(re.sub(r"[<=> ]", "", str(t))) for t in (f.get("target") or {}).values()), None)
+    bound = next((parse_target(t)[1] for t in (f.get("target") or {}).values()), None)
     rep.plot("train_step.png", lambda ax: bar_ratios(ax, list(ratios), list(ratios.values()), bound,
                                                     "training step time ratios"), "training-step time ratios", (7.0, 3.0))
 
