@@ -443,3 +443,22 @@ def test_a_verdict_closer_to_its_target_than_the_runs_aa_spread_says_so(tmp_path
     gemm = next(line for line in text.splitlines() if line.startswith("| lora GEMMs |"))
     assert "| 40.0 |" in gemm and "| 1.101 |" in gemm  # 4 GFLOP in 0.1 s; the estimate
     assert "| frozen GEMMs | 700.0 |" in text and "100.0 |" in text.split("| frozen GEMMs |")[1].splitlines()[0]
+
+
+def test_the_compile_bound_is_the_share_of_the_eager_step_compilation_keeps():
+    """GEMMs and dropout's random numbers stay as they are under train.compile: their profiled share of the eager
+    lora step is the least a compiled step can take, and the rest it must remove to meet the target follows."""
+    rep = report.Report(None)
+    profile = [{"op": "aten::mm", "lora": 500.0}, {"op": "aten::addmm_", "lora": 100.0},
+               {"op": "aten::bernoulli_", "lora": 100.0}, {"op": "aten::gelu", "lora": 50.0}]
+    f = {"seconds_median": {"lora": {"cpu": {"step": 1.0}}},
+         "ratios": {"compiled lora step / eager lora step (cpu)": 0.99},
+         "target": {"compiled lora step / eager lora step (cpu)": "<= 0.85"}}
+    report.compile_bound(rep, f, profile)
+    line = rep.lines[0]
+    assert "take 60 % of the step's CPU time" in line and "random numbers (aten's, as train.compile draws them) 10 %" in line
+    assert "at least 0.70× the eager one" in line and "remove 50 % of the rest" in line and "measured here: 0.990×" in line
+    f["ratios"] = {}  # no compiled variant timed: nothing to say
+    rep2 = report.Report(None)
+    report.compile_bound(rep2, f, profile)
+    assert rep2.lines == []
