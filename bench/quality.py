@@ -418,7 +418,7 @@ def method_entry(name: str, spec: dict[str, Any], base: dict[str, Any], figures:
         print(f"== {name}: taken from {earlier['reused_from']}", flush=True)
         return earlier
     try:
-        chosen = studies.chosen_lr(spec, name, method_base, figures, RESULTS, deep_merge)
+        chosen = studies.chosen_lr(spec, name, method_base, figures, RESULTS, deep_merge, ex.budget)
     except studies.StudyError as exc:
         raise SystemExit(str(exc)) from None
     if chosen is not None:

@@ -163,7 +163,7 @@ def _same_protocol_entry(result: str, source: str, name: str, spec: dict[str, An
     for key in ("seeds", "lr_search", "extend_grid", "metric", "select"):
         if earlier.get(key) != figures.get(key):
             return None
-    other = yaml.safe_load((ROOT / earlier["config"]).read_text())["methods"].get(source, {})
+    other = expand(yaml.safe_load((ROOT / earlier["config"]).read_text()), earlier["config"])["methods"].get(source, {})
     other_base = deep_merge(earlier["base_config"], other.get("overrides") or {})
     mine = spec["methods"][name]
     if _without(other_base, ignore) != _without(method_base, ignore) or \
@@ -199,15 +199,31 @@ def reused(spec: dict[str, Any], name: str, method_base: dict[str, Any], figures
 LR_FROM_IGNORES = ("eval.every_steps",)  # what a run may add to the source's protocol: it leaves the training unchanged
 
 
-def chosen_lr(spec: dict[str, Any], name: str, method_base: dict[str, Any], figures: dict[str, Any],
-              results: Path, deep_merge: Any) -> dict[str, Any] | None:
-    """For a study with ``lr_from: RESULT``: the lr RESULT chose on validation for method ``name`` (its
-    validation scores too), when RESULT ran the same protocol up to LR_FROM_IGNORES; None without
-    ``lr_from``. Raises StudyError when the source cannot give it (no silent grid search in its place)."""
-    source = spec.get("lr_from")
+def lr_source(spec: dict[str, Any], budget: dict[str, Any] | None = None) -> tuple[str, tuple[str, ...]] | None:
+    """(result, config keys it may differ in) of the lr choice a study takes from another result, or None.
+    A study's ``lr_from: RESULT`` takes the choice of the same protocol; a budget's ``lr_from: {result: RESULT,
+    differs: [train.max_steps]}`` takes it from a budget that differs from this one in those keys alone (the long
+    budgets: 8x trains at the rate 4x chose on validation, a compute cut the budget's description states)."""
+    source = (budget or {}).get("lr_from") or spec.get("lr_from")
     if not source:
         return None
-    entry = _same_protocol_entry(source, name, name, spec, method_base, figures, results, deep_merge, LR_FROM_IGNORES)
+    if isinstance(source, str):
+        return source, LR_FROM_IGNORES
+    if not isinstance(source, dict) or not isinstance(source.get("result"), str):
+        raise StudyError(f"lr_from: {source!r} is neither a result name nor {{result: NAME, differs: [KEY, ...]}}")
+    return source["result"], LR_FROM_IGNORES + tuple(source.get("differs") or ())
+
+
+def chosen_lr(spec: dict[str, Any], name: str, method_base: dict[str, Any], figures: dict[str, Any],
+              results: Path, deep_merge: Any, budget: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """For a study (or budget) with ``lr_from``: the lr that result chose on validation for method ``name`` (its
+    validation scores too), when it ran the same protocol up to the keys lr_source allows; None without
+    ``lr_from``. Raises StudyError when the source cannot give it (no silent grid search in its place)."""
+    found = lr_source(spec, budget)
+    if found is None:
+        return None
+    source, ignore = found
+    entry = _same_protocol_entry(source, name, name, spec, method_base, figures, results, deep_merge, ignore)
     if entry is None or "lr_grid" not in entry:
         raise StudyError(f"lr_from: {source} has no finished {name!r} chosen on validation by this study's protocol "
                          f"(bench/results/{source}.json); run it first or drop lr_from to search the grid here")
@@ -692,6 +708,7 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
             f"test accuracy. Trend thresholds: reverses when the gap changes sign between the shortest and the longest "
             "budget and both exceed their spreads; shrinks when the longest budget's |gap| is below half the shortest's; "
             "persists otherwise.", "")
+    _long_budget_points(rep, kit, by_steps, [ref] + methods)
 
     def draw(ax):
         colour = _colours(kit, list(gaps))
@@ -708,6 +725,24 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
 
     if gaps:
         rep.plot(f"{name}_gaps.png", draw, "gap to the reference against the budget")
+
+
+def _long_budget_points(rep: Any, kit: Any, by_steps: dict[int, dict[str, Any]], methods: list[str]) -> None:
+    """Each method's test metric and learning rate at every budget, and where a budget's lr was chosen."""
+    cols = sorted(by_steps)
+
+    def cell(e: dict[str, Any]) -> str:
+        return f"{e['mean']:.4f} ± {e['std']:.4f} (lr {e['lr']:g})" if e.get("status") == "ok" else "–"
+
+    metric = next(iter(by_steps.values())).get("metric")
+    rep.add(kit.table(["method"] + [f"{s} steps: test {metric} (lr)" for s in cols],
+                      [[m] + [cell(by_steps[s]["methods"].get(m, {})) for s in cols] for m in methods]), "")
+    for steps in cols:
+        sources = sorted({e["lr_from"].split(":")[0] for e in by_steps[steps]["methods"].values()
+                          if e.get("status") == "ok" and e.get("lr_from")})
+        if sources:
+            rep.add(f"At {steps} steps each method trains at the lr {', '.join(sources)} chose for it on validation "
+                    "(no grid of its own: the compute cut its budget's description states).", "")
 
 
 def setting(f: dict[str, Any]) -> str:

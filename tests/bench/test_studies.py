@@ -449,3 +449,43 @@ def test_closest_matches_below_the_claims_ratio_equal_an_exhaustive_search():
     assert (close["within"]["cheap"], close["within"]["reference"]) == within[:2]
     assert close["within"]["ratio"] == pytest.approx(within[2])
     assert studies.closest_matches({k: v for k, v in pts.items() if k.startswith("lora@")}, "lora-sb") == {"better": None, "within": None}
+
+
+def test_a_budgets_lr_from_takes_another_budgets_choice_differing_only_in_the_keys_it_names(tmp_path):
+    """The long budgets' compute cut: 8x trains at the rate 4x chose on validation. The source may differ in the
+    listed keys (train.max_steps) and nothing else; a study-level lr_from stays the same-protocol check."""
+    spec = studies.expand({"name": "s", "study": "long-budget", "inherit": "bench/configs/quality_minilm.yaml",
+                           "from_parent": ["lora"]})
+    full = spec["budgets"]["full"]
+    at = lambda steps: quality.deep_merge(quality.deep_merge(spec["base"], full["overrides"]),  # noqa: E731
+                                          {**spec["methods"]["lora"]["overrides"], "train": {"max_steps": steps}})
+    figures = {"seeds": [0, 1, 2], "lr_search": True, "extend_grid": 2, "metric": "accuracy", "select": spec["select"]}
+    grid = {"0.0005": 0.8, "0.001": 0.7, "0.002": 0.6, "0.00025": 0.75}
+    x4 = {**figures, "config": "bench/configs/study_long_budget_minilm.yaml", "base_config": at(500),  # a study's own
+          "methods": {"lora": {"status": "ok", "lr": 5e-4, "lr_grid": grid}}}
+    (tmp_path / "x4.json").write_text(json.dumps({"figures": x4}))
+    budget = {"lr_from": {"result": "x4", "differs": ["train.max_steps"]}}
+    assert studies.chosen_lr(spec, "lora", at(1000), figures, tmp_path, quality.deep_merge, budget) == \
+        {"lr": 5e-4, "lr_grid": grid, "lr_from": "x4:lora"}
+    with pytest.raises(studies.StudyError, match="x4 has no finished 'lora'"):  # max_steps not allowed to differ
+        studies.chosen_lr({**spec, "lr_from": "x4"}, "lora", at(1000), figures, tmp_path, quality.deep_merge)
+    other = quality.deep_merge(at(1000), {"train": {"batch_size": 16}})  # a key it does not name
+    with pytest.raises(studies.StudyError):
+        studies.chosen_lr(spec, "lora", other, figures, tmp_path, quality.deep_merge, budget)
+    with pytest.raises(studies.StudyError, match="neither a result name"):
+        studies.chosen_lr(spec, "lora", at(1000), figures, tmp_path, quality.deep_merge, {"lr_from": {"differs": []}})
+    assert studies.chosen_lr(spec, "lora", at(1000), figures, tmp_path, quality.deep_merge, {}) is None
+
+
+def test_the_long_budget_points_table_gives_each_budgets_metric_and_lr_and_where_a_rate_came_from():
+    rep = report.Report(None)
+    e = lambda mean, lr, **k: {"status": "ok", "mean": mean, "std": 0.01, "lr": lr, **k}  # noqa: E731
+    by_steps = {125: {"metric": "accuracy", "methods": {"lora": e(0.78, 2e-3), "pissa": e(0.79, 5e-4)}},
+                1000: {"metric": "accuracy", "methods": {"lora": e(0.80, 1e-3, lr_from="x4:lora"),
+                                                          "pissa": {"status": "failed"}}}}
+    studies._long_budget_points(rep, report, by_steps, ["lora", "pissa"])
+    text = "\n".join(rep.lines)
+    assert "| lora | 0.7800 ± 0.0100 (lr 0.002) | 0.8000 ± 0.0100 (lr 0.001) |" in text
+    assert "| pissa | 0.7900 ± 0.0100 (lr 0.0005) | – |" in text
+    assert "At 1000 steps each method trains at the lr x4 chose for it on validation" in text
+    assert "At 125 steps" not in text
