@@ -340,10 +340,12 @@ def frontier_verdict(check: dict[str, Any], points: dict[str, dict[str, Any]]) -
                             f"{closest['difference'] * 100:+.2f} points, within the two seed standard deviations")
 
 
-def lr_width_verdict(widths: dict[str, float], method: str, against: str = "lora", ratio: float = ROBUST_RATIO) -> str:
+def lr_width_verdict(widths: dict[str, float], method: str, against: str = "lora", ratio: float = ROBUST_RATIO,
+                     spread: float = 0.0) -> str:
     """reproduced if ``method``'s lr range is >= ratio x ``against``'s, not reproduced if it is
-    <= ``against``'s, inconclusive in between (or when either is missing)."""
-    if method not in widths or against not in widths:
+    <= ``against``'s, inconclusive in between (or when either is missing, or when ``spread``, the seeds'
+    std at the best rates, exceeds the window WITHIN the widths are measured in: then they measure noise)."""
+    if method not in widths or against not in widths or spread > WITHIN:
         return "inconclusive"
     if widths[method] >= ratio * widths[against]:
         return "reproduced"
@@ -394,6 +396,13 @@ def render_all(rep: Any, kit: Any, results: dict[str, dict[str, Any]], configs: 
     return {k for keys in groups.values() for k in keys}
 
 
+def _model_and_data(base: dict[str, Any]) -> str:
+    """'model M on data D, ' from a result's base config (empty when it does not say), so a study on a
+    second dataset says which one in its own setting line."""
+    model, data = (base.get("model") or {}).get("name"), (base.get("data") or {}).get("source")
+    return f"model `{model}` on data `{data}`, " if model and data else ""
+
+
 def render(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
     """One study (all its result files) into ``rep``; ``kit`` is bench/report.py (table, fmt, environment,
     colours) so the formatting is the report's own."""
@@ -406,7 +415,7 @@ def render(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) ->
                "; ".join(f"budget {r['figures'].get('budget')}: {r['figures'].get('budget_description', '')}" for r in results.values()))
     rep.add(f"**Claim.** {facts['claim']}", "", f"**Paper's setting.** {facts['paper']}", "",
             f"**Setting here.** Config `{f.get('config')}` (protocol inherited from `{f['study'].get('inherit')}`): "
-            f"{budgets}; seeds {f.get('seeds')}; metric test {f.get('metric')}."
+            f"{_model_and_data(f.get('base_config') or {})}{budgets}; seeds {f.get('seeds')}; metric test {f.get('metric')}."
             + (" Here every point trains at its own fixed learning rate on every seed: no selection on validation."
                if kind == "lr-robustness" else ""), "")
     for key, result in results.items():
@@ -558,11 +567,13 @@ def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, A
                         + ", ".join(f"{n} of {planned[fam]} {fam} rates" for fam, n in missing.items() if n > 0) + ".", "")
                 continue
             if method in widths and "lora" in widths:
-                v = lr_width_verdict(widths, method)
+                spread = max(fams[fam][ranges[fam]["best_lr"]]["std"] for fam in (method, "lora"))
+                v = lr_width_verdict(widths, method, spread=spread)
                 rep.add(f"**Verdict ({method} vs lora): {v}** — lr range within {WITHIN * 100:g} point of the best: "
-                        f"{method} {widths[method]:.1f}×, lora {widths['lora']:.1f}×. Thresholds: reproduced when "
-                        f"{method}'s width is ≥ {ROBUST_RATIO:g}× lora's, not reproduced when it is ≤ lora's, "
-                        "inconclusive between.", "")
+                        f"{method} {widths[method]:.1f}×, lora {widths['lora']:.1f}×; seeds' std at the best rates "
+                        f"up to {spread * 100:.1f} points. Thresholds: reproduced when {method}'s width is ≥ "
+                        f"{ROBUST_RATIO:g}× lora's, not reproduced when it is ≤ lora's, inconclusive between or when "
+                        f"that std exceeds the {WITHIN * 100:g}-point window.", "")
         if not fams:
             continue
 

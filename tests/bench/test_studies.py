@@ -100,6 +100,10 @@ def test_lr_width_verdict_thresholds():
     assert studies.lr_width_verdict({"lora": 3.0, "riemannian": 5.9}, "riemannian") == "inconclusive"
     assert studies.lr_width_verdict({"lora": 3.0, "riemannian": 3.0}, "riemannian") == "not reproduced"
     assert studies.lr_width_verdict({"lora": 3.0}, "riemannian") == "inconclusive"
+    # seeds that scatter more than the 1-point window make any width noise: no verdict either way
+    assert studies.lr_width_verdict({"lora": 3.0, "riemannian": 3.0}, "riemannian", spread=0.0099) == "not reproduced"
+    assert studies.lr_width_verdict({"lora": 3.0, "riemannian": 3.0}, "riemannian", spread=0.011) == "inconclusive"
+    assert studies.lr_width_verdict({"lora": 3.0, "riemannian": 9.0}, "riemannian", spread=0.011) == "inconclusive"
 
 
 # -- paired differences and verdicts ---------------------------------------------------------
@@ -262,6 +266,14 @@ def test_report_renders_lr_robustness_widths_and_combination_differences(tmp_pat
     text = report.write(tmp_path / "r", tmp_path / "docs").read_text()
     assert "**Verdict (riemannian vs lora): pending** — not yet measured: 1 of 6 riemannian rates." in text
     assert "Verdict (riemannian vs lora): reproduced" not in text
+    # the same means with seeds 3 points apart: the width is below the seeds' noise, so inconclusive
+    noisy = {n: entry([e["mean"] - 0.03, e["mean"], e["mean"] + 0.03], 100, facts[n]["lr"]) for n, e in methods.items()}
+    f = study_figures("lr-robustness", noisy, facts)
+    f["base_config"] = {"model": {"name": "minilm"}, "data": {"source": "bench/data/second.csv"}}
+    write_result(tmp_path / "r", "study_lr_full", f)
+    text = report.write(tmp_path / "r", tmp_path / "docs").read_text()
+    assert "**Verdict (riemannian vs lora): inconclusive**" in text and "std at the best rates up to 3.0 points" in text
+    assert "model `minilm` on data `bench/data/second.csv`, " in text  # a second dataset names itself
     row = studies.combination_rows(study_figures("combinations", combo, {}, pairs={"pissa+riemannian": ["pissa", "riemannian"]}))[0]
     d = row["differences"]["pissa"]
     assert row["best_part"] == "pissa" and d["mean"] == pytest.approx(0.005 / 3) and row["outcome"] == "no better"
