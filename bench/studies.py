@@ -239,7 +239,8 @@ def ok_points(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if e.get("status") != "ok":
             continue
         out[name] = {**facts.get(name, {"family": name}), "mean": e["mean"], "std": e["std"],
-                     "per_seed": e["test_per_seed"], "params": e["trainable_params"]}
+                     "per_seed": e["test_per_seed"], "params": e["trainable_params"],
+                     "mcc": (e.get("test_other_mean") or {}).get("mcc")}
     return out
 
 
@@ -464,8 +465,25 @@ def _colours(kit: Any, names: list[str]) -> dict[str, Any]:
     return {n: matplotlib.colormaps["tab10"](i) for i, n in enumerate(names)}
 
 
+CONSTANT_MCC = 0.1  # mean test MCC below this: the classifier gives (nearly) every example one class
+
+
+def _constant(p: dict[str, Any]) -> bool:
+    return p.get("mcc") is not None and p["mcc"] < CONSTANT_MCC
+
+
 def _score(p: dict[str, Any]) -> str:
-    return f"{p['mean']:.4f} ± {p['std']:.4f}" if len(p["per_seed"]) > 1 else f"{p['mean']:.4f} (1 seed)"
+    mark = " †" if _constant(p) else ""
+    return (f"{p['mean']:.4f} ± {p['std']:.4f}" if len(p["per_seed"]) > 1 else f"{p['mean']:.4f} (1 seed)") + mark
+
+
+def _constant_note(rep: Any, points: dict[str, dict[str, Any]]) -> None:
+    """The footnote of the † marks: which points did not train the classifier at all."""
+    stuck = [n for n, p in points.items() if _constant(p)]
+    if stuck:
+        rep.add(f"† mean test MCC below {CONSTANT_MCC:g}: near-constant predictions (the model gives every example "
+                f"one class, so its accuracy is that class's share of the test split); {len(stuck)} of {len(points)} "
+                "points.", "")
 
 
 def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
@@ -479,6 +497,7 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
                          ", ".join(f"{v:.4f}" for v in p["per_seed"]), e.get("reused_from", "–")])
         rep.add(kit.table(["point", "family", "rank", "trainable params", "lr (validation)", f"test {f.get('metric')}",
                            "per seed", "taken from"], rows), "")
+        _constant_note(rep, points)
         check = ratio_check(points)
         pairs = sorted(check["candidates"], key=lambda c: -c["ratio"])
         rep.add(f"The {PARAM_RATIO:g}× check: pairs of a LoRA-SB/XS point and a LoRA point with at least {PARAM_RATIO:g}× "
@@ -553,6 +572,7 @@ def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, A
         lrs = sorted({lr for by in fams.values() for lr in by})
         rep.add(kit.table(["family"] + [f"lr {lr:g}" for lr in lrs],
                           [[fam] + [(_score(by[lr]) if lr in by else "–") for lr in lrs] for fam, by in fams.items()]), "")
+        _constant_note(rep, ok_points(f))
         rep.add(kit.table(["family", "best lr", f"best test {f.get('metric')}", f"lrs within {WITHIN * 100:g} point",
                            "width (max/min lr)", "grid width"],
                           [[fam, f"{r['best_lr']:g}", f"{r['best']:.4f}", f"{r['low']:g} – {r['high']:g}",

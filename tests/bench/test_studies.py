@@ -274,6 +274,13 @@ def test_report_renders_lr_robustness_widths_and_combination_differences(tmp_pat
     text = report.write(tmp_path / "r", tmp_path / "docs").read_text()
     assert "**Verdict (riemannian vs lora): inconclusive**" in text and "std at the best rates up to 3.0 points" in text
     assert "model `minilm` on data `bench/data/second.csv`, " in text  # a second dataset names itself
+    # a rate at which the classifier predicts one class for everything is marked as such
+    stuck = studies.point_name("lora", "lr", 3e-3)
+    f["methods"][stuck]["test_other_mean"] = {"mcc": 0.0}
+    write_result(tmp_path / "r", "study_lr_full", f)
+    text = report.write(tmp_path / "r", tmp_path / "docs").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| lora | ") and "lr" not in line)
+    assert row.count("†") == 1 and row.rstrip(" |").endswith("†") and "1 of 12 points" in text
     row = studies.combination_rows(study_figures("combinations", combo, {}, pairs={"pissa+riemannian": ["pissa", "riemannian"]}))[0]
     d = row["differences"]["pissa"]
     assert row["best_part"] == "pissa" and d["mean"] == pytest.approx(0.005 / 3) and row["outcome"] == "no better"
