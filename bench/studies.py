@@ -736,7 +736,7 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
                       [[m] + [f"{g[s]['mean'] * 100:+.2f} ± {g[s]['std'] * 100:.2f}" if s in g else "–" for s in cols]
                        + [gap_trend(g)] for m, g in gaps.items()]), "")
     rep.add(f"Gaps are paired per seed (method minus {ref}, same seed), mean ± standard deviation over seeds, in points of "
-            f"test accuracy. Trend thresholds: reverses when the gap changes sign between the shortest and the longest "
+            f"test {next(iter(by_steps.values())).get('metric', 'accuracy')}. Trend thresholds: reverses when the gap changes sign between the shortest and the longest "
             "budget and both exceed their spreads; shrinks when the longest budget's |gap| is below half the shortest's; "
             "persists otherwise.", "")
     _long_budget_points(rep, kit, by_steps, [ref] + methods)

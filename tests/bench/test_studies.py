@@ -296,6 +296,7 @@ def test_report_renders_convergence_and_long_budget_from_the_runner_figures(tmp_
     for steps, gap in ((125, -0.02), (500, -0.005)):
         ms = {"lora": entry([0.80, 0.81, 0.82], 10, 1e-3), "pissa": entry([0.80 + gap, 0.81 + gap, 0.82 + gap], 10, 1e-3)}
         f = study_figures("long-budget", ms, {n: {"family": n} for n in ms})
+        f["metric"] = "exact_match"
         f["base_config"] = {"train": {"max_steps": steps}}
         f["experiment"] = "study_long"
         write_result(tmp_path / "r", f"study_long_{steps}", f)
@@ -306,6 +307,7 @@ def test_report_renders_convergence_and_long_budget_from_the_runner_figures(tmp_
     row = next(line for line in text.splitlines() if line.startswith("| pissa | "))
     assert "-2.00 ± 0.00" in row and "-0.50 ± 0.00" in row and row.rstrip(" |").endswith("shrinks")
     setting = next(line for line in text.split("## Study: long budget")[1].splitlines() if line.startswith("**Setting here.**"))
+    assert "in points of test exact_match." in text  # the study's own metric, not always accuracy
     assert setting.count("budget full: d") == 2  # every budget's own description (both synthetic ones say "d")
     assert (tmp_path / "docs" / "study_conv_full_convergence.png").is_file()
     assert (tmp_path / "docs" / "study_long_gaps.png").is_file()
