@@ -323,22 +323,23 @@ def frontier_verdict(check: dict[str, Any], points: dict[str, dict[str, Any]]) -
     """(verdict, sentence) for the 27x claim from ratio_check, each candidate pair judged by ``verdict``
     with the two points' seed standard deviations: reproduced when some pair is, not reproduced when
     every pair is not, inconclusive otherwise or when no pair at the ratio is measured."""
+    ratio = f"≥ {check['ratio']:g}×"
     if not check["candidates"]:
-        return "inconclusive", f"no measured LoRA-SB/XS point has >= {check['ratio']:g}x fewer parameters than a measured LoRA point"
+        return "inconclusive", f"no measured LoRA-SB/XS point has {ratio} fewer parameters than a measured LoRA point"
     judged = [(c, verdict(c["difference"], points[c["cheap"]]["std"] + points[c["reference"]]["std"]))
               for c in check["candidates"]]
     closest = max(check["candidates"], key=lambda c: c["difference"])
+    cheap = "/".join(sorted({points[c["cheap"]]["family"] for c in check["candidates"]}))
+    pair = f"{closest['cheap']} vs {closest['reference']} ({closest['ratio']:.1f}×)"
     if any(v == "reproduced" for _, v in judged):
         c = max((c for c, v in judged if v == "reproduced"), key=lambda c: c["ratio"])
         return "reproduced", (f"{c['cheap']} has an equal or better mean test metric than {c['reference']} "
-                              f"({c['difference'] * 100:+.2f} points) with {c['ratio']:.1f}x fewer parameters")
+                              f"({c['difference'] * 100:+.2f} points) with {c['ratio']:.1f}× fewer parameters")
     if all(v == "not reproduced" for _, v in judged):
-        return "not reproduced", (f"every measured pair at >= {check['ratio']:g}x has the SB/XS point below LoRA by more than "
-                                  f"the two seed standard deviations; the closest, {closest['cheap']} vs "
-                                  f"{closest['reference']} ({closest['ratio']:.1f}x), by {closest['difference'] * 100:+.2f} points")
-    return "inconclusive", (f"no measured pair at >= {check['ratio']:g}x has the SB/XS point at equal or better mean; the closest, "
-                            f"{closest['cheap']} vs {closest['reference']} ({closest['ratio']:.1f}x), differs by "
-                            f"{closest['difference'] * 100:+.2f} points, within the two seed standard deviations")
+        return "not reproduced", (f"in every measured pair at {ratio}, {cheap} is below LoRA by more than the two seed "
+                                  f"standard deviations; the closest, {pair}, by {closest['difference'] * 100:+.2f} points")
+    return "inconclusive", (f"no measured pair at {ratio} has {cheap} at equal or better mean; the closest, {pair}, "
+                            f"differs by {closest['difference'] * 100:+.2f} points, within the two seed standard deviations")
 
 
 def lr_width_verdict(widths: dict[str, float], method: str, against: str = "lora", ratio: float = ROBUST_RATIO,

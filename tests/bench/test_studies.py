@@ -63,7 +63,10 @@ def test_ratio_check_finds_no_pair_when_the_cheap_point_is_worse():
     check = studies.ratio_check(pts)
     assert check["hits"] == [] and check["best"] is None and len(check["candidates"]) == 2
     assert all(c["difference"] < 0 for c in check["candidates"])
-    assert studies.frontier_verdict(check, pts)[0] == "not reproduced"  # worse by far more than the spreads
+    outcome, sentence = studies.frontier_verdict(check, pts)
+    assert outcome == "not reproduced"  # worse by far more than the spreads
+    closest = max(check["candidates"], key=lambda c: c["difference"])  # the sentence names the family and its nearest pair
+    assert "lora-sb is below LoRA" in sentence and f"{closest['cheap']} vs {closest['reference']} ({closest['ratio']:.1f}×)" in sentence
     close = frontier_points([0.775, 0.785, 0.795])  # below lora r8's mean, within the two standard deviations
     assert studies.frontier_verdict(studies.ratio_check(close), close)[0] == "inconclusive"
     only_big = {k: v for k, v in pts.items() if k != "lora-sb@r16"}
