@@ -375,9 +375,9 @@ def _quality_notes(rep: Report, f: dict[str, Any], reference: str, ok: dict[str,
             "on CPU it includes the interpreter, the data and the evaluation batches, so it differs little between methods. "
             "Init and train times are wall-clock seconds on the machine below while other jobs shared it; use the "
             "training-step benchmark for speed comparisons.", "")
-    stuck = [m for m, e in ok.items() if (e.get("test_other_mean") or {}).get("mcc", 1.0) < 0.1]
+    stuck = [m for m, e in ok.items() if (e.get("test_other_mean") or {}).get("mcc", 1.0) < studies.CONSTANT_MCC]
     if stuck:
-        rep.add(f"Near-constant predictions (test MCC below 0.1) at this budget and learning rate: {', '.join(stuck)}. "
+        rep.add(f"Near-constant predictions (test MCC below {studies.CONSTANT_MCC:g}) at this budget and learning rate: {', '.join(stuck)}. "
                 "These methods had not learned the task yet; their accuracy is the majority-class rate, not a verdict "
                 "on the method (a learning-rate search, as in the full budget, is what would settle it).", "")
 

@@ -479,11 +479,11 @@ def _score(p: dict[str, Any]) -> str:
 
 
 def _constant_note(rep: Any, points: dict[str, dict[str, Any]]) -> None:
-    """The footnote of the † marks: which points did not train the classifier at all."""
-    stuck = [n for n, p in points.items() if _constant(p)]
+    """The footnote of the † marks: how many points did not train the classifier at all."""
+    stuck = sum(_constant(p) for p in points.values())
     if stuck:
         rep.add(f"† mean test MCC below {CONSTANT_MCC:g}: near-constant predictions (the model gives every example "
-                f"one class, so its accuracy is that class's share of the test split); {len(stuck)} of {len(points)} "
+                f"one class, so its accuracy is that class's share of the test split); {stuck} of {len(points)} "
                 "points.", "")
 
 
@@ -568,12 +568,13 @@ def lr_table(points: dict[str, dict[str, Any]]) -> dict[str, dict[float, dict[st
 def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
     for key, result in results.items():
         f = result["figures"]
-        fams = lr_table(ok_points(f))
+        points = ok_points(f)
+        fams = lr_table(points)
         ranges = {fam: lr_range({lr: p["mean"] for lr, p in by.items()}) for fam, by in fams.items() if len(by) >= 2}
         lrs = sorted({lr for by in fams.values() for lr in by})
         rep.add(kit.table(["family"] + [f"lr {lr:g}" for lr in lrs],
                           [[fam] + [(_score(by[lr]) if lr in by else "–") for lr in lrs] for fam, by in fams.items()]), "")
-        _constant_note(rep, ok_points(f))
+        _constant_note(rep, points)
         rep.add(kit.table(["family", "best lr", f"best test {f.get('metric')}", f"lrs within {WITHIN * 100:g} point",
                            "width (max/min lr)", "grid width"],
                           [[fam, f"{r['best_lr']:g}", f"{r['best']:.4f}", f"{r['low']:g} – {r['high']:g}",
@@ -722,7 +723,8 @@ def gap_trend(gaps: dict[int, dict[str, Any]]) -> str:
 
 def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
     by_steps = {budget_steps(r["figures"]): r["figures"] for r in results.values()}
-    ref = next(iter(by_steps.values())).get("reference", "lora")
+    first = next(iter(by_steps.values()))
+    ref, metric = first.get("reference", "lora"), first.get("metric", "accuracy")
     shortest = min(by_steps)
     methods = sorted({m for f in by_steps.values() for m, e in f["methods"].items() if e.get("status") == "ok" and m != ref})
     gaps: dict[str, dict[int, dict[str, Any]]] = {}
@@ -737,7 +739,7 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
                       [[m] + [f"{g[s]['mean'] * 100:+.2f} ± {g[s]['std'] * 100:.2f}" if s in g else "–" for s in cols]
                        + [gap_trend(g)] for m, g in gaps.items()]), "")
     rep.add(f"Gaps are paired per seed (method minus {ref}, same seed), mean ± standard deviation over seeds, in points of "
-            f"test {next(iter(by_steps.values())).get('metric', 'accuracy')}. Trend thresholds: reverses when the gap changes sign between the shortest and the longest "
+            f"test {metric}. Trend thresholds: reverses when the gap changes sign between the shortest and the longest "
             "budget and both exceed their spreads; shrinks when the longest budget's |gap| is below half the shortest's; "
             "persists otherwise.", "")
     _long_budget_points(rep, kit, by_steps, [ref] + methods)
