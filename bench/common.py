@@ -51,8 +51,8 @@ def this_command() -> str:
 
 
 def write_result(name: str, figures: dict[str, Any], status: str = "ok") -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)  # a runner's --output parts/<name> on a fresh checkout
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"benchmark": name, "status": status, "environment": environment(), "figures": figures}, indent=2) + "\n")
     tmp.replace(path)

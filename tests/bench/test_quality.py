@@ -239,3 +239,12 @@ def test_gather_sums_every_runs_own_wall_time_and_names_the_runners_commands(tmp
     assert lora["wall_seconds"] == sum(walls.values())  # not the gather's own instant
     assert saved["figures"]["run_count"] == 3 and saved["figures"]["run_seconds"] == 70.0
     assert saved["figures"]["commands"] == ["python runner-a", quality.this_command()]
+
+
+def test_a_runners_result_name_with_a_folder_is_written_on_a_fresh_checkout(tmp_path, monkeypatch):
+    import common
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")  # no results/ and no parts/ yet
+    path = common.write_result("parts/frontier_s_a", {"methods": {}}, status="partial")
+    assert path == tmp_path / "results" / "parts" / "frontier_s_a.json"
+    assert json.loads(path.read_text())["status"] == "partial"
+    assert [p.name for p in path.parent.iterdir()] == ["frontier_s_a.json"]  # the temporary file renamed away
