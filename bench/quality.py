@@ -24,7 +24,10 @@ processes can split the methods of one experiment (``--methods``, ``--output``) 
 pass without ``--methods`` gathers every run into one result. Results go to bench/results/<name>[_<budget>].json after every method, so a stopped run
 keeps what it finished ("status": "partial" until the end); ``--resume`` reads that file back
 and trains only the methods it does not hold yet (same budget and config), so a run several
-hours long can be spread over several sittings.
+hours long can be spread over several sittings. Every finished run is also recorded in
+bench/results/runs/<config name>_<budget>/<run>.json (its spec and what it returned): committed with
+the results, it lets a later sitting on a fresh machine, where runs/ is gone, pick up a method
+half-way instead of training its finished runs again.
 
 A study config (issue 18, ``study:`` and ``inherit:``) is expanded by bench/studies.py into the
 same methods (its points), with points taken from an identical-protocol result when it says ``reuse``.
@@ -87,18 +90,25 @@ class NotFinished(Exception):
     """--gather met a run that has not finished yet."""
 
 
-def launch(mode: str, config: dict[str, Any], run_dir: Path, gather: bool = False) -> dict[str, Any]:
+def launch(mode: str, config: dict[str, Any], run_dir: Path, gather: bool = False, ledger: Path | None = None
+           ) -> dict[str, Any]:
     """Run ``mode`` (single | baseline) on ``config`` in a fresh interpreter; its results.json + losses.
-    A finished run of the same spec in ``run_dir`` is read back instead (its wall time kept)."""
+    A finished run of the same spec in ``run_dir`` is read back instead (its wall time kept), or else, when it
+    is there, the ledger's record of it (``ledger``: a folder of one JSON per finished run, which a sitting
+    commits so the next one, on a machine without ``run_dir``, does not train the run again)."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     config = json.loads(json.dumps(config))
     config.setdefault("output", {})["dir"] = str(run_dir)
     spec = run_dir.parent / f"{run_dir.name}.spec.json"
     text = json.dumps(config, indent=1)
     wall_file = run_dir.parent / f"{run_dir.name}.wall"
+    recorded = ledger_record(ledger, run_dir.name, config)
     if (run_dir / "results.json").is_file() and spec.is_file() and same_run(json.loads(spec.read_text()), config):
         print(f"   (finished earlier: {run_dir})", flush=True)
         wall = float(wall_file.read_text()) if wall_file.is_file() else None
+    elif recorded is not None:
+        print(f"   (finished in an earlier sitting: {ledger / run_dir.name}.json)", flush=True)
+        return recorded
     elif gather:
         raise NotFinished(str(run_dir))
     else:
@@ -120,7 +130,23 @@ def launch(mode: str, config: dict[str, Any], run_dir: Path, gather: bool = Fals
     curve = [r for r in records if r.get("type") == "eval" and r.get("split") == "validation"]
     result["validation"] = curve[-1] if curve else None
     result["validation_curve"] = curve  # every validation evaluation, in step order (eval.every_steps)
+    if ledger is not None and recorded is None:
+        ledger.mkdir(parents=True, exist_ok=True)
+        path = ledger / f"{run_dir.name}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"spec": config, "result": result}) + "\n")
+        tmp.replace(path)
     return result
+
+
+def ledger_record(ledger: Path | None, run_name: str, config: dict[str, Any]) -> dict[str, Any] | None:
+    """What a finished run of ``config`` named ``run_name`` returned, from the ledger; None if it holds no run of
+    that name and spec."""
+    path = ledger / f"{run_name}.json" if ledger is not None else None
+    if path is None or not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record["result"] if same_run(record["spec"], config) else None
 
 
 def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -324,6 +350,7 @@ class Experiment(NamedTuple):
     metric: str
     workdir: Path
     gather: bool
+    ledger: Path | None = None  # the finished runs' records, kept with the results (see launch)
 
 
 def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any], ex: Experiment) -> dict[str, Any]:
@@ -337,7 +364,7 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
         def validation_at(candidate: float) -> float:
             print(f"== {name} lr {candidate:g} (grid, seed {first})", flush=True)
             cfg = deep_merge(method_base, {"optim": {"lr": candidate}, "train": {"seed": first}})
-            out = launch("single", cfg, ex.workdir / f"{name}-lr{candidate:g}-seed{first}", ex.gather)
+            out = launch("single", cfg, ex.workdir / f"{name}-lr{candidate:g}-seed{first}", ex.gather, ex.ledger)
             if not out["validation"]:
                 raise RuntimeError("no validation evaluation to choose the lr on; set eval.every_epoch: true")
             grid_runs[candidate] = out
@@ -358,7 +385,7 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
             continue
         print(f"== {name} lr {lr:g} seed {seed}", flush=True)
         cfg = deep_merge(method_base, {"optim": {"lr": lr}, "train": {"seed": seed}})
-        runs.append(launch("single", cfg, ex.workdir / f"{name}-lr{lr:g}-seed{seed}", ex.gather))
+        runs.append(launch("single", cfg, ex.workdir / f"{name}-lr{lr:g}-seed{seed}", ex.gather, ex.ledger))
         launched.append(runs[-1])
     entry.update(summarise(runs, ex.metric))
     entry.update(runner_time(launched))
@@ -466,7 +493,8 @@ def main() -> None:
     result_name = args.output or f"{spec['name']}_{args.budget}"
     workdir = Path(args.workdir) / f"{spec['name']}_{args.budget}"
     figures = describe(spec, args.budget, budget, config_path, base, workdir)
-    ex = Experiment(budget, figures["seeds"], figures["select"], figures["metric"], workdir, args.gather)
+    ledger = RESULTS / "runs" / workdir.name  # committed with the results: runs survive the machine
+    ex = Experiment(budget, figures["seeds"], figures["select"], figures["metric"], workdir, args.gather, ledger)
     convergence = lambda: add_convergence(figures["methods"], figures["reference"], figures["smooth_window"], ex.select)  # noqa: E731
     earlier_seconds = resume_from(result_name, figures) if args.resume else 0.0
     started = time.perf_counter()
@@ -483,7 +511,7 @@ def main() -> None:
     if spec.get("baseline") and figures.get("baseline", {}).get("status") != "ok":
         print("== baseline (untrained model)", flush=True)
         try:
-            figures["baseline"] = {"status": "ok", **launch("baseline", base, workdir / "baseline", args.gather)}
+            figures["baseline"] = {"status": "ok", **launch("baseline", base, workdir / "baseline", args.gather, ledger)}
         except NotFinished:
             pass
         except RuntimeError as exc:

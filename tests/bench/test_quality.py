@@ -89,7 +89,8 @@ def test_gather_reads_finished_runs_and_leaves_unfinished_methods_out(tmp_path, 
     assert saved["figures"]["methods"]["lora"]["run_seconds"] is None
     assert saved["figures"]["methods_without_run_time"] == ["lora"] and saved["figures"]["run_count"] == 0
     # a gathered result (elapsed_seconds None) can itself be resumed, by another gather or a training sitting
-    (tmp_path / "results").mkdir()
+    # the gather recorded the finished run it read in the ledger, for a sitting on a machine without runs/
+    assert json.loads((tmp_path / "results" / "runs" / "exp_b" / "lora-lr0.001-seed0.json").read_text())["result"]["test"] == {"accuracy": 0.8}
     (tmp_path / "results" / "exp_b.json").write_text(json.dumps({"status": saved["status"], "figures": saved["figures"]}))
     monkeypatch.setattr(sys, "argv", ["quality.py", "--config", str(config), "--budget", "b", "--workdir", str(workdir),
                                       "--gather", "--resume"])
@@ -130,7 +131,7 @@ def test_an_extended_grid_is_trained_at_the_first_seed_once_and_recorded(tmp_pat
     validation = {5e-4: 0.6, 1e-3: 0.7, 2e-3: 0.8, 4e-3: 0.75}
     launched = []
 
-    def fake_launch(mode, cfg, run_dir, gather=False):
+    def fake_launch(mode, cfg, run_dir, gather=False, ledger=None):
         lr, seed = cfg["optim"]["lr"], cfg["train"]["seed"]
         launched.append((lr, seed))
         return {"test": {"accuracy": validation[lr] + seed / 100}, "validation": {"accuracy": validation[lr]},
@@ -248,3 +249,33 @@ def test_a_runners_result_name_with_a_folder_is_written_on_a_fresh_checkout(tmp_
     assert path == tmp_path / "results" / "parts" / "frontier_s_a.json"
     assert json.loads(path.read_text())["status"] == "partial"
     assert [p.name for p in path.parent.iterdir()] == ["frontier_s_a.json"]  # the temporary file renamed away
+
+
+def test_a_run_recorded_in_the_ledger_is_not_trained_again_when_its_run_directory_is_gone(tmp_path, monkeypatch):
+    """A later sitting on a fresh machine: runs/ is gone, the committed ledger holds the finished run."""
+    calls = []
+
+    def fake_training(command, **kwargs):
+        calls.append(command)
+        run_spec = json.loads(Path(command[-1]).read_text())
+        finished_run(Path(run_spec["output"]["dir"]), run_spec, 0.7 + 0.01 * len(calls))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(quality.subprocess, "run", fake_training)
+    ledger = tmp_path / "results" / "runs" / "exp_full"
+    first = quality.launch("single", SPEC, tmp_path / "machine1" / "lora-lr0.001-seed0", ledger=ledger)
+    assert len(calls) == 1 and (ledger / "lora-lr0.001-seed0.json").is_file()
+    assert not list(ledger.glob("*.tmp"))
+
+    # another machine (another run directory root, nothing in it): read back from the ledger, equal to the first
+    again = quality.launch("single", SPEC, tmp_path / "machine2" / "lora-lr0.001-seed0", ledger=ledger)
+    assert len(calls) == 1 and again == first and again["test"]["accuracy"] == 0.71
+    # a gathering pass finds it too, instead of calling it unfinished
+    assert quality.launch("single", SPEC, tmp_path / "machine3" / "lora-lr0.001-seed0", gather=True, ledger=ledger) == first
+    # another spec under the same name is trained, and its record replaces the stale one
+    changed = {**SPEC, "optim": {"lr": 2e-3}}
+    assert quality.launch("single", changed, tmp_path / "machine2" / "lora-lr0.001-seed0", ledger=ledger)["test"]["accuracy"] == 0.72
+    assert len(calls) == 2
+    assert json.loads((ledger / "lora-lr0.001-seed0.json").read_text())["spec"]["optim"] == {"lr": 2e-3}
+    with pytest.raises(quality.NotFinished):  # without the ledger, a fresh machine has nothing to gather
+        quality.launch("single", SPEC, tmp_path / "machine4" / "lora-lr0.001-seed0", gather=True)

@@ -170,7 +170,7 @@ def test_fixed_lr_points_train_every_seed_at_their_lr_without_a_search(tmp_path,
                                   "points": {"lora": {"lr": [1e-3, 3e-3]}}}))
     launched = []
 
-    def fake_launch(mode, cfg, run_dir, gather=False):
+    def fake_launch(mode, cfg, run_dir, gather=False, ledger=None):
         launched.append((cfg["optim"]["lr"], cfg["train"]["seed"]))
         return {"test": {"accuracy": 0.5}, "validation": {"accuracy": 0.5}, "trainable_params": 10, "total_params": 100,
                 "init_seconds": 1.0, "train_seconds": 2.0, "peak_memory_mb": 3.0, "steps": 1, "train_loss": [0.5]}
@@ -382,7 +382,7 @@ def test_the_runner_trains_an_lr_from_study_on_every_seed_at_the_source_lr_and_k
                                   "base_overrides": {"eval": {"every_steps": 2}}, "lr_from": "old", "from_parent": ["lora"]}))
     launched = []
 
-    def fake_launch(mode, cfg, run_dir, gather=False):
+    def fake_launch(mode, cfg, run_dir, gather=False, ledger=None):
         launched.append((cfg["optim"]["lr"], cfg["train"]["seed"], cfg["eval"]["every_steps"]))
         curve = [{"step": s, "accuracy": 0.1 * s} for s in (2, 4)]
         return {"test": {"accuracy": 0.5}, "validation": curve[-1], "validation_curve": curve, "trainable_params": 10,
