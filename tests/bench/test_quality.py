@@ -165,6 +165,7 @@ def test_the_summarised_metric_follows_the_task(tmp_path, monkeypatch, task, met
         {"test": test, "trainable_params": 10, "total_params": 100, "init_seconds": 1.0, "train_seconds": 2.0,
          "peak_memory_mb": 3.0, "steps": 1}))
     saved: dict = {}
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")  # the run ledger goes there, not into bench/results
     monkeypatch.setattr(quality, "write_result", lambda name, figures, status: saved.update(figures=figures, status=status))
     monkeypatch.setattr(quality.subprocess, "run", lambda *a, **k: pytest.fail("--gather trained a run"))
     monkeypatch.setattr(sys, "argv", ["quality.py", "--config", str(config), "--budget", "b", "--workdir", str(workdir), "--gather"])
