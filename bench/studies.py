@@ -240,8 +240,15 @@ def ok_points(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         out[name] = {**facts.get(name, {"family": name}), "mean": e["mean"], "std": e["std"],
                      "per_seed": e["test_per_seed"], "params": e["trainable_params"],
-                     "mcc": (e.get("test_other_mean") or {}).get("mcc")}
+                     "mcc": (e.get("test_other_mean") or {}).get("mcc"), "start": _start_loss(e)}
     return out
+
+
+def _start_loss(entry: dict[str, Any]) -> float | None:
+    """The training loss at step 1, before any update, averaged over seeds: the loss where training starts (every
+    point of a study sees the same first batch at a seed)."""
+    firsts = [losses[0] for losses in (entry.get("train_loss") or {}).values() if losses]
+    return statistics.fmean(firsts) if firsts else None
 
 
 CHEAP = ("lora-sb", "lora-xs")  # the families whose points the 27x check sets against lora's
@@ -487,6 +494,23 @@ def _constant_note(rep: Any, points: dict[str, dict[str, Any]]) -> None:
                 "points.", "")
 
 
+START_MOVED = 0.10  # a start loss this far (relative) from LoRA's, whose B = 0 starts at the base model, moved the model
+
+
+def _start_note(rep: Any, points: dict[str, dict[str, Any]]) -> None:
+    """Which points start training away from the base model (their initialisation changes the function), with
+    the lr each trained at: an initialisation that takes a step sized by the lr couples the two."""
+    base = [p["start"] for p in points.values() if p["family"] == "lora" and p.get("start") is not None]
+    if not base:
+        return
+    at = statistics.fmean(base)
+    moved = {n: p for n, p in points.items() if p.get("start") is not None and abs(p["start"] / at - 1) > START_MOVED}
+    if moved:
+        rep.add(f"Loss at the start (step 1's training loss, before any update; mean over seeds): the lora points "
+                f"{at:.2f} (the base model's, B = 0); {len(moved)} point(s) start more than {START_MOVED:.0%} away: "
+                + ", ".join(f"{n} {p['start']:.2f} at lr {p['lr']:g}" for n, p in sorted(moved.items())) + ".", "")
+
+
 def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]]) -> None:
     for key, result in results.items():
         f = result["figures"]
@@ -494,11 +518,14 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
         rows = []
         for n, p in sorted(points.items(), key=lambda kv: (kv[1]["family"], kv[1]["params"])):
             e = f["methods"][n]
+            p["lr"] = e["lr"]
             rows.append([n, p["family"], str(p.get("rank", "–")), p["params"], f"{e['lr']:g}", _score(p),
-                         ", ".join(f"{v:.4f}" for v in p["per_seed"]), e.get("reused_from", "–")])
+                         ", ".join(f"{v:.4f}" for v in p["per_seed"]),
+                         "–" if p["start"] is None else f"{p['start']:.2f}", e.get("reused_from", "–")])
         rep.add(kit.table(["point", "family", "rank", "trainable params", "lr (validation)", f"test {f.get('metric')}",
-                           "per seed", "taken from"], rows), "")
+                           "per seed", "loss at start", "taken from"], rows), "")
         _constant_note(rep, points)
+        _start_note(rep, points)
         check = ratio_check(points)
         pairs = sorted(check["candidates"], key=lambda c: -c["ratio"])
         rep.add(f"The {PARAM_RATIO:g}× check: pairs of a LoRA-SB/XS point and a LoRA point with at least {PARAM_RATIO:g}× "

@@ -513,3 +513,23 @@ def test_the_long_budget_points_table_gives_each_budgets_metric_and_lr_and_where
     assert "| pissa | 0.7900 ± 0.0100 (lr 0.0005) | – |" in text
     assert "At 1000 steps each method trains at the lr x4 chose for it on validation" in text
     assert "At 125 steps" not in text
+
+
+def test_the_frontier_gives_each_points_start_loss_and_names_the_points_that_start_away_from_the_base(tmp_path):
+    pts = frontier_points([0.79, 0.80, 0.80])
+    methods = {n: entry(p["per_seed"], p["params"], 1e-3) for n, p in pts.items()}
+    moved = next(n for n, p in pts.items() if p["family"] == "lora-sb")
+    methods[moved] = entry(pts[moved]["per_seed"], pts[moved]["params"], 2.5e-3, losses=[2.2] + [1.0] * 5)
+    methods[moved]["train_loss"]["1"] = [2.0] + [1.0] * 5  # seeds differ: the column is their mean
+    near = next(n for n, p in pts.items() if p["family"] == "lora-sb" and n != moved)
+    methods[near]["train_loss"] = {s: [1.05] + [1.0] * 5 for s in methods[near]["train_loss"]}  # within 10 %: not named
+    facts = {n: {"family": p["family"], "rank": p["rank"]} for n, p in pts.items()}
+    write_result(tmp_path / "r", "study_frontier_full", study_figures("frontier", methods, facts))
+    section = report.write(tmp_path / "r", tmp_path / "docs").read_text().split("## Study: parameter-efficiency frontier")[1]
+    row = lambda name: next(line for line in section.splitlines() if line.startswith(f"| {name} |")).split(" | ")  # noqa: E731
+    start = row(moved)[-2]
+    assert abs(float(start) - (2.2 + 2.0 + 2.2) / 3) < 0.006 and row(near)[-2] == "1.05"
+    assert all(row(n)[-2] == "1.00" for n, p in pts.items() if p["family"] == "lora")
+    note = next(line for line in section.splitlines() if line.startswith("Loss at the start"))
+    assert "the lora points 1.00" in note and f"1 point(s) start more than 10% away: {moved} {start} at lr 0.0025." in note
+    assert near not in note
