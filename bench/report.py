@@ -247,7 +247,7 @@ def quality_section(rep: Report, name: str, result: dict[str, Any]) -> None:
     _quality_setup(rep, f, result)
     points = _quality_table(rep, f, metric, methods, reference)
     _quality_before_after(rep, f, metric, ok)
-    _quality_lr_search(rep, f, methods, ok)
+    lr_search_notes(rep, f, methods, ok)
     _quality_notes(rep, f, reference, ok)
     _quality_convergence_claims(rep, reference, methods)
     _decoder_norm_accuracy(rep, f, ok)
@@ -344,7 +344,12 @@ def _quality_before_after(rep: Report, f: dict[str, Any], metric: str, ok: dict[
                 + ", ".join(f"{m} {v:.4f}" for m, v in losses) + ".", "")
 
 
-def _quality_lr_search(rep: Report, f: dict[str, Any], methods: dict[str, Any], ok: dict[str, Any]) -> None:
+LEARNED_SHARE = 0.1  # a grid whose best validation score is below this share of the experiment's best: no rate learned
+
+
+def lr_search_notes(rep: Report, f: dict[str, Any], methods: dict[str, Any], ok: dict[str, Any]) -> None:
+    """The validation grid of each method (the chosen rate bold), the grids widened past an edge, the choices
+    still at an edge, and the grids where no rate learned."""
     grids = {m: e["lr_grid"] for m, e in ok.items() if e.get("lr_grid")}
     if not grids:
         return
@@ -366,6 +371,25 @@ def _quality_lr_search(rep: Report, f: dict[str, Any], methods: dict[str, Any], 
     if edges:
         rep.add(f"Chosen at an edge of the {'final ' if widened else ''}grid, so a wider grid might find a better rate: "
                 + ", ".join(edges) + ".", "")
+    _unlearned_grids(rep, select, grids)
+
+
+def unlearned_grids(select: dict[str, Any], grids: dict[str, dict[str, float]]) -> tuple[float | None, dict[str, float]]:
+    """The experiment's best validation score over every grid, and the methods whose own best is below
+    LEARNED_SHARE of it (method -> its best), for a metric that is maximised; nothing otherwise."""
+    if select.get("mode", "max") != "max":
+        return None, {}
+    best = {m: max((v for v in g.values() if v is not None), default=None) for m, g in grids.items()}
+    top = max((v for v in best.values() if v is not None), default=None)
+    return top, {m: v for m, v in best.items() if v is not None and top and v < LEARNED_SHARE * top}
+
+
+def _unlearned_grids(rep: Report, select: dict[str, Any], grids: dict[str, dict[str, float]]) -> None:
+    top, failed = unlearned_grids(select, grids)
+    if failed:
+        rep.add(f"No rate of the grid reached {LEARNED_SHARE:g}× the best validation {select.get('metric', '?')} of this "
+                f"experiment ({top:.4f}): " + ", ".join(f"{m} (best {v:.4f})" for m, v in failed.items())
+                + "; such a point measures a grid that failed, not the method at a rate that trains.", "")
 
 
 def _quality_notes(rep: Report, f: dict[str, Any], reference: str, ok: dict[str, Any]) -> None:

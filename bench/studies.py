@@ -526,6 +526,7 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
                            "per seed", "loss at start", "taken from"], rows), "")
         _constant_note(rep, points)
         _start_note(rep, points)
+        kit.lr_search_notes(rep, f, f["methods"], {n: f["methods"][n] for n in points})
         check = ratio_check(points)
         pairs = sorted(check["candidates"], key=lambda c: -c["ratio"])
         rep.add(f"The {PARAM_RATIO:g}× check: pairs of a LoRA-SB/XS point and a LoRA point with at least {PARAM_RATIO:g}× "
@@ -568,16 +569,20 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
         if not points:
             continue
 
-        def draw(ax, points=points, f=f):
+        failed = kit.unlearned_grids(f.get("select") or {}, {n: f["methods"][n]["lr_grid"] for n in points
+                                                             if f["methods"][n].get("lr_grid")})[1]
+
+        def draw(ax, points=points, f=f, failed=failed):
             fams = sorted({p["family"] for p in points.values()})
             colour = _colours(kit, fams)
             for fam in fams:
                 ps = sorted((p for p in points.values() if p["family"] == fam), key=lambda p: p["params"])
                 ax.errorbar([p["params"] for p in ps], [p["mean"] for p in ps], yerr=[p["std"] for p in ps],
                             fmt="o-", capsize=3, color=colour[fam], label=fam)
-                for p in ps:
-                    ax.annotate(f"r{p.get('rank', '?')}", (p["params"], p["mean"]), fontsize=7,
-                                xytext=(3, 3), textcoords="offset points")
+                for n, p in points.items():
+                    if p["family"] == fam:
+                        ax.annotate(f"r{p.get('rank', '?')}" + (" (no rate of its grid learned)" if n in failed else ""),
+                                    (p["params"], p["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
             _log_x_axes(ax, f"{key}: test {f.get('metric')}", "trainable parameters", f.get("metric"))
 
         rep.plot(f"{key}_frontier.png", draw, "test metric against trainable parameters, one line per family")

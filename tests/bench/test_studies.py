@@ -533,3 +533,20 @@ def test_the_frontier_gives_each_points_start_loss_and_names_the_points_that_sta
     note = next(line for line in section.splitlines() if line.startswith("Loss at the start"))
     assert "the lora points 1.00" in note and f"1 point(s) start more than 10% away: {moved} {start} at lr 0.0025." in note
     assert near not in note
+
+
+def test_the_frontier_shows_each_points_grid_and_names_a_point_where_no_rate_of_its_grid_learned(tmp_path):
+    pts = frontier_points([0.79, 0.80, 0.80])
+    methods = {n: {**entry(p["per_seed"], p["params"], 1e-3), "lr_grid": {"0.0005": 0.7, "0.001": 0.8, "0.002": 0.75}}
+               for n, p in pts.items()}
+    methods["lora-sb@r96"]["lr_grid"] = {"0.0005": 0.0, "0.001": 0.07, "0.002": 0.0}  # below 0.1 x the best (0.8)
+    methods["lora@r1"]["lr_grid"] = {"0.0005": 0.0, "0.001": 0.081, "0.002": 0.0}  # 0.081 >= 0.08: it learned a little
+    facts = {n: {"family": p["family"], "rank": p["rank"]} for n, p in pts.items()}
+    write_result(tmp_path / "r", "study_frontier_full", study_figures("frontier", methods, facts))
+    section = report.write(tmp_path / "r", tmp_path / "docs").read_text().split("## Study: parameter-efficiency frontier")[1]
+    assert "| lora-sb@r96 | 0.0005: 0.0000, **0.001: 0.0700**, 0.002: 0.0000 |" in section
+    note = next(line for line in section.splitlines() if line.startswith("No rate of the grid"))
+    assert "(0.8000): lora-sb@r96 (best 0.0700);" in note and "lora@r1" not in note
+    top, failed = report.unlearned_grids({"mode": "max"}, {n: m["lr_grid"] for n, m in methods.items()})
+    assert top == 0.8 and failed == {"lora-sb@r96": 0.07}
+    assert report.unlearned_grids({"mode": "min"}, {n: m["lr_grid"] for n, m in methods.items()}) == (None, {})
