@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +92,39 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# -- bench/results/ is left as it was --------------------------------------------------------
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+TMP = str(Path(tempfile.gettempdir()).resolve())
+
+
+def _results_listing() -> dict[Path, int]:
+    """Every file under bench/results/ but parts/ (the runners' files) with its modification time."""
+    return {p: p.stat().st_mtime_ns for p in RESULTS.rglob("*") if p.is_file() and "parts" not in p.relative_to(RESULTS).parts}
+
+
+def _a_tests(path: Path) -> bool:
+    """A changed file a test made: a result, or a ledger record of a run trained under the temporary directory (a
+    test's tmp_path). A runner process writes ledger records of its own runs while tests run: not a test's doing."""
+    if not path.is_file() or path.relative_to(RESULTS).parts[0] != "runs":
+        return True
+    try:
+        return str(json.loads(path.read_text())["spec"]["output"]["dir"]).startswith(TMP)
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+
+
+@pytest.fixture(autouse=True)
+def results_left_alone(request):
+    """The bench tests write only under their own tmp_path: bench/results/ (the committed results and their run
+    ledger) comes out of each test as it went in."""
+    if "bench" not in Path(str(request.node.fspath)).relative_to(Path(__file__).parent).parts[:1]:
+        yield
+        return
+    before = _results_listing()
+    yield
+    after = _results_listing()
+    changed = sorted(str(p.relative_to(RESULTS)) for p in set(before) | set(after)
+                     if before.get(p) != after.get(p) and _a_tests(p))
+    assert not changed, f"a test wrote into bench/results/: {changed[:5]}; point quality.RESULTS at tmp_path"
