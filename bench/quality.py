@@ -48,6 +48,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 import yaml
 
+from lorakit.files import write_json  # atomic (temporary sibling, then rename), strict JSON
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, this_command, write_result  # noqa: E402
 import studies  # noqa: E402
@@ -132,10 +134,7 @@ def launch(mode: str, config: dict[str, Any], run_dir: Path, gather: bool = Fals
     result["validation_curve"] = curve  # every validation evaluation, in step order (eval.every_steps)
     if ledger is not None and recorded is None:
         ledger.mkdir(parents=True, exist_ok=True)
-        path = ledger / f"{run_dir.name}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"spec": config, "result": result}) + "\n")
-        tmp.replace(path)
+        write_json(ledger / f"{run_dir.name}.json", {"spec": config, "result": result})
     return result
 
 

@@ -347,12 +347,12 @@ def _quality_before_after(rep: Report, f: dict[str, Any], metric: str, ok: dict[
 LEARNED_SHARE = 0.1  # a grid whose best validation score is below this share of the experiment's best: no rate learned
 
 
-def lr_search_notes(rep: Report, f: dict[str, Any], methods: dict[str, Any], ok: dict[str, Any]) -> None:
+def lr_search_notes(rep: Report, f: dict[str, Any], methods: dict[str, Any], ok: dict[str, Any]) -> dict[str, float]:
     """The validation grid of each method (the chosen rate bold), the grids widened past an edge, the choices
-    still at an edge, and the grids where no rate learned."""
+    still at an edge, and the grids where no rate learned; returns those (method -> its grid's best score)."""
     grids = {m: e["lr_grid"] for m, e in ok.items() if e.get("lr_grid")}
     if not grids:
-        return
+        return {}
     select = f.get("select") or {}
     rep.add(f"Learning-rate search (seed {f.get('seeds', [0])[0]}): validation {select.get('metric', '?')} after "
             f"training at each learning rate of the method's grid; the chosen one (bold) was then trained on every seed.", "")
@@ -371,7 +371,7 @@ def lr_search_notes(rep: Report, f: dict[str, Any], methods: dict[str, Any], ok:
     if edges:
         rep.add(f"Chosen at an edge of the {'final ' if widened else ''}grid, so a wider grid might find a better rate: "
                 + ", ".join(edges) + ".", "")
-    _unlearned_grids(rep, select, grids)
+    return _unlearned_grids(rep, select, grids)
 
 
 def unlearned_grids(select: dict[str, Any], grids: dict[str, dict[str, float]]) -> tuple[float | None, dict[str, float]]:
@@ -384,12 +384,13 @@ def unlearned_grids(select: dict[str, Any], grids: dict[str, dict[str, float]]) 
     return top, {m: v for m, v in best.items() if v is not None and top and v < LEARNED_SHARE * top}
 
 
-def _unlearned_grids(rep: Report, select: dict[str, Any], grids: dict[str, dict[str, float]]) -> None:
+def _unlearned_grids(rep: Report, select: dict[str, Any], grids: dict[str, dict[str, float]]) -> dict[str, float]:
     top, failed = unlearned_grids(select, grids)
     if failed:
         rep.add(f"No rate of the grid reached {LEARNED_SHARE:g}× the best validation {select.get('metric', '?')} of this "
                 f"experiment ({top:.4f}): " + ", ".join(f"{m} (best {v:.4f})" for m, v in failed.items())
                 + "; such a point measures a grid that failed, not the method at a rate that trains.", "")
+    return failed
 
 
 def _quality_notes(rep: Report, f: dict[str, Any], reference: str, ok: dict[str, Any]) -> None:

@@ -238,7 +238,7 @@ def ok_points(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, e in (figures.get("methods") or {}).items():
         if e.get("status") != "ok":
             continue
-        out[name] = {**facts.get(name, {"family": name}), "mean": e["mean"], "std": e["std"],
+        out[name] = {"lr": e.get("lr"), **facts.get(name, {"family": name}), "mean": e["mean"], "std": e["std"],
                      "per_seed": e["test_per_seed"], "params": e["trainable_params"],
                      "mcc": (e.get("test_other_mean") or {}).get("mcc"), "start": _start_loss(e)}
     return out
@@ -518,7 +518,6 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
         rows = []
         for n, p in sorted(points.items(), key=lambda kv: (kv[1]["family"], kv[1]["params"])):
             e = f["methods"][n]
-            p["lr"] = e["lr"]
             rows.append([n, p["family"], str(p.get("rank", "–")), p["params"], f"{e['lr']:g}", _score(p),
                          ", ".join(f"{v:.4f}" for v in p["per_seed"]),
                          "–" if p["start"] is None else f"{p['start']:.2f}", e.get("reused_from", "–")])
@@ -526,7 +525,7 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
                            "per seed", "loss at start", "taken from"], rows), "")
         _constant_note(rep, points)
         _start_note(rep, points)
-        kit.lr_search_notes(rep, f, f["methods"], {n: f["methods"][n] for n in points})
+        failed = kit.lr_search_notes(rep, f, f["methods"], {n: f["methods"][n] for n in points})
         check = ratio_check(points)
         pairs = sorted(check["candidates"], key=lambda c: -c["ratio"])
         rep.add(f"The {PARAM_RATIO:g}× check: pairs of a LoRA-SB/XS point and a LoRA point with at least {PARAM_RATIO:g}× "
@@ -569,20 +568,16 @@ def _frontier(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any]])
         if not points:
             continue
 
-        failed = kit.unlearned_grids(f.get("select") or {}, {n: f["methods"][n]["lr_grid"] for n in points
-                                                             if f["methods"][n].get("lr_grid")})[1]
-
         def draw(ax, points=points, f=f, failed=failed):
             fams = sorted({p["family"] for p in points.values()})
             colour = _colours(kit, fams)
             for fam in fams:
-                ps = sorted((p for p in points.values() if p["family"] == fam), key=lambda p: p["params"])
-                ax.errorbar([p["params"] for p in ps], [p["mean"] for p in ps], yerr=[p["std"] for p in ps],
+                ps = sorted(((n, p) for n, p in points.items() if p["family"] == fam), key=lambda np_: np_[1]["params"])
+                ax.errorbar([p["params"] for _, p in ps], [p["mean"] for _, p in ps], yerr=[p["std"] for _, p in ps],
                             fmt="o-", capsize=3, color=colour[fam], label=fam)
-                for n, p in points.items():
-                    if p["family"] == fam:
-                        ax.annotate(f"r{p.get('rank', '?')}" + (" (no rate of its grid learned)" if n in failed else ""),
-                                    (p["params"], p["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                for n, p in ps:
+                    ax.annotate(f"r{p.get('rank', '?')}" + (" (no rate of its grid learned)" if n in failed else ""),
+                                (p["params"], p["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
             _log_x_axes(ax, f"{key}: test {f.get('metric')}", "trainable parameters", f.get("metric"))
 
         rep.plot(f"{key}_frontier.png", draw, "test metric against trainable parameters, one line per family")

@@ -266,7 +266,7 @@ def test_a_run_recorded_in_the_ledger_is_not_trained_again_when_its_run_director
     ledger = tmp_path / "results" / "runs" / "exp_full"
     first = quality.launch("single", SPEC, tmp_path / "machine1" / "lora-lr0.001-seed0", ledger=ledger)
     assert len(calls) == 1 and (ledger / "lora-lr0.001-seed0.json").is_file()
-    assert not list(ledger.glob("*.tmp"))
+    assert [p.name for p in ledger.iterdir()] == ["lora-lr0.001-seed0.json"]  # no temporary sibling left behind
 
     # another machine (another run directory root, nothing in it): read back from the ledger, equal to the first
     again = quality.launch("single", SPEC, tmp_path / "machine2" / "lora-lr0.001-seed0", ledger=ledger)
