@@ -53,9 +53,10 @@ def this_command() -> str:
 def write_result(name: str, figures: dict[str, Any], status: str = "ok") -> Path:
     path = RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)  # a runner's --output parts/<name> on a fresh checkout
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"benchmark": name, "status": status, "environment": environment(), "figures": figures}, indent=2) + "\n")
-    tmp.replace(path)
+    from lorakit.files import atomic_file  # fsync'd temporary + rename; the format stays json.dumps's own
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({"benchmark": name, "status": status, "environment": environment(), "figures": figures}, indent=2) + "\n")
     print(f"wrote {path}")
     return path
 
