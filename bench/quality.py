@@ -162,6 +162,8 @@ def deep_merge(base: dict[str, Any], changes: dict[str, Any] | None) -> dict[str
 
 
 def load(path: Path, budget: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such experiment config; the configs are bench/configs/*.yaml")
     spec = yaml.safe_load(path.read_text())
     try:
         spec = studies.expand(spec or {}, where=str(path))  # a study config: its inherited protocol and points

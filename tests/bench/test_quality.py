@@ -280,3 +280,8 @@ def test_a_run_recorded_in_the_ledger_is_not_trained_again_when_its_run_director
     assert json.loads((ledger / "lora-lr0.001-seed0.json").read_text())["spec"]["optim"] == {"lr": 2e-3}
     with pytest.raises(quality.NotFinished):  # without the ledger, a fresh machine has nothing to gather
         quality.launch("single", SPEC, tmp_path / "machine4" / "lora-lr0.001-seed0", gather=True)
+
+
+def test_a_config_path_that_does_not_exist_is_one_line_naming_where_the_configs_are(tmp_path):
+    with pytest.raises(SystemExit, match=r"nope\.yaml: no such experiment config; the configs are bench/configs/\*\.yaml"):
+        quality.load(tmp_path / "nope.yaml", "x4")
