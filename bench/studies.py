@@ -609,6 +609,7 @@ def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, A
                             f"{r['grid_width']:.0f}×"] for fam, r in ranges.items()]), "")
         widths = {fam: r["width"] for fam, r in ranges.items()}
         planned = Counter(facts.get("family") for facts in ((f.get("study") or {}).get("points") or {}).values())
+        verdicts = []
         for method in ("riemannian", "lora-sb"):
             missing = {fam: planned.get(fam, 0) - len(fams.get(fam, {})) for fam in (method, "lora")}
             if any(n > 0 for n in missing.values()) and method in planned:  # a width on part of the grid is no width
@@ -618,11 +619,15 @@ def _lr_robustness(rep: Any, kit: Any, name: str, results: dict[str, dict[str, A
             if method in widths and "lora" in widths:
                 spread = max(fams[fam][ranges[fam]["best_lr"]]["std"] for fam in (method, "lora"))
                 v = lr_width_verdict(widths, method, spread=spread)
+                verdicts.append(f"{method} {widths[method]:.1f}× vs lora {widths['lora']:.1f}× ({v})")
                 rep.add(f"**Verdict ({method} vs lora): {v}** — lr range within {WITHIN * 100:g} point of the best: "
                         f"{method} {widths[method]:.1f}×, lora {widths['lora']:.1f}×; seeds' std at the best rates "
                         f"up to {spread * 100:.1f} points. Thresholds: reproduced when {method}'s width is ≥ "
                         f"{ROBUST_RATIO:g}× lora's, not reproduced when it is ≤ lora's, inconclusive between or when "
                         f"that std exceeds the {WITHIN * 100:g}-point window.", "")
+        if verdicts:
+            rep.headlines.append(f"Learning-rate robustness ({key}), width of the lr range within {WITHIN * 100:g} point "
+                                 "of the best: " + "; ".join(verdicts) + ".")
         if not fams:
             continue
 
@@ -735,13 +740,21 @@ def budget_steps(f: dict[str, Any]) -> int:
 
 
 def gap_trend(gaps: dict[int, dict[str, Any]]) -> str:
-    """persists / shrinks / reverses, from the paired gaps (method - reference) at the shortest and the
-    longest budget: reverses when the sign flips and both means exceed their spreads, shrinks when
-    |gap| at the longest is below half of |gap| at the shortest, persists otherwise."""
+    """The trend of the paired gap (method - reference) from the shortest to the longest budget. A gap counts
+    when its mean exceeds its spread (std over seeds): with no gap at the shortest budget there is nothing to
+    persist or shrink, so the verdict is "none at either budget" or "appears"; otherwise reverses when the sign
+    flips and the longest's gap counts too, shrinks when the longest's |gap| is below half the shortest's,
+    persists otherwise."""
     if len(gaps) < 2:
-        return "inconclusive"
+        return "one budget only"
     short, long = gaps[min(gaps)], gaps[max(gaps)]
-    if short["mean"] * long["mean"] < 0 and abs(short["mean"]) > short["std"] and abs(long["mean"]) > long["std"]:
+
+    def counts(gap: dict[str, Any]) -> bool:
+        return abs(gap["mean"]) > gap["std"]
+
+    if not counts(short):
+        return "appears" if counts(long) else "none at either budget"
+    if short["mean"] * long["mean"] < 0 and counts(long):
         return "reverses"
     if abs(long["mean"]) < abs(short["mean"]) / 2:
         return "shrinks"
@@ -762,12 +775,14 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
             if e.get("status") == "ok" and r.get("status") == "ok":
                 gaps.setdefault(m, {})[steps] = paired(e["test_per_seed"], r["test_per_seed"])
     cols = sorted(by_steps)
+    _long_budget_headline(rep, name, ref, gaps, [m for m in methods if m not in gaps or len(gaps[m]) < 2])
     rep.add(kit.table(["method"] + [f"{s} steps ({s / shortest:g}×): gap to {ref}, points" for s in cols] + ["trend"],
                       [[m] + [f"{g[s]['mean'] * 100:+.2f} ± {g[s]['std'] * 100:.2f}" if s in g else "–" for s in cols]
                        + [gap_trend(g)] for m, g in gaps.items()]), "")
     rep.add(f"Gaps are paired per seed (method minus {ref}, same seed), mean ± standard deviation over seeds, in points of "
-            f"test {metric}. Trend thresholds: reverses when the gap changes sign between the shortest and the longest "
-            "budget and both exceed their spreads; shrinks when the longest budget's |gap| is below half the shortest's; "
+            f"test {metric}. A gap counts when its mean exceeds its spread. Trend, from the shortest to the longest "
+            "budget: none at either budget when neither gap counts; appears when only the longest's does; reverses "
+            "when the sign flips and both count; shrinks when the longest budget's |gap| is below half the shortest's; "
             "persists otherwise.", "")
     _long_budget_points(rep, kit, by_steps, [ref] + methods)
 
@@ -786,6 +801,22 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
 
     if gaps:
         rep.plot(f"{name}_gaps.png", draw, "gap to the reference against the budget")
+
+
+def _long_budget_headline(rep: Any, name: str, ref: str, gaps: dict[str, dict[int, dict[str, Any]]],
+                          pending: list[str]) -> None:
+    def gap(g: dict[str, Any]) -> str:
+        return f"{g['mean'] * 100:+.2f} ± {g['std'] * 100:.2f}"
+
+    measured = {m: g for m, g in gaps.items() if len(g) >= 2}
+    if not measured:
+        return
+    longest = max(s for g in measured.values() for s in g)
+    shortest = min(s for g in measured.values() for s in g)
+    rep.headlines.append(
+        f"Long budget ({name}), paired gap to {ref} in points from {shortest} to {longest} steps: "
+        + "; ".join(f"{m} {gap(g[min(g)])} → {gap(g[max(g)])} ({gap_trend(g)})" for m, g in measured.items())
+        + (f"; not yet measured past {shortest} steps: {', '.join(pending)}." if pending else "."))
 
 
 def _long_budget_points(rep: Any, kit: Any, by_steps: dict[int, dict[str, Any]], methods: list[str]) -> None:
