@@ -775,9 +775,9 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
             if e.get("status") == "ok" and r.get("status") == "ok":
                 gaps.setdefault(m, {})[steps] = paired(e["test_per_seed"], r["test_per_seed"])
     cols = sorted(by_steps)
-    _long_budget_headline(rep, name, ref, gaps, [m for m in methods if m not in gaps or len(gaps[m]) < 2])
+    _long_budget_headline(rep, name, ref, gaps, methods)
     rep.add(kit.table(["method"] + [f"{s} steps ({s / shortest:g}×): gap to {ref}, points" for s in cols] + ["trend"],
-                      [[m] + [f"{g[s]['mean'] * 100:+.2f} ± {g[s]['std'] * 100:.2f}" if s in g else "–" for s in cols]
+                      [[m] + [points_text(g[s]) if s in g else "–" for s in cols]
                        + [gap_trend(g)] for m, g in gaps.items()]), "")
     rep.add(f"Gaps are paired per seed (method minus {ref}, same seed), mean ± standard deviation over seeds, in points of "
             f"test {metric}. A gap counts when its mean exceeds its spread. Trend, from the shortest to the longest "
@@ -803,19 +803,23 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
         rep.plot(f"{name}_gaps.png", draw, "gap to the reference against the budget")
 
 
-def _long_budget_headline(rep: Any, name: str, ref: str, gaps: dict[str, dict[int, dict[str, Any]]],
-                          pending: list[str]) -> None:
-    def gap(g: dict[str, Any]) -> str:
-        return f"{g['mean'] * 100:+.2f} ± {g['std'] * 100:.2f}"
+def points_text(difference: dict[str, Any]) -> str:
+    """A paired difference (mean and std over seeds, as fractions) in points: "+1.12 ± 0.30"."""
+    return f"{difference['mean'] * 100:+.2f} ± {difference['std'] * 100:.2f}"
 
+
+def _long_budget_headline(rep: Any, name: str, ref: str, gaps: dict[str, dict[int, dict[str, Any]]],
+                          methods: list[str]) -> None:
     measured = {m: g for m, g in gaps.items() if len(g) >= 2}
     if not measured:
         return
+    pending = [m for m in methods if m not in measured]
     longest = max(s for g in measured.values() for s in g)
     shortest = min(s for g in measured.values() for s in g)
     rep.headlines.append(
         f"Long budget ({name}), paired gap to {ref} in points from {shortest} to {longest} steps: "
-        + "; ".join(f"{m} {gap(g[min(g)])} → {gap(g[max(g)])} ({gap_trend(g)})" for m, g in measured.items())
+        + "; ".join(f"{m} {points_text(g[min(g)])} → {points_text(g[max(g)])} ({gap_trend(g)})"
+                    for m, g in measured.items())
         + (f"; not yet measured past {shortest} steps: {', '.join(pending)}." if pending else "."))
 
 
@@ -865,7 +869,7 @@ def _combinations(rep: Any, kit: Any, name: str, results: dict[str, dict[str, An
         rows = combination_rows(f)
         rep.add(kit.table(["combination", "test (mean ± std)", "vs each part (paired, points)", "better part", "outcome"], [
             [r["combination"], _score(ok_points(f)[r["combination"]]),
-             "; ".join(f"{p}: {d['mean'] * 100:+.2f} ± {d['std'] * 100:.2f}" for p, d in r["differences"].items()),
+             "; ".join(f"{p}: {points_text(d)}" for p, d in r["differences"].items()),
              r["best_part"], r["outcome"]] for r in rows]), "")
         rep.add("Differences are per seed (combination minus part, same seed), mean ± standard deviation over seeds. "
                 "Outcome against the better part: better when mean − std > 0, worse when mean + std < 0, no better otherwise.", "")
