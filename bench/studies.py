@@ -393,6 +393,8 @@ def render_all(rep: Any, kit: Any, results: dict[str, dict[str, Any]], configs: 
     groups = experiment_groups(results)
     for name, keys in groups.items():
         render(rep, kit, name, {k: results[k] for k in keys})
+    if groups:
+        compute(rep, kit, {k: results[k] for keys in groups.values() for k in keys})
     for path in sorted(configs.glob("study_*.yaml")):
         spec = yaml.safe_load(path.read_text()) or {}
         if spec.get("name") in groups or spec.get("study") not in STUDIES:
@@ -403,6 +405,36 @@ def render_all(rep: Any, kit: Any, results: dict[str, dict[str, Any]], configs: 
                 f"**Claim.** {STUDIES[spec['study']]['claim']}", "", f"**Not run yet.** Command: `{command}`.", "")
         rep.missed.append(f"issue 18: {spec.get('name')} not run yet (`{command}`).")
     return {k for keys in groups.values() for k in keys}
+
+
+RUNNERS = 2  # runner processes side by side, one per core of the 2-core machine the studies were sized for
+
+
+def compute(rep: Any, kit: Any, results: dict[str, dict[str, Any]]) -> None:
+    """The studies' compute, one row per result and the total: the issue keeps it within about a day of a
+    2-core machine. Only each result's own runs count; points taken from other results are theirs."""
+    rows, runs, hours, untimed = [], 0, 0.0, []
+    for key, result in results.items():
+        g = result["figures"]
+        methods = g.get("methods") or {}
+        if methods and all(e.get("reused_from") for e in methods.values()):
+            rows.append([key, 0, "0.0", "– (every point taken from another result)"])
+        elif g.get("run_count") is None:
+            untimed.append(key)
+        else:
+            missing = g.get("methods_without_run_time") or []
+            rows.append([key, g["run_count"], f"{g['run_seconds'] / 3600:.1f}", ", ".join(missing) or "–"])
+            runs, hours = runs + g["run_count"], hours + g["run_seconds"] / 3600
+            untimed += [f"{key}:{m}" for m in missing]
+    rep.add("## Studies: compute", "",
+            f"Each study result's own runs (grid and seeds) and their wall times summed, whichever runner trained them; "
+            f"points taken from another result count there. Wall clock with {RUNNERS} runners side by side is about the "
+            f"runner time / {RUNNERS}.", "",
+            kit.table(["result", "runs", "runner h", "not timed (kept from a sitting that did not record run times)"],
+                      rows + [["**total**", runs, f"**{hours:.1f}**", ", ".join(untimed) or "–"]]), "")
+    rep.headlines.append(f"Studies' compute: {runs} runs, {hours:.1f} h of runner time, about {hours / RUNNERS:.1f} h "
+                         f"of wall clock with {RUNNERS} runners on this 2-core machine"
+                         + (f" (not timed: {', '.join(untimed)})" if untimed else "") + ".")
 
 
 def _model_and_data(base: dict[str, Any]) -> str:

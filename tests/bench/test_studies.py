@@ -562,3 +562,20 @@ def test_the_frontier_shows_each_points_grid_and_names_a_point_where_no_rate_of_
     top, failed = report.unlearned_grids({"mode": "max"}, {n: m["lr_grid"] for n, m in methods.items()})
     assert top == 0.8 and failed == {"lora-sb@r96": 0.07}
     assert report.unlearned_grids({"mode": "min"}, {n: m["lr_grid"] for n, m in methods.items()}) == (None, {})
+
+
+def test_the_studies_compute_sums_each_results_own_runs_and_names_what_was_not_timed():
+    seconds = {"a": (10, 5400.0, []), "b": (7, 1800.0, ["lora@r1"])}  # 1.5 h, 0.5 h
+    results = {k: {"figures": {"run_count": n, "run_seconds": s, "methods_without_run_time": m,
+                               "methods": {"lora": {"status": "ok"}}}} for k, (n, s, m) in seconds.items()}
+    results["reused"] = {"figures": {"methods": {"lora": {"reused_from": "a:lora"}, "dora": {"reused_from": "a:dora"}}}}
+    results["old"] = {"figures": {"methods": {"lora": {"status": "ok"}}}}  # written before runs were counted
+    rep = report.Report(None)
+    studies.compute(rep, report, results)
+    rows = {line.split(" | ")[0].strip("| *"): line for line in "\n".join(rep.lines).splitlines() if line.startswith("| ")}
+    assert rows["a"].split(" | ")[1:3] == ["10", "1.5"] and rows["reused"].split(" | ")[1:3] == ["0", "0.0"]
+    assert "old" not in rows
+    total = rows["total"].split(" | ")
+    assert total[1:3] == [str(10 + 7), "**2.0**"] and "b:lora@r1" in total[3] and "old" in total[3]
+    assert rep.headlines == ["Studies' compute: 17 runs, 2.0 h of runner time, about 1.0 h of wall clock with 2 runners "
+                             "on this 2-core machine (not timed: b:lora@r1, old)."]
