@@ -774,9 +774,10 @@ def budget_steps(f: dict[str, Any]) -> int:
 def gap_trend(gaps: dict[int, dict[str, Any]]) -> str:
     """The trend of the paired gap (method - reference) from the shortest to the longest budget. A gap counts
     when its mean exceeds its spread (std over seeds): with no gap at the shortest budget there is nothing to
-    persist or shrink, so the verdict is "none at either budget" or "appears"; otherwise reverses when the sign
-    flips and the longest's gap counts too, shrinks when the longest's |gap| is below half the shortest's,
-    persists otherwise."""
+    persist or shrink, so the verdict is "none at any budget" ("either" for two), "appears" when the longest's
+    counts, or "only at N steps" when a budget between them is the only one where it does; otherwise reverses
+    when the sign flips and the longest's gap counts too, shrinks when the longest's |gap| is below half the
+    shortest's, persists otherwise."""
     if len(gaps) < 2:
         return "one budget only"
     short, long = gaps[min(gaps)], gaps[max(gaps)]
@@ -785,7 +786,12 @@ def gap_trend(gaps: dict[int, dict[str, Any]]) -> str:
         return abs(gap["mean"]) > gap["std"]
 
     if not counts(short):
-        return "appears" if counts(long) else "none at either budget"
+        if counts(long):
+            return "appears"
+        between = [s for s in sorted(gaps)[1:-1] if counts(gaps[s])]
+        if between:
+            return f"only at {', '.join(map(str, between))} steps"
+        return "none at either budget" if len(gaps) == 2 else "none at any budget"
     if short["mean"] * long["mean"] < 0 and counts(long):
         return "reverses"
     if abs(long["mean"]) < abs(short["mean"]) / 2:
@@ -813,7 +819,8 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
                        + [gap_trend(g)] for m, g in gaps.items()]), "")
     rep.add(f"Gaps are paired per seed (method minus {ref}, same seed), mean ± standard deviation over seeds, in points of "
             f"test {metric}. A gap counts when its mean exceeds its spread. Trend, from the shortest to the longest "
-            "budget: none at either budget when neither gap counts; appears when only the longest's does; reverses "
+            "budget: none at any budget when no gap counts; appears when the longest's does and the shortest's not; "
+            "only at N steps when a budget between them is the only one where it counts; reverses "
             "when the sign flips and both count; shrinks when the longest budget's |gap| is below half the shortest's; "
             "persists otherwise.", "")
     _long_budget_points(rep, kit, by_steps, [ref] + methods)
@@ -846,13 +853,12 @@ def _long_budget_headline(rep: Any, name: str, ref: str, gaps: dict[str, dict[in
     if not measured:
         return
     pending = [m for m in methods if m not in measured]
-    longest = max(s for g in measured.values() for s in g)
-    shortest = min(s for g in measured.values() for s in g)
+    budgets = sorted({s for g in measured.values() for s in g})
     rep.headlines.append(
-        f"Long budget ({name}), paired gap to {ref} in points from {shortest} to {longest} steps: "
-        + "; ".join(f"{m} {points_text(g[min(g)])} → {points_text(g[max(g)])} ({gap_trend(g)})"
+        f"Long budget ({name}), paired gap to {ref} in points at {', '.join(map(str, budgets))} steps: "
+        + "; ".join(f"{m} {' → '.join(points_text(g[s]) if s in g else '–' for s in budgets)} ({gap_trend(g)})"
                     for m, g in measured.items())
-        + (f"; not yet measured past {shortest} steps: {', '.join(pending)}." if pending else "."))
+        + (f"; not yet measured past {budgets[0]} steps: {', '.join(pending)}." if pending else "."))
 
 
 def _long_budget_points(rep: Any, kit: Any, by_steps: dict[int, dict[str, Any]], methods: list[str]) -> None:

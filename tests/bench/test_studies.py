@@ -142,6 +142,12 @@ def test_gap_trend_thresholds():
     assert studies.gap_trend({125: g(-0.02, 0.03), 1000: g(0.02, 0.005)}) == "appears"
     assert studies.gap_trend({125: g(-0.0034, 0.0143), 1000: g(-0.0055, 0.0082)}) == "none at either budget"
     assert studies.gap_trend({125: g(-0.02, 0.005)}) == "one budget only"
+    # three budgets: the trend runs from the shortest to the longest, and a gap that counts only between them is named
+    none = g(-0.001, 0.01)
+    assert studies.gap_trend({125: none, 500: none, 1000: none}) == "none at any budget"
+    assert studies.gap_trend({125: none, 500: g(0.011, 0.003), 1000: none}) == "only at 500 steps"
+    assert studies.gap_trend({125: none, 500: g(0.011, 0.003), 1000: g(0.009, 0.003)}) == "appears"
+    assert studies.gap_trend({125: g(-0.02, 0.005), 500: none, 1000: g(-0.011, 0.005)}) == "persists"
 
 
 # -- configs --------------------------------------------------------------------------------
@@ -318,7 +324,7 @@ def test_report_renders_convergence_and_long_budget_from_the_runner_figures(tmp_
     assert f"**Verdict (lora-ga, training loss): {studies.speedup_verdict(own, ga)}**" in text and own / ga >= 2
     row = next(line for line in text.splitlines() if line.startswith("| pissa | "))
     assert "-2.00 ± 0.00" in row and "-0.50 ± 0.00" in row and row.rstrip(" |").endswith("shrinks")
-    assert ("- Long budget (study_long), paired gap to lora in points from 125 to 500 steps: "
+    assert ("- Long budget (study_long), paired gap to lora in points at 125, 500 steps: "
             "pissa -2.00 ± 0.00 → -0.50 ± 0.00 (shrinks); not yet measured past 125 steps: dora.") in text.splitlines()
     assert next(line for line in text.splitlines() if line.startswith("| dora | ")).rstrip(" |").endswith("one budget only")
     setting = next(line for line in text.split("## Study: long budget")[1].splitlines() if line.startswith("**Setting here.**"))
@@ -579,3 +585,15 @@ def test_the_studies_compute_sums_each_results_own_runs_and_names_what_was_not_t
     assert total[1:3] == [str(10 + 7), "**2.0**"] and "b:lora@r1" in total[3] and "old" in total[3]
     assert rep.headlines == ["Studies' compute: 17 runs, 2.0 h of runner time, about 1.0 h of wall clock with 2 runners "
                              "on this 2-core machine (not timed: b:lora@r1, old)."]
+
+
+def test_the_long_budget_headline_gives_every_budgets_gap_in_order():
+    g = lambda m: {"mean": m, "std": 0.001}  # noqa: E731
+    gaps = {"full": {1000: g(0.009), 125: g(-0.0008), 500: g(0.011)}, "pissa": {125: g(0.002), 1000: g(-0.015)},
+            "dora": {125: g(0.001)}}
+    rep = report.Report(None)
+    studies._long_budget_headline(rep, "study_long", "lora", gaps, ["dora", "full", "pissa"])
+    assert rep.headlines == [
+        "Long budget (study_long), paired gap to lora in points at 125, 500, 1000 steps: "
+        "full -0.08 ± 0.10 → +1.10 ± 0.10 → +0.90 ± 0.10 (appears); pissa +0.20 ± 0.10 → – → -1.50 ± 0.10 (reverses); "
+        "not yet measured past 125 steps: dora."]
