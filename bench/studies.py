@@ -824,6 +824,14 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
             "when the sign flips and both count; shrinks when the longest budget's |gap| is below half the shortest's; "
             "persists otherwise.", "")
     _long_budget_points(rep, kit, by_steps, [ref] + methods)
+    drift = reference_drift(by_steps, ref)
+    if drift:
+        def change(d: dict[str, Any]) -> str:
+            return f"{points_text(d)} points ({'counts' if abs(d['mean']) > d['std'] else 'within its spread'})"
+
+        rep.add(f"{ref}'s own change between budgets, paired over seeds: "
+                + "; ".join(f"{a} → {b} steps {change(d)}" for (a, b), d in drift.items())
+                + f". A budget's gaps are measured against {ref} at that budget, so they include this change.", "")
 
     def draw(ax):
         colour = _colours(kit, list(gaps))
@@ -840,6 +848,14 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
 
     if gaps:
         rep.plot(f"{name}_gaps.png", draw, "gap to the reference against the budget")
+
+
+def reference_drift(by_steps: dict[int, dict[str, Any]], ref: str) -> dict[tuple[int, int], dict[str, Any]]:
+    """The reference's own paired change (longer minus shorter, same seeds) between consecutive budgets
+    where it ran at both."""
+    ok = {s: f["methods"][ref] for s, f in sorted(by_steps.items()) if f["methods"].get(ref, {}).get("status") == "ok"}
+    steps = list(ok)
+    return {(a, b): paired(ok[b]["test_per_seed"], ok[a]["test_per_seed"]) for a, b in zip(steps, steps[1:])}
 
 
 def points_text(difference: dict[str, Any]) -> str:

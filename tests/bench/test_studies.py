@@ -327,6 +327,8 @@ def test_report_renders_convergence_and_long_budget_from_the_runner_figures(tmp_
     assert ("- Long budget (study_long), paired gap to lora in points at 125, 500 steps: "
             "pissa -2.00 ± 0.00 → -0.50 ± 0.00 (shrinks); not yet measured past 125 steps: dora.") in text.splitlines()
     assert next(line for line in text.splitlines() if line.startswith("| dora | ")).rstrip(" |").endswith("one budget only")
+    assert ("lora's own change between budgets, paired over seeds: 125 → 500 steps +0.00 ± 0.00 points "
+            "(within its spread). A budget's gaps are measured against lora at that budget") in text
     setting = next(line for line in text.split("## Study: long budget")[1].splitlines() if line.startswith("**Setting here.**"))
     assert "in points of test exact_match." in text  # the study's own metric, not always accuracy
     assert setting.count("budget full: d") == 2  # every budget's own description (both synthetic ones say "d")
@@ -597,3 +599,14 @@ def test_the_long_budget_headline_gives_every_budgets_gap_in_order():
         "Long budget (study_long), paired gap to lora in points at 125, 500, 1000 steps: "
         "full -0.08 ± 0.10 → +1.10 ± 0.10 → +0.90 ± 0.10 (appears); pissa +0.20 ± 0.10 → – → -1.50 ± 0.10 (reverses); "
         "not yet measured past 125 steps: dora."]
+
+
+def test_the_long_budget_gives_the_references_own_paired_change_between_consecutive_budgets():
+    ok = lambda per_seed: {"status": "ok", "test_per_seed": per_seed}  # noqa: E731
+    by_steps = {1000: {"methods": {"lora": ok([0.819, 0.822, 0.815])}}, 125: {"methods": {"lora": ok([0.78, 0.79, 0.79])}},
+                500: {"methods": {"lora": ok([0.818, 0.823, 0.831])}}, 250: {"methods": {"lora": {"status": "failed"}}}}
+    drift = studies.reference_drift(by_steps, "lora")
+    assert list(drift) == [(125, 500), (500, 1000)]  # sorted, the failed budget skipped
+    assert drift[(500, 1000)]["differences"] == pytest.approx([0.819 - 0.818, 0.822 - 0.823, 0.815 - 0.831])
+    assert drift[(125, 500)]["mean"] == pytest.approx((0.038 + 0.033 + 0.041) / 3)
+    assert studies.reference_drift({125: by_steps[125]}, "lora") == {}
