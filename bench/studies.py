@@ -814,6 +814,9 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
                 gaps.setdefault(m, {})[steps] = paired(e["test_per_seed"], r["test_per_seed"])
     cols = sorted(by_steps)
     _long_budget_headline(rep, name, ref, gaps, methods)
+    if gaps:
+        rep.add(f"**Verdict (gap to {ref}, {cols[0]} to {cols[-1]} steps):** "
+                + by_outcome({m: gap_trend(g) for m, g in gaps.items()}) + ".", "")
     rep.add(kit.table(["method"] + [f"{s} steps ({s / shortest:g}×): gap to {ref}, points" for s in cols] + ["trend"],
                       [[m] + [points_text(g[s]) if s in g else "–" for s in cols]
                        + [gap_trend(g)] for m, g in gaps.items()]), "")
@@ -856,6 +859,14 @@ def reference_drift(by_steps: dict[int, dict[str, Any]], ref: str) -> dict[tuple
     ok = {s: f["methods"][ref] for s, f in sorted(by_steps.items()) if f["methods"].get(ref, {}).get("status") == "ok"}
     steps = list(ok)
     return {(a, b): paired(ok[b]["test_per_seed"], ok[a]["test_per_seed"]) for a, b in zip(steps, steps[1:])}
+
+
+def by_outcome(outcomes: dict[str, str]) -> str:
+    """Names grouped by their outcome, in the order outcomes first occur: "appears: dora, full; persists: lora-sb"."""
+    groups: dict[str, list[str]] = {}
+    for name, outcome in outcomes.items():
+        groups.setdefault(outcome, []).append(name)
+    return "; ".join(f"{outcome}: {', '.join(names)}" for outcome, names in groups.items())
 
 
 def points_text(difference: dict[str, Any]) -> str:
@@ -929,6 +940,8 @@ def _combinations(rep: Any, kit: Any, name: str, results: dict[str, dict[str, An
                 "Outcome against the better part: better when mean − std > 0, worse when mean + std < 0, no better otherwise.", "")
         declared = (f.get("study") or {}).get("pairs") or {}
         if rows:
+            rep.add(f"**Verdict: {sum(r['outcome'] == 'better' for r in rows)} of {len(rows)} combinations better than "
+                    "their better part** — " + by_outcome({r["combination"]: r["outcome"] for r in rows}) + ".", "")
             better = [r["combination"] for r in rows if r["outcome"] == "better"]
             rep.readme.setdefault("combinations", []).append(
                 f"on {setting(f)}, {len(better)} of {len(rows)} measured combinations beat their better part by more than "

@@ -301,6 +301,7 @@ def test_report_renders_lr_robustness_widths_and_combination_differences(tmp_pat
     d = row["differences"]["pissa"]
     assert row["best_part"] == "pissa" and d["mean"] == pytest.approx(0.005 / 3) and row["outcome"] == "no better"
     assert f"pissa: {d['mean'] * 100:+.2f} ± {d['std'] * 100:.2f}" in text
+    assert "**Verdict: 0 of 1 combinations better than their better part** — no better: pissa+riemannian." in text
     assert (tmp_path / "docs" / "study_combo_full_combinations.png").is_file()
 
 
@@ -327,6 +328,7 @@ def test_report_renders_convergence_and_long_budget_from_the_runner_figures(tmp_
     assert ("- Long budget (study_long), paired gap to lora in points at 125, 500 steps: "
             "pissa -2.00 ± 0.00 → -0.50 ± 0.00 (shrinks); not yet measured past 125 steps: dora.") in text.splitlines()
     assert next(line for line in text.splitlines() if line.startswith("| dora | ")).rstrip(" |").endswith("one budget only")
+    assert "**Verdict (gap to lora, 125 to 500 steps):** one budget only: dora; shrinks: pissa." in text
     assert ("lora's own change between budgets, paired over seeds: 125 → 500 steps +0.00 ± 0.00 points "
             "(within its spread). A budget's gaps are measured against lora at that budget") in text
     setting = next(line for line in text.split("## Study: long budget")[1].splitlines() if line.startswith("**Setting here.**"))
@@ -610,3 +612,9 @@ def test_the_long_budget_gives_the_references_own_paired_change_between_consecut
     assert drift[(500, 1000)]["differences"] == pytest.approx([0.819 - 0.818, 0.822 - 0.823, 0.815 - 0.831])
     assert drift[(125, 500)]["mean"] == pytest.approx((0.038 + 0.033 + 0.041) / 3)
     assert studies.reference_drift({125: by_steps[125]}, "lora") == {}
+
+
+def test_by_outcome_groups_names_in_the_order_their_outcomes_first_occur():
+    assert studies.by_outcome({"dora": "appears", "lora-sb": "persists", "full": "appears"}) == \
+        "appears: dora, full; persists: lora-sb"
+    assert studies.by_outcome({}) == ""
