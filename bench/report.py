@@ -266,15 +266,17 @@ def _quality_headline(name: str, f: dict[str, Any], metric: str, reference: str,
     """One line: the methods' test metric; on a decoder with a base-model row, each method's lift over
     the base model (best first) and, plainly, the methods that do not beat the reference."""
     title = QUALITY.get(f.get("experiment", ""), (name,))[0]
-    head = f"{title} ({f.get('budget')} budget, {len(f.get('seeds', []))} seed(s)), test {metric}: "
+    seeds = len(f.get("seeds", []))
+    head = f"{title} ({f.get('budget')} budget, {seeds} seed(s)), test {metric}{' (mean ± std over seeds)' * (seeds > 1)}: "
+    score = lambda e: f"{e['mean']:.3f}" + (f" ± {e['std']:.3f}" if seeds > 1 else "")  # noqa: E731
     base = f.get("baseline") or {}
+    ranked = sorted(ok.items(), key=lambda item: -item[1]["mean"])
     if not f.get("experiment", "").startswith("quality_smollm2") or base.get("status") != "ok":
-        return head + ", ".join(f"{m} {e['mean']:.3f}" for m, e in ok.items()) + "."
+        return head + ", ".join(f"{m} {score(e)}" for m, e in ranked) + "."
     before = base["test"][metric]
     norm = lambda test: f" (norm {test['accuracy_norm']:.3f})" if "accuracy_norm" in test else ""  # noqa: E731
-    ranked = sorted(ok.items(), key=lambda item: -item[1]["mean"])
     text = head + f"base model {before:.3f}{norm(base['test'])}; after training " + ", ".join(
-        f"{m} {e['mean']:.3f} ({100 * (e['mean'] - before):+.1f} points){norm(e.get('test_other_mean') or {})}"
+        f"{m} {score(e)} ({100 * (e['mean'] - before):+.1f} points){norm(e.get('test_other_mean') or {})}"
         for m, e in ranked) + "."
     ref = ok.get(reference)
     if ref and len(ok) > 1:
@@ -1296,10 +1298,16 @@ def render(results: dict[str, dict[str, Any]], out: Path, rep: Report | None = N
     else:
         rep.add("None: every target checked here is met.", "")
     rep.readme.update(body.readme)
+    rep.headlines = body.headlines
     return "\n".join(rep.lines + body.lines).rstrip() + "\n"
 
 
-README_BEGIN, README_END = "<!-- bench/report.py: headline begin -->", "<!-- bench/report.py: headline end -->"
+def readme_markers(block: str) -> tuple[str, str]:
+    """The two comments that enclose a generated README block."""
+    return f"<!-- bench/report.py: {block} begin -->", f"<!-- bench/report.py: {block} end -->"
+
+
+README_BEGIN, README_END = readme_markers("headline")
 README_TOPICS = {  # topic -> (what the sentence is about, the command when nothing is measured yet)
     "frontier": ("Parameter-efficiency frontier (LoRA-SB's claim: LoRA's accuracy with 27–90× fewer trainable parameters)",
                  "nice python bench/quality.py --config bench/configs/study_frontier_minilm.yaml --budget full --threads 1"),
@@ -1317,32 +1325,44 @@ def readme_headline(readme: dict[str, list[str]]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: Path, readme: dict[str, list[str]]) -> bool:
-    """Rewrite the README's headline block (between its two markers) from this report; False when
-    the README has no such block (nothing is written then)."""
-    text = path.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        return False
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    new = f"{head}{README_BEGIN}\n{readme_headline(readme)}\n{README_END}{tail}"
+def readme_blocks(rep: Report) -> dict[str, str]:
+    """The README's generated blocks: the two study sentences ("headline") and every headline of
+    RESULTS.md ("results"), so no figure in the README is typed by hand."""
+    return {"headline": readme_headline(rep.readme), "results": "\n".join(f"- {h}" for h in rep.headlines)}
+
+
+def update_readme(path: Path, blocks: dict[str, str]) -> list[str]:
+    """Rewrite each block of the README found between its two markers; the names of the blocks it
+    lacks (left alone). Written once, through a temporary file."""
+    text = new = path.read_text()
+    missing = []
+    for block, body in blocks.items():
+        begin, end = readme_markers(block)
+        if begin not in new or end not in new:
+            missing.append(block)
+            continue
+        head, rest = new.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        new = f"{head}{begin}\n{body}\n{end}{tail}"
     if new != text:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(new)
         os.replace(tmp, path)
-    return True
+    return missing
 
 
 def write(results_dir: Path, out: Path, readme: Path | None = None) -> Path:
-    """docs/RESULTS.md (and its plots) from the results; with ``readme``, also its headline block."""
+    """docs/RESULTS.md (and its plots) from the results; with ``readme``, also its generated blocks."""
     rep = Report(out)
     text = render(load_results(results_dir), out, rep)
     path = out / "RESULTS.md"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-    if readme is not None and not update_readme(readme, rep.readme):
-        print(f"note: {readme} has no {README_BEGIN} ... {README_END} block; its headline was not updated", file=sys.stderr)
+    missing = update_readme(readme, readme_blocks(rep)) if readme is not None else []
+    for block in missing:
+        begin, end = readme_markers(block)
+        print(f"note: {readme} has no {begin} ... {end} block; it was not updated", file=sys.stderr)
     return path
 
 
