@@ -11,7 +11,9 @@ search the lr, config overrides such as the step budget). For each method:
 
 1. budgets with ``lr_search``: train each grid lr at the first seed and keep the one with the
    best validation ``select.metric`` (the run's end-of-training validation evaluation); with
-   ``extend_grid: n``, a choice at an edge of the grid tries up to n more lrs past that edge;
+   ``extend_grid: n``, a choice at an edge of the grid tries up to n more lrs past that edge; a
+   budget whose lr comes from another result (a study's ``lr_from``) can check it with
+   ``lr_check: [factor, ...]`` (those multiples trained at the first seed, scored on validation);
 2. train the kept lr at every seed; record test metrics, trainable parameters, init time,
    train time and peak memory (lorakit's recipe measures them: peak RSS, or CUDA peak);
 3. from the per-step training losses, the steps each method needs to reach the reference
@@ -388,6 +390,8 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
         cfg = deep_merge(method_base, {"optim": {"lr": lr}, "train": {"seed": seed}})
         runs.append(launch("single", cfg, ex.workdir / f"{name}-lr{lr:g}-seed{seed}", ex.gather, ex.ledger))
         launched.append(runs[-1])
+    if method.get("chosen") and ex.budget.get("lr_check"):
+        entry["lr_check"] = check_rate(name, lr, runs[0], method_base, ex, launched)
     entry.update(summarise(runs, ex.metric))
     entry.update(runner_time(launched))
     entry["train_loss"] = {str(seed): r["train_loss"] for seed, r in zip(ex.seeds, runs)}
@@ -397,6 +401,28 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
     print(f"   {name}: test {ex.metric} {entry['mean']:.4f} ± {entry['std']:.4f}, "
           f"train {entry['train_seconds']:.0f}s", flush=True)
     return entry
+
+
+def check_rate(name: str, lr: float, taken: dict[str, Any], method_base: dict[str, Any], ex: Experiment,
+               launched: list[dict[str, Any]]) -> dict[str, Any]:
+    """A budget that takes each method's rate from another result (``lr_from``) with ``lr_check: [factor, ...]``:
+    each factor x that rate trained at the first seed and scored on validation beside the taken rate's own
+    first-seed run (``taken``); the scores and the rate validation prefers. It checks the rate, it does not
+    choose one: every seed still trains at the taken rate. The check's runs join ``launched``."""
+    factors = ex.budget["lr_check"]
+    if not isinstance(factors, list) or not all(isinstance(f, (int, float)) and f > 0 and f != 1 for f in factors):
+        raise ValueError(f"lr_check: {factors!r} must be a list of positive factors other than 1, e.g. [0.5]")
+    metric, first = ex.select["metric"], ex.seeds[0]
+    scores = {lr: taken["validation"][metric]}
+    for factor in factors:
+        candidate = lr * factor
+        print(f"== {name} lr {candidate:g} (check of the taken lr {lr:g}, seed {first})", flush=True)
+        cfg = deep_merge(method_base, {"optim": {"lr": candidate}, "train": {"seed": first}})
+        launched.append(launch("single", cfg, ex.workdir / f"{name}-lr{candidate:g}-seed{first}", ex.gather, ex.ledger))
+        scores[candidate] = launched[-1]["validation"][metric]
+    best = (max if ex.select.get("mode", "max") == "max" else min)(scores, key=scores.__getitem__)
+    return {"seed": first, "metric": metric, "validation": {f"{k:g}": v for k, v in sorted(scores.items())},
+            "prefers": f"{best:g}"}
 
 
 # -- the experiment --------------------------------------------------------------------------

@@ -813,10 +813,13 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
             if e.get("status") == "ok" and r.get("status") == "ok":
                 gaps.setdefault(m, {})[steps] = paired(e["test_per_seed"], r["test_per_seed"])
     cols = sorted(by_steps)
-    _long_budget_headline(rep, name, ref, gaps, methods)
+    _long_budget_headline(rep, name, ref, gaps, methods, rates_validation_moves(by_steps[max(by_steps)]))
     if gaps:
+        moved = rates_validation_moves(by_steps[cols[-1]])
         rep.add(f"**Verdict (gap to {ref}, {cols[0]} to {cols[-1]} steps):** "
-                + by_outcome({m: gap_trend(g) for m, g in gaps.items()}) + ".", "")
+                + by_outcome({m: gap_trend(g) for m, g in gaps.items()}) + "."
+                + (f" Provisional at {cols[-1]} steps: validation there prefers another rate than the taken one for "
+                   f"{', '.join(moved)} (the check below)." if moved else ""), "")
     rep.add(kit.table(["method"] + [f"{s} steps ({s / shortest:g}×): gap to {ref}, points" for s in cols] + ["trend"],
                       [[m] + [points_text(g[s]) if s in g else "–" for s in cols]
                        + [gap_trend(g)] for m, g in gaps.items()]), "")
@@ -853,6 +856,16 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
         rep.plot(f"{name}_gaps.png", draw, "gap to the reference against the budget")
 
 
+def rate_checks(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each finished method's check of the rate its budget took from another result (quality.py's lr_check)."""
+    return {m: e["lr_check"] for m, e in f["methods"].items() if e.get("status") == "ok" and e.get("lr_check")}
+
+
+def rates_validation_moves(f: dict[str, Any]) -> list[str]:
+    """The methods whose validation, at this budget, prefers a rate other than the one taken."""
+    return [m for m, c in rate_checks(f).items() if c["prefers"] != f"{f['methods'][m]['lr']:g}"]
+
+
 def reference_drift(by_steps: dict[int, dict[str, Any]], ref: str) -> dict[tuple[int, int], dict[str, Any]]:
     """The reference's own paired change (longer minus shorter, same seeds) between consecutive budgets
     where it ran at both."""
@@ -875,7 +888,7 @@ def points_text(difference: dict[str, Any]) -> str:
 
 
 def _long_budget_headline(rep: Any, name: str, ref: str, gaps: dict[str, dict[int, dict[str, Any]]],
-                          methods: list[str]) -> None:
+                          methods: list[str], moved: list[str] | None = None) -> None:
     measured = {m: g for m, g in gaps.items() if len(g) >= 2}
     if not measured:
         return
@@ -885,7 +898,9 @@ def _long_budget_headline(rep: Any, name: str, ref: str, gaps: dict[str, dict[in
         f"Long budget ({name}), paired gap to {ref} in points at {', '.join(map(str, budgets))} steps: "
         + "; ".join(f"{m} {' → '.join(points_text(g[s]) if s in g else '–' for s in budgets)} ({gap_trend(g)})"
                     for m, g in measured.items())
-        + (f"; not yet measured past {budgets[0]} steps: {', '.join(pending)}." if pending else "."))
+        + (f"; not yet measured past {budgets[0]} steps: {', '.join(pending)}" if pending else "")
+        + (f"; provisional at {budgets[-1]} steps, where validation prefers another rate than the taken one for "
+           f"{', '.join(moved)}" if moved else "") + ".")
 
 
 def _long_budget_points(rep: Any, kit: Any, by_steps: dict[int, dict[str, Any]], methods: list[str]) -> None:
@@ -904,6 +919,17 @@ def _long_budget_points(rep: Any, kit: Any, by_steps: dict[int, dict[str, Any]],
         if sources:
             rep.add(f"At {steps} steps each method trains at the lr {', '.join(sources)} chose for it on validation "
                     "(no grid of its own: the compute cut its budget's description states).", "")
+        checks = rate_checks(by_steps[steps])
+        if checks:
+            c = next(iter(checks.values()))
+            moved = rates_validation_moves(by_steps[steps])
+            rep.add(f"Check of those rates at {steps} steps, validation {c['metric']} at seed {c['seed']} (the taken rate "
+                    "beside multiples of it; a check, not a choice): "
+                    + "; ".join(f"{m} " + ", ".join(f"{lr} {v:.4f}" for lr, v in e["validation"].items())
+                                + f" (prefers {e['prefers']})" for m, e in checks.items()) + ". "
+                    + (f"Validation at this budget prefers another rate than the taken one for {', '.join(moved)}: "
+                       f"the gaps at {steps} steps are provisional until its own grid is run."
+                       if moved else "Validation at this budget prefers the taken rate for every checked method."), "")
 
 
 def setting(f: dict[str, Any]) -> str:

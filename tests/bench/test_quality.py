@@ -285,3 +285,37 @@ def test_a_run_recorded_in_the_ledger_is_not_trained_again_when_its_run_director
 def test_a_config_path_that_does_not_exist_is_one_line_naming_where_the_configs_are(tmp_path):
     with pytest.raises(SystemExit, match=r"nope\.yaml: no such experiment config; the configs are bench/configs/\*\.yaml"):
         quality.load(tmp_path / "nope.yaml", "x4")
+
+
+def test_lr_check_trains_each_factor_of_the_taken_rate_at_the_first_seed_and_names_the_rate_validation_prefers(
+        monkeypatch, tmp_path):
+    """A budget taking its rate from another result (lr_from) with lr_check: the seeds train at the taken rate,
+    the check's runs only at the first seed, their validation beside the taken rate's, counted in the runner time."""
+    validation = {2e-3: 0.83, 1e-3: 0.84, 4e-3: 0.60}
+    launched = []
+
+    def fake_launch(mode, cfg, run_dir, gather=False, ledger=None):
+        lr, seed = cfg["optim"]["lr"], cfg["train"]["seed"]
+        launched.append((lr, seed, run_dir.name))
+        return {"test": {"accuracy": 0.8 + seed / 100}, "validation": {"accuracy": validation[lr]}, "validation_curve": [],
+                "trainable_params": 10, "total_params": 100, "init_seconds": 1.0, "train_seconds": 2.0,
+                "peak_memory_mb": 3.0, "steps": 4, "train_loss": [0.5] * 4, "wall_seconds": 10.0}
+
+    monkeypatch.setattr(quality, "launch", fake_launch)
+    chosen = {"lr": 2e-3, "lr_grid": {"0.002": 0.8}, "lr_from": "x4:lora"}
+    method = {"lr": 2e-3, "lr_search": False, "chosen": chosen}
+    ex = quality.Experiment({"lr_search": True, "lr_check": [0.5, 2]}, [0, 1, 2], {"metric": "accuracy", "mode": "max"},
+                            "accuracy", tmp_path, False)
+    entry = quality.train_method("lora", method, {"optim": {}, "train": {}}, ex)
+    assert [x[:2] for x in launched] == [(2e-3, 0), (2e-3, 1), (2e-3, 2), (1e-3, 0), (4e-3, 0)]
+    assert launched[3][2] == "lora-lr0.001-seed0"  # the run a grid at this budget would name the same way
+    assert entry["lr"] == 2e-3 and entry["test_per_seed"] == pytest.approx([0.80, 0.81, 0.82])
+    assert entry["lr_check"] == {"seed": 0, "metric": "accuracy", "prefers": "0.001",
+                                 "validation": {"0.001": 0.84, "0.002": 0.83, "0.004": 0.60}}
+    assert entry["run_count"] == 5 and entry["run_seconds"] == pytest.approx(50.0)
+    for bad in ([1], [0], "0.5"):
+        with pytest.raises(ValueError, match="lr_check"):
+            quality.train_method("lora", method, {"optim": {}, "train": {}}, ex._replace(budget={"lr_check": bad}))
+    # without lr_from (a budget choosing on its own grid) there is nothing to check
+    plain = quality.train_method("lora", {"lr": 2e-3}, {"optim": {}, "train": {}}, ex._replace(budget={"lr_check": [0.5]}))
+    assert "lr_check" not in plain

@@ -618,3 +618,28 @@ def test_by_outcome_groups_names_in_the_order_their_outcomes_first_occur():
     assert studies.by_outcome({"dora": "appears", "lora-sb": "persists", "full": "appears"}) == \
         "appears: dora, full; persists: lora-sb"
     assert studies.by_outcome({}) == ""
+
+
+def test_a_budgets_rate_check_is_reported_and_a_rate_validation_would_move_makes_its_gaps_provisional():
+    check = lambda prefers, **v: {"seed": 0, "metric": "accuracy", "validation": v, "prefers": prefers}  # noqa: E731
+    e = lambda lr, **k: {"status": "ok", "mean": 0.8, "std": 0.01, "lr": lr, "lr_from": "x4:m", **k}  # noqa: E731
+    f = {"metric": "accuracy", "methods": {"lora": e(2e-3, lr_check=check("0.001", **{"0.001": 0.8407, "0.002": 0.8376})),
+                                           "dora": e(1e-3, lr_check=check("0.001", **{"0.0005": 0.82, "0.001": 0.83})),
+                                           "full": e(2e-4), "pissa": {"status": "failed"}}}
+    assert list(studies.rate_checks(f)) == ["lora", "dora"] and studies.rates_validation_moves(f) == ["lora"]
+    rep = report.Report(None)
+    studies._long_budget_points(rep, report, {1000: f}, ["lora", "dora", "full"])
+    text = "\n".join(rep.lines)
+    assert ("Check of those rates at 1000 steps, validation accuracy at seed 0 (the taken rate beside multiples of it; "
+            "a check, not a choice): lora 0.001 0.8407, 0.002 0.8376 (prefers 0.001); dora 0.0005 0.8200, 0.001 0.8300 "
+            "(prefers 0.001). Validation at this budget prefers another rate than the taken one for lora: the gaps at "
+            "1000 steps are provisional until its own grid is run.") in text
+    f["methods"]["lora"]["lr_check"]["prefers"] = "0.002"
+    rep = report.Report(None)
+    studies._long_budget_points(rep, report, {1000: f}, ["lora", "dora"])
+    assert "prefers the taken rate for every checked method." in "\n".join(rep.lines)
+    g = {"mean": 0.01, "std": 0.001}
+    rep = report.Report(None)
+    studies._long_budget_headline(rep, "s", "lora", {"dora": {125: g, 1000: g}}, ["dora"], ["lora"])
+    assert rep.headlines[0].endswith("(persists); provisional at 1000 steps, where validation prefers another rate "
+                                     "than the taken one for lora.")
