@@ -928,7 +928,7 @@ def _long_budget_points(rep: Any, kit: Any, by_steps: dict[int, dict[str, Any]],
                     + "; ".join(f"{m} " + ", ".join(f"{lr} {v:.4f}" for lr, v in e["validation"].items())
                                 + f" (prefers {e['prefers']})" for m, e in checks.items()) + ". "
                     + (f"Validation at this budget prefers another rate than the taken one for {', '.join(moved)}: "
-                       f"the gaps at {steps} steps are provisional until its own grid is run."
+                       f"the gaps at {steps} steps are provisional until that budget's own grid is run."
                        if moved else "Validation at this budget prefers the taken rate for every checked method."), "")
 
 

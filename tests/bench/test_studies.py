@@ -633,7 +633,7 @@ def test_a_budgets_rate_check_is_reported_and_a_rate_validation_would_move_makes
     assert ("Check of those rates at 1000 steps, validation accuracy at seed 0 (the taken rate beside multiples of it; "
             "a check, not a choice): lora 0.001 0.8407, 0.002 0.8376 (prefers 0.001); dora 0.0005 0.8200, 0.001 0.8300 "
             "(prefers 0.001). Validation at this budget prefers another rate than the taken one for lora: the gaps at "
-            "1000 steps are provisional until its own grid is run.") in text
+            "1000 steps are provisional until that budget's own grid is run.") in text
     f["methods"]["lora"]["lr_check"]["prefers"] = "0.002"
     rep = report.Report(None)
     studies._long_budget_points(rep, report, {1000: f}, ["lora", "dora"])
