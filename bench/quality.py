@@ -13,7 +13,8 @@ search the lr, config overrides such as the step budget). For each method:
    best validation ``select.metric`` (the run's end-of-training validation evaluation); with
    ``extend_grid: n``, a choice at an edge of the grid tries up to n more lrs past that edge; a
    budget whose lr comes from another result (a study's ``lr_from``) can check it with
-   ``lr_check: [factor, ...]`` (those multiples trained at the first seed, scored on validation);
+   ``lr_check: [factor, ...]`` (those multiples trained at the first seed, scored on validation;
+   with ``lr_check_choose: true`` the rate validation prefers among them is the one trained);
 2. train the kept lr at every seed; record test metrics, trainable parameters, init time,
    train time and peak memory (lorakit's recipe measures them: peak RSS, or CUDA peak);
 3. from the per-step training losses, the steps each method needs to reach the reference
@@ -380,6 +381,10 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
             entry["lr_grid_extended"] = [f"{k:g}" for k in added]
     if method.get("chosen"):  # the lr another result of this protocol chose on validation (a study's lr_from)
         entry.update({k: v for k, v in method["chosen"].items() if k != "lr"})  # its grid's scores and where from
+        if ex.budget.get("lr_check"):
+            entry["lr_check"], preferred = check_rate(name, lr, method_base, ex, grid_runs)
+            if ex.budget.get("lr_check_choose"):  # the check's rates are this budget's grid
+                entry["lr_taken"], lr = lr, preferred
     entry["lr"] = lr
     runs, launched = [], list(grid_runs.values())  # launched: every run this method took, each once
     for seed in ex.seeds:
@@ -390,8 +395,6 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
         cfg = deep_merge(method_base, {"optim": {"lr": lr}, "train": {"seed": seed}})
         runs.append(launch("single", cfg, ex.workdir / f"{name}-lr{lr:g}-seed{seed}", ex.gather, ex.ledger))
         launched.append(runs[-1])
-    if method.get("chosen") and ex.budget.get("lr_check"):
-        entry["lr_check"] = check_rate(name, lr, runs[0], method_base, ex, launched)
     entry.update(summarise(runs, ex.metric))
     entry.update(runner_time(launched))
     entry["train_loss"] = {str(seed): r["train_loss"] for seed, r in zip(ex.seeds, runs)}
@@ -403,26 +406,24 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
     return entry
 
 
-def check_rate(name: str, lr: float, taken: dict[str, Any], method_base: dict[str, Any], ex: Experiment,
-               launched: list[dict[str, Any]]) -> dict[str, Any]:
+def check_rate(name: str, lr: float, method_base: dict[str, Any], ex: Experiment, runs: dict[float, dict[str, Any]]
+               ) -> tuple[dict[str, Any], float]:
     """A budget that takes each method's rate from another result (``lr_from``) with ``lr_check: [factor, ...]``:
-    each factor x that rate trained at the first seed and scored on validation beside the taken rate's own
-    first-seed run (``taken``); the scores and the rate validation prefers. It checks the rate, it does not
-    choose one: every seed still trains at the taken rate. The check's runs join ``launched``."""
+    that rate and each factor x it trained at the first seed (into ``runs``, by rate) and scored on validation;
+    the record (scores, the rate validation prefers) and that rate. With ``lr_check_choose`` the seeds train at
+    the preferred rate (the check is the budget's grid); without, it only checks the taken one."""
     factors = ex.budget["lr_check"]
     if not isinstance(factors, list) or not all(isinstance(f, (int, float)) and f > 0 and f != 1 for f in factors):
         raise ValueError(f"lr_check: {factors!r} must be a list of positive factors other than 1, e.g. [0.5]")
     metric, first = ex.select["metric"], ex.seeds[0]
-    scores = {lr: taken["validation"][metric]}
-    for factor in factors:
-        candidate = lr * factor
+    for candidate in [lr] + [lr * f for f in factors]:
         print(f"== {name} lr {candidate:g} (check of the taken lr {lr:g}, seed {first})", flush=True)
         cfg = deep_merge(method_base, {"optim": {"lr": candidate}, "train": {"seed": first}})
-        launched.append(launch("single", cfg, ex.workdir / f"{name}-lr{candidate:g}-seed{first}", ex.gather, ex.ledger))
-        scores[candidate] = launched[-1]["validation"][metric]
+        runs[candidate] = launch("single", cfg, ex.workdir / f"{name}-lr{candidate:g}-seed{first}", ex.gather, ex.ledger)
+    scores = {k: r["validation"][metric] for k, r in runs.items()}
     best = (max if ex.select.get("mode", "max") == "max" else min)(scores, key=scores.__getitem__)
     return {"seed": first, "metric": metric, "validation": {f"{k:g}": v for k, v in sorted(scores.items())},
-            "prefers": f"{best:g}"}
+            "prefers": f"{best:g}"}, best
 
 
 # -- the experiment --------------------------------------------------------------------------

@@ -914,22 +914,38 @@ def _long_budget_points(rep: Any, kit: Any, by_steps: dict[int, dict[str, Any]],
     rep.add(kit.table(["method"] + [f"{s} steps: test {metric} (lr)" for s in cols],
                       [[m] + [cell(by_steps[s]["methods"].get(m, {})) for s in cols] for m in methods]), "")
     for steps in cols:
-        sources = sorted({e["lr_from"].split(":")[0] for e in by_steps[steps]["methods"].values()
-                          if e.get("status") == "ok" and e.get("lr_from")})
-        if sources:
-            rep.add(f"At {steps} steps each method trains at the lr {', '.join(sources)} chose for it on validation "
-                    "(no grid of its own: the compute cut its budget's description states).", "")
-        checks = rate_checks(by_steps[steps])
-        if checks:
-            c = next(iter(checks.values()))
-            moved = rates_validation_moves(by_steps[steps])
-            rep.add(f"Check of those rates at {steps} steps, validation {c['metric']} at seed {c['seed']} (the taken rate "
-                    "beside multiples of it; a check, not a choice): "
-                    + "; ".join(f"{m} " + ", ".join(f"{lr} {v:.4f}" for lr, v in e["validation"].items())
-                                + f" (prefers {e['prefers']})" for m, e in checks.items()) + ". "
+        for sentence in rate_sentences(steps, by_steps[steps]):
+            rep.add(sentence, "")
+
+
+def rate_sentences(steps: int, f: dict[str, Any]) -> list[str]:
+    """Where a budget's rates came from when it borrowed them (``lr_from``): taken as they are, checked
+    against multiples of them on validation (``lr_check``), or chosen among those (``lr_check_choose``)."""
+    ok = {m: e for m, e in f["methods"].items() if e.get("status") == "ok"}
+    sources = ", ".join(sorted({e["lr_from"].split(":")[0] for e in ok.values() if e.get("lr_from")}))
+    if not sources:
+        return []
+    checks = rate_checks(f)
+    listing = "; ".join(f"{m} " + ", ".join(f"{lr} {v:.4f}" for lr, v in c["validation"].items())
+                        + f" (prefers {c['prefers']})" for m, c in checks.items())
+    c = next(iter(checks.values()), {})
+    if any("lr_taken" in e for e in ok.values()):
+        moved = [m for m, e in ok.items() if "lr_taken" in e and e["lr_taken"] != e["lr"]]
+        return [f"At {steps} steps each method trains at the rate validation {c['metric']} prefers at seed {c['seed']} "
+                f"between the one {sources} chose for it and multiples of it (a grid of a few rates: the compute cut "
+                f"its budget's description states): {listing}. "
+                + (f"The rate moved from the borrowed one for {', '.join(moved)}." if moved
+                   else "Every method kept the borrowed rate.")]
+    text = [f"At {steps} steps each method trains at the lr {sources} chose for it on validation "
+            "(no grid of its own: the compute cut its budget's description states)."]
+    if checks:
+        moved = rates_validation_moves(f)
+        text.append(f"Check of those rates at {steps} steps, validation {c['metric']} at seed {c['seed']} (the taken rate "
+                    f"beside multiples of it; a check, not a choice): {listing}. "
                     + (f"Validation at this budget prefers another rate than the taken one for {', '.join(moved)}: "
                        f"the gaps at {steps} steps are provisional until that budget's own grid is run."
-                       if moved else "Validation at this budget prefers the taken rate for every checked method."), "")
+                       if moved else "Validation at this budget prefers the taken rate for every checked method."))
+    return text
 
 
 def setting(f: dict[str, Any]) -> str:

@@ -307,12 +307,20 @@ def test_lr_check_trains_each_factor_of_the_taken_rate_at_the_first_seed_and_nam
     ex = quality.Experiment({"lr_search": True, "lr_check": [0.5, 2]}, [0, 1, 2], {"metric": "accuracy", "mode": "max"},
                             "accuracy", tmp_path, False)
     entry = quality.train_method("lora", method, {"optim": {}, "train": {}}, ex)
-    assert [x[:2] for x in launched] == [(2e-3, 0), (2e-3, 1), (2e-3, 2), (1e-3, 0), (4e-3, 0)]
-    assert launched[3][2] == "lora-lr0.001-seed0"  # the run a grid at this budget would name the same way
+    assert [x[:2] for x in launched] == [(2e-3, 0), (1e-3, 0), (4e-3, 0), (2e-3, 1), (2e-3, 2)]
+    assert launched[1][2] == "lora-lr0.001-seed0"  # the run a grid at this budget would name the same way
     assert entry["lr"] == 2e-3 and entry["test_per_seed"] == pytest.approx([0.80, 0.81, 0.82])
     assert entry["lr_check"] == {"seed": 0, "metric": "accuracy", "prefers": "0.001",
                                  "validation": {"0.001": 0.84, "0.002": 0.83, "0.004": 0.60}}
     assert entry["run_count"] == 5 and entry["run_seconds"] == pytest.approx(50.0)
+    assert "lr_taken" not in entry
+    # lr_check_choose: the check is the budget's grid; the seeds train at the rate validation prefers, seed 0 reused
+    launched.clear()
+    chose = quality.train_method("lora", method, {"optim": {}, "train": {}},
+                                 ex._replace(budget={**ex.budget, "lr_check_choose": True}))
+    assert [x[:2] for x in launched] == [(2e-3, 0), (1e-3, 0), (4e-3, 0), (1e-3, 1), (1e-3, 2)]
+    assert chose["lr"] == 1e-3 and chose["lr_taken"] == 2e-3 and chose["lr_from"] == "x4:lora"
+    assert chose["lr_check"] == entry["lr_check"] and chose["run_count"] == 5
     for bad in ([1], [0], "0.5"):
         with pytest.raises(ValueError, match="lr_check"):
             quality.train_method("lora", method, {"optim": {}, "train": {}}, ex._replace(budget={"lr_check": bad}))

@@ -643,3 +643,20 @@ def test_a_budgets_rate_check_is_reported_and_a_rate_validation_would_move_makes
     studies._long_budget_headline(rep, "s", "lora", {"dora": {125: g, 1000: g}}, ["dora"], ["lora"])
     assert rep.headlines[0].endswith("(persists); provisional at 1000 steps, where validation prefers another rate "
                                      "than the taken one for lora.")
+
+
+def test_a_budget_that_chooses_among_its_checked_rates_says_so_and_names_the_methods_whose_rate_moved():
+    check = lambda prefers, **v: {"seed": 0, "metric": "accuracy", "validation": v, "prefers": prefers}  # noqa: E731
+    e = lambda lr, taken, c: {"status": "ok", "mean": 0.8, "std": 0.01, "lr": lr, "lr_taken": taken,  # noqa: E731
+                              "lr_from": "x4:m", "lr_check": c}
+    f = {"methods": {"lora": e(1e-3, 2e-3, check("0.001", **{"0.001": 0.8407, "0.002": 0.8376})),
+                     "dora": e(2e-3, 2e-3, check("0.002", **{"0.001": 0.8423, "0.002": 0.8439}))}}
+    assert studies.rates_validation_moves(f) == []  # each trains at the rate its validation prefers: nothing provisional
+    assert studies.rate_sentences(1000, f) == [
+        "At 1000 steps each method trains at the rate validation accuracy prefers at seed 0 between the one x4 chose for "
+        "it and multiples of it (a grid of a few rates: the compute cut its budget's description states): lora 0.001 "
+        "0.8407, 0.002 0.8376 (prefers 0.001); dora 0.001 0.8423, 0.002 0.8439 (prefers 0.002). The rate moved from the "
+        "borrowed one for lora."]
+    f["methods"]["lora"]["lr"] = 2e-3
+    assert studies.rate_sentences(1000, f)[0].endswith("Every method kept the borrowed rate.")
+    assert studies.rate_sentences(125, {"methods": {"lora": {"status": "ok", "lr": 1e-3}}}) == []
