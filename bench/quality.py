@@ -186,12 +186,11 @@ def search_lr(grid: list[float], validation_at: Callable[[float], float], mode: 
     up to ``extend`` times, one more lr past that edge (the edge's own ratio) is tried, so a grid
     that was placed too low or too high does not decide the comparison. Returns the chosen lr,
     every lr's score (ascending lr) and the lrs added."""
-    better = max if mode == "max" else min
     scores = {lr: validation_at(lr) for lr in sorted({float(r) for r in grid})}
     added: list[float] = []
     for _ in range(extend):
         rates = list(scores)
-        best = better(rates, key=scores.__getitem__)
+        best = best_rate(scores, mode)
         if len(rates) < 2 or best not in (rates[0], rates[-1]):
             break
         edge, inner = (rates[-1], rates[-2]) if best == rates[-1] else (rates[0], rates[1])
@@ -199,7 +198,12 @@ def search_lr(grid: list[float], validation_at: Callable[[float], float], mode: 
         added.append(new)
         scores[new] = validation_at(new)
         scores = dict(sorted(scores.items()))
-    return better(scores, key=scores.__getitem__), scores, added
+    return best_rate(scores, mode), scores, added
+
+
+def best_rate(scores: dict[float, float], mode: str = "max") -> float:
+    """The rate with the best validation score (highest for ``mode`` max, lowest for min)."""
+    return (max if mode == "max" else min)(scores, key=scores.__getitem__)
 
 
 # -- figures ---------------------------------------------------------------------------------
@@ -367,8 +371,7 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
     if ex.budget.get("lr_search") and method.get("lr_search", True):  # a study's fixed-lr point: no search
         def validation_at(candidate: float) -> float:
             print(f"== {name} lr {candidate:g} (grid, seed {first})", flush=True)
-            cfg = deep_merge(method_base, {"optim": {"lr": candidate}, "train": {"seed": first}})
-            out = launch("single", cfg, ex.workdir / f"{name}-lr{candidate:g}-seed{first}", ex.gather, ex.ledger)
+            out = train_run(name, candidate, first, method_base, ex)
             if not out["validation"]:
                 raise RuntimeError("no validation evaluation to choose the lr on; set eval.every_epoch: true")
             grid_runs[candidate] = out
@@ -392,8 +395,7 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
             runs.append(grid_runs[lr])  # the grid already trained this (lr, seed)
             continue
         print(f"== {name} lr {lr:g} seed {seed}", flush=True)
-        cfg = deep_merge(method_base, {"optim": {"lr": lr}, "train": {"seed": seed}})
-        runs.append(launch("single", cfg, ex.workdir / f"{name}-lr{lr:g}-seed{seed}", ex.gather, ex.ledger))
+        runs.append(train_run(name, lr, seed, method_base, ex))
         launched.append(runs[-1])
     entry.update(summarise(runs, ex.metric))
     entry.update(runner_time(launched))
@@ -404,6 +406,12 @@ def train_method(name: str, method: dict[str, Any], method_base: dict[str, Any],
     print(f"   {name}: test {ex.metric} {entry['mean']:.4f} ± {entry['std']:.4f}, "
           f"train {entry['train_seconds']:.0f}s", flush=True)
     return entry
+
+
+def train_run(name: str, lr: float, seed: int, method_base: dict[str, Any], ex: Experiment) -> dict[str, Any]:
+    """One run of a method at ``lr`` and ``seed``, in its stable run directory (see launch)."""
+    cfg = deep_merge(method_base, {"optim": {"lr": lr}, "train": {"seed": seed}})
+    return launch("single", cfg, ex.workdir / f"{name}-lr{lr:g}-seed{seed}", ex.gather, ex.ledger)
 
 
 def check_rate(name: str, lr: float, method_base: dict[str, Any], ex: Experiment, runs: dict[float, dict[str, Any]]
@@ -418,10 +426,9 @@ def check_rate(name: str, lr: float, method_base: dict[str, Any], ex: Experiment
     metric, first = ex.select["metric"], ex.seeds[0]
     for candidate in [lr] + [lr * f for f in factors]:
         print(f"== {name} lr {candidate:g} (check of the taken lr {lr:g}, seed {first})", flush=True)
-        cfg = deep_merge(method_base, {"optim": {"lr": candidate}, "train": {"seed": first}})
-        runs[candidate] = launch("single", cfg, ex.workdir / f"{name}-lr{candidate:g}-seed{first}", ex.gather, ex.ledger)
+        runs[candidate] = train_run(name, candidate, first, method_base, ex)
     scores = {k: r["validation"][metric] for k, r in runs.items()}
-    best = (max if ex.select.get("mode", "max") == "max" else min)(scores, key=scores.__getitem__)
+    best = best_rate(scores, ex.select.get("mode", "max"))
     return {"seed": first, "metric": metric, "validation": {f"{k:g}": v for k, v in sorted(scores.items())},
             "prefers": f"{best:g}"}, best
 

@@ -690,9 +690,9 @@ def _convergence(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
         f = result["figures"]
         ok = {m: e for m, e in f["methods"].items() if e.get("status") == "ok"}
         ref = f.get("reference", "lora")
-        sources = sorted({e["lr_from"].split(":")[0] for e in ok.values() if e.get("lr_from")})
+        sources = lr_sources(ok)
         if sources:
-            rep.add(f"Each method trains at the lr {', '.join(sources)} chose for it on validation (same protocol, checked).", "")
+            rep.add(f"Each method trains at the lr {sources} chose for it on validation (same protocol, checked).", "")
         outcomes = []
         for measure, words in CONVERGENCE_MEASURES.items():
             if any(e.get(words["key"]) for e in ok.values()):
@@ -813,9 +813,9 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
             if e.get("status") == "ok" and r.get("status") == "ok":
                 gaps.setdefault(m, {})[steps] = paired(e["test_per_seed"], r["test_per_seed"])
     cols = sorted(by_steps)
-    _long_budget_headline(rep, name, ref, gaps, methods, rates_validation_moves(by_steps[max(by_steps)]))
+    moved = rates_validation_moves(by_steps[cols[-1]])
+    _long_budget_headline(rep, name, ref, gaps, methods, moved)
     if gaps:
-        moved = rates_validation_moves(by_steps[cols[-1]])
         rep.add(f"**Verdict (gap to {ref}, {cols[0]} to {cols[-1]} steps):** "
                 + by_outcome({m: gap_trend(g) for m, g in gaps.items()}) + "."
                 + (f" Provisional at {cols[-1]} steps: validation there prefers another rate than the taken one for "
@@ -854,6 +854,11 @@ def _long_budget(rep: Any, kit: Any, name: str, results: dict[str, dict[str, Any
 
     if gaps:
         rep.plot(f"{name}_gaps.png", draw, "gap to the reference against the budget")
+
+
+def lr_sources(methods: dict[str, dict[str, Any]]) -> str:
+    """The results the methods took their rates from (``lr_from``), for a sentence; "" when none did."""
+    return ", ".join(sorted({e["lr_from"].split(":")[0] for e in methods.values() if e.get("lr_from")}))
 
 
 def rate_checks(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -922,7 +927,7 @@ def rate_sentences(steps: int, f: dict[str, Any]) -> list[str]:
     """Where a budget's rates came from when it borrowed them (``lr_from``): taken as they are, checked
     against multiples of them on validation (``lr_check``), or chosen among those (``lr_check_choose``)."""
     ok = {m: e for m, e in f["methods"].items() if e.get("status") == "ok"}
-    sources = ", ".join(sorted({e["lr_from"].split(":")[0] for e in ok.values() if e.get("lr_from")}))
+    sources = lr_sources(ok)
     if not sources:
         return []
     checks = rate_checks(f)
@@ -982,16 +987,15 @@ def _combinations(rep: Any, kit: Any, name: str, results: dict[str, dict[str, An
                 "Outcome against the better part: better when mean − std > 0, worse when mean + std < 0, no better otherwise.", "")
         declared = (f.get("study") or {}).get("pairs") or {}
         if rows:
-            rep.add(f"**Verdict: {sum(r['outcome'] == 'better' for r in rows)} of {len(rows)} combinations better than "
-                    "their better part** — " + by_outcome({r["combination"]: r["outcome"] for r in rows}) + ".", "")
             better = [r["combination"] for r in rows if r["outcome"] == "better"]
+            rep.add(f"**Verdict: {len(better)} of {len(rows)} combinations better than their better part** — "
+                    + by_outcome({r["combination"]: r["outcome"] for r in rows}) + ".", "")
             rep.readme.setdefault("combinations", []).append(
                 f"on {setting(f)}, {len(better)} of {len(rows)} measured combinations beat their better part by more than "
                 f"the seed spread" + (f" ({', '.join(better)})" if better else "")
                 + (f", {len(declared) - len(rows)} of {len(declared)} not yet measured" if len(rows) < len(declared) else ""))
-        if rows:
             plain = [r["combination"] for r in rows if r["outcome"] != "better"]
-            rep.headlines.append(f"Combinations ({key}): {sum(r['outcome'] == 'better' for r in rows)} of {len(rows)} "
+            rep.headlines.append(f"Combinations ({key}): {len(better)} of {len(rows)} "
                                  "beat their better part by more than the seed spread"
                                  + (f"; no better: {', '.join(plain)}." if plain else "."))
 
